@@ -1,0 +1,55 @@
+"""`edge-agent run`: start the agent and its local API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from pydantic import ValidationError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edge-agent", description="Kiosk terminal edge agent")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="run the agent (settings from EDGE_* variables or --config)")
+    run.add_argument("--config", help="YAML settings file")
+    run.add_argument("--no-api", action="store_true", help="do not serve the local HTTP API")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from edge_agent.agent import Agent
+    from edge_agent.config import AgentSettings
+
+    try:
+        settings = AgentSettings.from_file(args.config) if args.config else AgentSettings()  # type: ignore[call-arg]
+    except (ValidationError, ValueError, OSError) as err:
+        print(f"edge-agent: configuration is not usable:\n{err}", file=sys.stderr)
+        return 2
+    agent = Agent(settings)
+    agent.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    server = None
+    if not args.no_api:
+        import uvicorn
+
+        from edge_agent.api import create_api
+
+        config = uvicorn.Config(create_api(agent), host=settings.api_host, port=settings.api_port,
+                                log_level="warning")
+        server = uvicorn.Server(config)
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        threading.Thread(target=server.run, name="local-api", daemon=True).start()
+    stop.wait()
+    if server:
+        server.should_exit = True
+    agent.stop(graceful=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Composition root of the edge agent: builds the outbox, the link and the pump from settings."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from fleet_wire import topics
+from fleet_wire.errors import WireError
+from fleet_wire.receipt import Receipt
+from fleet_wire.topics import Channel
+
+from edge_agent import __version__
+from edge_agent.config import AgentSettings
+from edge_agent.link import LinkEvent, LinkSettings, MqttLink
+from edge_agent.outbox import Outbox, OutboxItem, OutboxLimits, SendWindow
+from edge_agent.outbox.store import InvalidEvent, OutboxFull
+
+log = logging.getLogger(__name__)
+
+PUMP_TICK_S = 0.25
+EXPIRE_EVERY_S = 60.0
+_WAKE = LinkEvent("wake")
+
+
+class Agent:
+    """One terminal's agent: outbox + link + pump + heartbeat."""
+
+    def __init__(self, settings: AgentSettings, *, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._started_at = clock()
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        limits = OutboxLimits(max_rows=settings.outbox_max_rows, max_bytes=settings.outbox_max_bytes)
+        self.outbox = Outbox(settings.data_dir / "outbox.db", settings.terminal_id, limits,
+                             synchronous=settings.outbox_synchronous, clock=clock)
+        self.window = SendWindow(self.outbox, window=settings.send_window,
+                                 batch_events=settings.batch_events,
+                                 receipt_timeout_s=settings.receipt_timeout_s)
+        self._inbox: queue.SimpleQueue[LinkEvent] = queue.SimpleQueue()
+        self.link = MqttLink(
+            LinkSettings(settings.terminal_id, settings.broker_host, settings.broker_port,
+                         settings.username, settings.password, tls_ca=settings.tls_ca),
+            on_event=self._inbox.put, birth=self.status_summary)
+        self.peripherals: dict[str, dict[str, Any]] = {}
+        self.bad_receipts = 0
+        self._events_topic = topics.topic(settings.terminal_id, Channel.EVENTS)
+        self._stop = threading.Event()
+        self._pump_thread: threading.Thread | None = None
+        self.pump_errors = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.link.start()
+        self._pump_thread = threading.Thread(
+            target=self._pump, name=f"pump-{self.settings.terminal_id}", daemon=True)
+        self._pump_thread.start()
+
+    def stop(self, graceful: bool = True) -> None:
+        self._stop.set()
+        self._inbox.put(_WAKE)
+        if self._pump_thread:
+            self._pump_thread.join(5)
+        self.link.stop(graceful=graceful)
+        self.outbox.close()
+
+    # -- the kiosk-facing side -----------------------------------------------------------------
+
+    def post_event(self, event_type: str, body: Any, ts: datetime | None = None) -> OutboxItem:
+        """Store one event durably and wake the pump. Raises InvalidEvent or OutboxFull."""
+        item = self.outbox.enqueue(event_type, body, ts=ts)
+        self._inbox.put(_WAKE)
+        return item
+
+    def post_events(self, events: list[tuple[str, Any, datetime | None]]) -> list[OutboxItem]:
+        items = self.outbox.enqueue_many(events)
+        self._inbox.put(_WAKE)
+        return items
+
+    def status_summary(self) -> dict[str, Any]:
+        """The heartbeat document (also the birth message)."""
+        st = self.outbox.stats()
+        return {
+            "ts": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "version": __version__,
+            "office": self.settings.office_id,
+            "uptime_s": round(self._clock() - self._started_at, 1),
+            "hb_interval_s": self.settings.heartbeat_interval_s,
+            "outbox": {"depth": st.depth, "oldest_age_s": round(st.oldest_age_s, 1),
+                       "refused": self.outbox.counters.refused},
+            "peripherals": {k: v.get("state", "ok") for k, v in self.peripherals.items()},
+            "disk_pct": _disk_pct(self.settings.data_dir),
+        }
+
+    def health(self) -> dict[str, Any]:
+        """Everything a technician or the kiosk app wants to know, in one document."""
+        st = self.outbox.stats()
+        w = self.window.counters
+        problems = []
+        if not self.link.connected:
+            problems.append(self.link.last_error or "not connected to the fleet broker yet")
+        if self.link.auth_failures:
+            problems.append("the broker refused this terminal's credentials")
+        if st.oldest_age_s > 3600:
+            problems.append(f"oldest unsent event is {st.oldest_age_s / 3600:.1f} h old")
+        return {
+            "terminal": self.settings.terminal_id,
+            "office": self.settings.office_id,
+            "version": __version__,
+            "ok": not problems,
+            "problems": problems,
+            "link": {"connected": self.link.connected, "connects": self.link.reconnects,
+                     "last_error": self.link.last_error},
+            "outbox": {"depth": st.depth, "live": st.live, "bytes": st.bytes,
+                       "oldest_age_s": round(st.oldest_age_s, 3), "by_class": st.by_class,
+                       "epoch": st.epoch, "next_seq": st.next_seq,
+                       "in_flight_batches": self.window.in_flight,
+                       "sent": w.sent_events, "resent": w.resent_events,
+                       "confirmed": self.outbox.counters.confirmed,
+                       "evicted": self.outbox.counters.evicted,
+                       "expired": self.outbox.counters.expired,
+                       "refused": self.outbox.counters.refused},
+            "peripherals": self.peripherals,
+        }
+
+    # -- the pump --------------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        last_tick = last_expire = last_hb = 0.0
+        last_telemetry = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                event: LinkEvent | None = self._inbox.get(timeout=PUMP_TICK_S)
+            except queue.Empty:
+                event = None
+            try:
+                while event is not None:
+                    self._handle(event)
+                    try:
+                        event = self._inbox.get_nowait()
+                    except queue.Empty:
+                        event = None
+                if self._stop.is_set():
+                    break
+                online = self.link.connected
+                if online:
+                    while (batch := self.window.next_batch()) is not None:
+                        self.window.published(batch, self.link.publish(self._events_topic, batch.payload))
+                now = time.monotonic()
+                if now - last_tick >= PUMP_TICK_S:
+                    last_tick = now
+                    self.window.tick(online)
+                if now - last_expire >= EXPIRE_EVERY_S:
+                    last_expire = now
+                    self.outbox.expire()
+                if online and now - last_hb >= self.settings.heartbeat_interval_s:
+                    last_hb = now
+                    self.link.publish_status({"state": "online", **self.status_summary()})
+                if now - last_telemetry >= self.settings.telemetry_interval_s:
+                    last_telemetry = now
+                    self._sample_telemetry()
+            except Exception:  # noqa: BLE001 - an unattended agent never dies from one bad turn
+                self.pump_errors += 1
+                log.exception("pump turn failed; continuing")
+                self._stop.wait(PUMP_TICK_S)
+
+    def _handle(self, event: LinkEvent) -> None:
+        if event.kind == "puback":
+            self.window.puback(event.mid, event.accepted)
+        elif event.kind == "message":
+            self._handle_message(event.topic, event.payload)
+        elif event.kind == "connected":
+            self.window.connected(event.session_present)
+            log.info("connected to broker (session present: %s)", event.session_present)
+        elif event.kind == "disconnected":
+            log.warning("disconnected from broker: %s", event.reason)
+
+    def _handle_message(self, topic: str, payload: bytes) -> None:
+        try:
+            ref = topics.parse(topic)
+            if ref.channel == Channel.RECEIPT:
+                self.window.receipt(Receipt.decode(payload))
+            elif ref.channel == Channel.CMD:
+                log.info("command received (%d bytes); commands arrive with the rollout work", len(payload))
+        except WireError as err:
+            self.bad_receipts += 1
+            log.warning("ignored malformed message on %s: %s", topic, err)
+
+    def _sample_telemetry(self) -> None:
+        try:
+            load = os.getloadavg()[0] / (os.cpu_count() or 1) * 100
+        except OSError:
+            load = 0.0
+        body = {"cpu_pct": min(100.0, round(load, 1)), "mem_pct": _mem_pct(),
+                "disk_pct": _disk_pct(self.settings.data_dir), "outbox_depth": self.outbox.depth}
+        try:
+            self.outbox.enqueue("telemetry.sample", body)
+        except (OutboxFull, InvalidEvent) as err:
+            log.warning("telemetry sample not stored: %s", err)
+
+
+def _disk_pct(path: os.PathLike[str]) -> float:
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return 0.0
+    return round(usage.used / usage.total * 100, 1) if usage.total else 0.0
+
+
+def _mem_pct() -> float:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            info = {line.split(":")[0]: int(line.split()[1]) for line in fh if ":" in line}
+        return round(100 * (1 - info["MemAvailable"] / info["MemTotal"]), 1)
+    except (OSError, KeyError, ValueError, ZeroDivisionError):
+        return 0.0

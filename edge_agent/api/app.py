@@ -1,0 +1,81 @@
+"""Local HTTP API: the kiosk app posts events and reads the agent's health here."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from edge_agent.metrics import build_registry
+from edge_agent.outbox.store import InvalidEvent, OutboxFull
+
+if TYPE_CHECKING:
+    from edge_agent.agent import Agent
+
+MAX_REQUEST_BYTES = 64 * 1024
+
+
+class EventIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: str = Field(min_length=1, max_length=64, examples=["service.completed"])
+    body: dict[str, Any] = Field(examples=[{"session": "s-1", "service_code": "TQ02", "duration_s": 142.5}])
+    ts: AwareDatetime | None = None
+
+
+class EventStored(BaseModel):
+    seq: int
+    epoch: str
+    type: str
+
+
+def error(status: int, code: str, detail: str, where: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail, "where": where}, status_code=status)
+
+
+def create_api(agent: "Agent", extra_routers: list[APIRouter] | None = None) -> FastAPI:
+    """Build the local API around a running agent."""
+    app = FastAPI(title="kiosk edge agent (local API)", version="1")
+    registry = build_registry(agent)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Any) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_REQUEST_BYTES):
+            return error(413, "too_large", f"request body over {MAX_REQUEST_BYTES} bytes")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return error(422, "invalid_request", str(first.get("msg")), where)
+
+    @app.post("/v1/events", status_code=201, response_model=EventStored)
+    def post_event(event: EventIn) -> Any:
+        """Store one event durably; 201 means it is on disk and will reach the centre."""
+        ts: datetime | None = event.ts
+        try:
+            item = agent.post_event(event.type, event.body, ts=ts)
+        except InvalidEvent as err:
+            return error(422, err.reason, str(err), "body" if err.reason == "bad_body" else "type")
+        except OutboxFull as err:
+            return error(507, "outbox_full", str(err))
+        return EventStored(seq=item.seq, epoch=agent.outbox.epoch, type=item.type)
+
+    @app.get("/v1/health")
+    def health() -> dict[str, Any]:
+        """The agent's health: link, outbox, peripherals, and plain-language problems."""
+        return agent.health()
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    for router in extra_routers or []:
+        app.include_router(router)
+    return app

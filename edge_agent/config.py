@@ -1,0 +1,59 @@
+"""Agent settings, read once in the entry point (env prefix EDGE_, or a YAML file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fleet_wire.topics import TERMINAL_ID_PATTERN
+
+
+class AgentSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EDGE_", extra="forbid")
+
+    environment: Literal["production", "development", "test"] = "production"
+    terminal_id: str = Field(pattern=TERMINAL_ID_PATTERN)
+    office_id: str = ""
+    broker_host: str = "127.0.0.1"
+    broker_port: int = Field(default=1883, ge=1, le=65535)
+    username: str = ""  # defaults to terminal_id: the broker ACL keys on it
+    password: str = ""
+    tls_ca: str | None = None
+    data_dir: Path = Path("/var/lib/kiosk-agent")
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8700, ge=0, le=65535)
+    heartbeat_interval_s: float = Field(default=30.0, gt=0)
+    telemetry_interval_s: float = Field(default=300.0, gt=0)
+    receipt_timeout_s: float = Field(default=10.0, gt=0)
+    send_window: int = Field(default=16, ge=1, le=1024)
+    batch_events: int = Field(default=200, ge=1, le=500)
+    outbox_max_rows: int = Field(default=200_000, ge=10)
+    outbox_max_bytes: int = Field(default=256 * 1024 * 1024, ge=64 * 1024)
+    outbox_synchronous: Literal["FULL", "EXTRA", "NORMAL"] = "FULL"
+
+    @model_validator(mode="after")
+    def _safe_outside_development(self) -> "AgentSettings":
+        if not self.username:
+            self.username = self.terminal_id
+        if self.environment == "production":
+            if not self.password:
+                raise ValueError("EDGE_PASSWORD is empty: a production terminal needs its own broker credentials")
+            if self.api_host not in ("127.0.0.1", "::1", "localhost"):
+                raise ValueError("the local API must bind to loopback in production (EDGE_API_HOST)")
+        return self
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> "AgentSettings":
+        """Load settings from a YAML file (keys as field names); explicit overrides win."""
+        text = Path(path).read_text(encoding="utf-8")
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of settings")
+        return cls(**{**data, **overrides})

@@ -1,0 +1,37 @@
+"""Server settings (env prefix FLEET_), built once in the entry point and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SEED_DIR = Path(__file__).parent / "seed"
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLEET_", extra="forbid")
+
+    environment: Literal["production", "development", "test"] = "production"
+    db_path: Path = Path("/var/lib/kiosk-fleet/fleet.db")
+    broker_host: str = "127.0.0.1"
+    broker_port: int = Field(default=1883, ge=1, le=65535)
+    broker_username: str = "fleet-server"
+    broker_password: str = ""
+    broker_client_id: str = "fleet-server-ingest"
+    tls_ca: str | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    api_token: str = ""
+    offices_file: Path = SEED_DIR / "offices.yaml"
+
+    @model_validator(mode="after")
+    def _safe_outside_development(self) -> "ServerSettings":
+        if self.environment == "production":
+            if not self.broker_password:
+                raise ValueError("FLEET_BROKER_PASSWORD is empty: the server needs its own broker account")
+            if len(self.api_token) < 24 or self.api_token in ("changeme", "admin", "secret"):
+                raise ValueError("FLEET_API_TOKEN must be a random secret of 24+ characters in production")
+        return self

@@ -1,0 +1,69 @@
+"""The server's SQLite database: connections and migrations (sqlite-utils)."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import sqlite_utils
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("fleet_server")
+
+
+@migrations(name="0001_registry_and_ingest")
+def _m0001(db: sqlite_utils.Database) -> None:
+    db.execute("""CREATE TABLE offices (
+        id TEXT PRIMARY KEY, name TEXT NOT NULL, name_en TEXT NOT NULL, district TEXT NOT NULL,
+        pilot INTEGER NOT NULL, timezone TEXT NOT NULL, hours TEXT NOT NULL, maintenance TEXT NOT NULL)""")
+    db.execute("""CREATE TABLE terminals (
+        id TEXT PRIMARY KEY, office_id TEXT NOT NULL REFERENCES offices(id), profile TEXT NOT NULL,
+        tags TEXT NOT NULL DEFAULT '[]', password_hash TEXT NOT NULL, enabled INTEGER NOT NULL DEFAULT 1,
+        created_at TEXT NOT NULL, revoked_at TEXT)""")
+    db.execute("""CREATE TABLE events (
+        terminal TEXT NOT NULL, epoch TEXT NOT NULL, seq INTEGER NOT NULL, id TEXT NOT NULL,
+        type TEXT NOT NULL, ts TEXT NOT NULL, received_at TEXT NOT NULL, office_id TEXT NOT NULL,
+        body TEXT NOT NULL, PRIMARY KEY (terminal, epoch, seq)) WITHOUT ROWID""")
+    db.execute("CREATE INDEX events_office_ts ON events (office_id, ts)")
+    db.execute("""CREATE TABLE streams (
+        terminal TEXT NOT NULL, epoch TEXT NOT NULL, upto INTEGER NOT NULL, ranges TEXT NOT NULL,
+        stored INTEGER NOT NULL DEFAULT 0, dropped INTEGER NOT NULL DEFAULT 0,
+        quarantined INTEGER NOT NULL DEFAULT 0, duplicates INTEGER NOT NULL DEFAULT 0,
+        first_seen TEXT NOT NULL, last_seen TEXT NOT NULL, PRIMARY KEY (terminal, epoch))""")
+    db.execute("""CREATE TABLE dropped (
+        terminal TEXT NOT NULL, epoch TEXT NOT NULL, seq INTEGER NOT NULL, reason TEXT NOT NULL,
+        original_type TEXT NOT NULL, original_class INTEGER NOT NULL, ts TEXT NOT NULL,
+        PRIMARY KEY (terminal, epoch, seq)) WITHOUT ROWID""")
+    db.execute("""CREATE TABLE rejects (
+        id INTEGER PRIMARY KEY, at TEXT NOT NULL, terminal TEXT, topic TEXT NOT NULL,
+        reason TEXT NOT NULL, detail TEXT NOT NULL, epoch TEXT, seq INTEGER, size INTEGER NOT NULL)""")
+    db.execute("CREATE INDEX rejects_reason ON rejects (reason)")
+    db.execute("""CREATE TABLE terminal_status (
+        terminal TEXT PRIMARY KEY, state TEXT NOT NULL, reason TEXT NOT NULL, since TEXT NOT NULL,
+        last_seen TEXT NOT NULL, doc TEXT NOT NULL)""")
+
+
+def connect(path: str | os.PathLike[str], *, readonly: bool = False) -> sqlite3.Connection:
+    """A connection with the pragmas every server component uses."""
+    if readonly:
+        conn = sqlite3.connect(f"file:{os.fspath(path)}?mode=ro", uri=True, check_same_thread=False)
+    else:
+        conn = sqlite3.connect(os.fspath(path), check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout=10000")
+    conn.execute("PRAGMA foreign_keys=ON")
+    if not readonly:
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a receipt promises the row survives a power cut, not only a crash.
+        conn.execute("PRAGMA synchronous=FULL")
+    return conn
+
+
+def migrate(path: str | os.PathLike[str]) -> None:
+    """Create or upgrade the schema (each migration in its own transaction)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = connect(path)
+    try:
+        migrations.apply(sqlite_utils.Database(conn))
+    finally:
+        conn.close()

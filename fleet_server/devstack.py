@@ -1,0 +1,151 @@
+"""A complete stack on loopback: Mosquitto with generated credentials and ACL, the fleet server,
+and enrolled terminals. Used by the demo, the tests and the benchmarks alike, so all three run the
+same real parts the same way."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from fleet_server.app import FleetServer
+from fleet_server.broker.mosquitto import BrokerConfig, Mosquitto, free_port, new_password, write_broker_files
+from fleet_server.config import ServerSettings
+from fleet_server.registry.schemas import TerminalCreate
+
+
+@dataclass
+class DevStack:
+    root: Path
+    max_queued_messages: int = 1000
+    broker_persistence: bool = True
+    port: int = 0
+    server_password: str = field(default_factory=new_password)
+    passwords: dict[str, str] = field(default_factory=dict)
+    offices: dict[str, str] = field(default_factory=dict)
+    server: FleetServer | None = None
+    broker: Mosquitto | None = None
+
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        self.broker_config = BrokerConfig(self.root / "broker", self.port,
+                                          max_queued_messages=self.max_queued_messages,
+                                          persistence=self.broker_persistence)
+        self.settings = ServerSettings(environment="development", db_path=self.root / "fleet.db",
+                                       broker_port=self.port, broker_password=self.server_password)
+        self.server = FleetServer(self.settings, CollectorRegistry())
+
+    # -- set-up -----------------------------------------------------------------------------------
+
+    def enrol(self, terminal_id: str, office_id: str, profile: str = "generic") -> str:
+        """Enrol a terminal and return its broker password."""
+        assert self.server is not None
+        _, password = self.server.registry.enrol(
+            TerminalCreate(id=terminal_id, office_id=office_id, profile=profile))
+        self.passwords[terminal_id] = password
+        self.offices[terminal_id] = office_id
+        return password
+
+    def write_broker_files(self) -> None:
+        assert self.server is not None
+        creds = self.server.registry.broker_credentials(self.settings.broker_username, self.server_password)
+        write_broker_files(self.broker_config, creds)
+
+    def start_broker(self) -> Mosquitto:
+        self.write_broker_files()
+        self.broker = Mosquitto(self.broker_config)
+        self.broker.start()
+        return self.broker
+
+    def reload_broker(self) -> None:
+        self.write_broker_files()
+        assert self.broker is not None
+        self.broker.reload()
+
+    def start_server(self) -> FleetServer:
+        if self.server is None:
+            self.server = FleetServer(self.settings, CollectorRegistry())
+        self.server.start()
+        self.server.ingest.refresh_terminals()
+        return self.server
+
+    def stop_server(self) -> None:
+        """Stop the in-process server (its broker session keeps queueing for it)."""
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+    def close(self) -> None:
+        self.stop_server()
+        if self.broker is not None:
+            self.broker.kill()
+
+    # -- terminals --------------------------------------------------------------------------------
+
+    def agent_settings(self, terminal_id: str, **overrides: Any) -> dict[str, Any]:
+        base: dict[str, Any] = dict(
+            environment="development", terminal_id=terminal_id, office_id=self.offices[terminal_id],
+            broker_port=self.port, password=self.passwords[terminal_id],
+            data_dir=str(self.root / "agents" / terminal_id), api_port=0,
+            heartbeat_interval_s=5.0, receipt_timeout_s=2.0)
+        base.update(overrides)
+        return base
+
+    def agent(self, terminal_id: str, **overrides: Any) -> Any:
+        from edge_agent.agent import Agent
+        from edge_agent.config import AgentSettings
+
+        return Agent(AgentSettings(**self.agent_settings(terminal_id, **overrides)))
+
+    def agent_process(self, terminal_id: str, **overrides: Any) -> subprocess.Popen[bytes]:
+        """Run the agent as its own process (`edge-agent run`), e.g. to kill -9 it."""
+        env = {**os.environ}
+        for key, value in self.agent_settings(terminal_id, **overrides).items():
+            env[f"EDGE_{key.upper()}"] = str(value)
+        log = open(self.root / f"agent-{terminal_id}.log", "ab")
+        return subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--no-api"], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    # -- reading back -----------------------------------------------------------------------------
+
+    def stored(self, terminal_id: str | None = None) -> int:
+        """Events stored at the server (every row is one (terminal, epoch, seq))."""
+        import sqlite3
+
+        with sqlite3.connect(self.settings.db_path) as conn:
+            if terminal_id is None:
+                return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+            return int(conn.execute("SELECT count(*) FROM events WHERE terminal=?", (terminal_id,)).fetchone()[0])
+
+    def event_ids(self) -> list[str]:
+        import sqlite3
+
+        with sqlite3.connect(self.settings.db_path) as conn:
+            return [r[0] for r in conn.execute("SELECT id FROM events")]
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0, interval_s: float = 0.05,
+             what: str = "condition") -> None:
+    """Poll until `predicate()` holds; raise TimeoutError naming `what` otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval_s)
+    raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def service_events(n: int, prefix: str = "s") -> Iterable[tuple[str, dict[str, Any], None]]:
+    """n realistic business events (a completed rent withdrawal each)."""
+    for i in range(n):
+        yield ("service.completed",
+               {"session": f"{prefix}-{i}", "service_code": "TQ02", "duration_s": 120.0 + i % 60,
+                "face_login": True}, None)

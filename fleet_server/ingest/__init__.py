@@ -1,0 +1,1 @@
+"""Ingest: terminal events in, validated, stored exactly once, receipted."""

@@ -1,0 +1,307 @@
+"""The ingest writer: validates messages, stores each event once, publishes receipts.
+
+Paho's thread only enqueues (`submit`). One writer thread takes messages in batches, validates
+them, writes events + stream marks in one transaction, and only after COMMIT publishes receipts
+and acknowledges the MQTT messages (manual ack): a crash before COMMIT leaves the messages
+unacknowledged at the broker, which redelivers them to our persistent session.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from fleet_wire import topics
+from fleet_wire.envelope import decode_batch, format_ts
+from fleet_wire.errors import TopicError
+from fleet_wire.events import TOMBSTONE
+from fleet_wire.receipt import Receipt, SeqSet
+from fleet_wire.topics import Channel
+
+from fleet_server.db import connect
+from fleet_server.ingest.metrics import IngestMetrics
+from fleet_server.ingest.store import IngestStore, StreamRow
+
+log = logging.getLogger(__name__)
+
+BATCH_MAX_MESSAGES = 500
+BATCH_WAIT_S = 0.02  # group commit: wait this long for more messages once one has arrived
+QUEUE_MAX = 20_000  # paho's thread blocks past this, which pushes back on the broker
+STATUS_MAX_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    topic: str
+    payload: bytes
+    mid: int = 0
+    qos: int = 0
+
+
+@dataclass(slots=True)
+class _Batch:
+    events: list[tuple[str, str, int, str, str, str, str, str, str]] = field(default_factory=list)
+    dropped: list[tuple[str, str, int, str, str, int, str]] = field(default_factory=list)
+    rejects: list[tuple[str, str | None, str, str, str, str | None, int | None, int]] = field(default_factory=list)
+    status: dict[str, tuple[str, str, str, str, str, str]] = field(default_factory=dict)
+    streams: dict[tuple[str, str], StreamRow] = field(default_factory=dict)
+    ingested_types: dict[str, int] = field(default_factory=dict)
+    dropped_reasons: dict[str, int] = field(default_factory=dict)
+    reject_reasons: dict[str, int] = field(default_factory=dict)
+    status_states: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0
+    acks: list[tuple[int, int]] = field(default_factory=list)
+
+
+class IngestService:
+    def __init__(
+        self,
+        db_path: str,
+        metrics: IngestMetrics,
+        terminal_offices: Callable[[], dict[str, str]],
+        *,
+        publish: Callable[[str, bytes], None] = lambda t, p: None,
+        ack: Callable[[int, int], None] = lambda mid, qos: None,
+    ) -> None:
+        self._db_path = db_path
+        self.metrics = metrics
+        self._terminal_offices_source = terminal_offices
+        self._offices: dict[str, str] = {}
+        self.publish = publish
+        self.ack = ack
+        self._queue: queue.Queue[Inbound | None] = queue.Queue(QUEUE_MAX)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._streams: dict[tuple[str, str], StreamRow] = {}
+        self._gaps: dict[tuple[str, str], int] = {}
+        self._store: IngestStore | None = None
+        self._conn: sqlite3.Connection | None = None
+        self.batches = 0
+        self.errors = 0
+        self._refresh = threading.Event()
+        self.idle = threading.Event()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._conn = connect(self._db_path)
+        self._store = IngestStore(self._conn)
+        self._streams = self._store.load_streams()
+        self._offices = dict(self._terminal_offices_source())
+        self._update_gap_gauge()
+        self._thread = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+        if self._thread:
+            self._thread.join(10)
+        if self._conn:
+            self._conn.close()
+
+    def submit(self, msg: Inbound) -> None:
+        """Hand a message over from paho's thread (blocks when the writer is far behind)."""
+        self.idle.clear()
+        self._queue.put(msg)
+
+    def refresh_terminals(self) -> None:
+        """Re-read the registry's enabled terminals (after enrol/revoke)."""
+        self._refresh.set()
+
+    def streams(self) -> dict[tuple[str, str], StreamRow]:
+        return dict(self._streams)
+
+    # -- writer ------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                self.idle.set()
+                continue
+            if first is None:
+                break
+            msgs = [first]
+            deadline = time.monotonic() + BATCH_WAIT_S
+            while len(msgs) < BATCH_MAX_MESSAGES:
+                remaining = deadline - time.monotonic()
+                try:
+                    nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._stop.set()
+                    break
+                msgs.append(nxt)
+            self.metrics.queue_depth.set(self._queue.qsize())
+            try:
+                self._process(msgs)
+            except Exception:  # noqa: BLE001 - the ingest never dies from one batch
+                self.errors += 1
+                log.exception("ingest batch of %d messages failed; terminals will re-send", len(msgs))
+                for m in msgs:
+                    self._safe_ack(m.mid, m.qos)
+            if self._queue.empty():
+                self.idle.set()
+
+    def _process(self, msgs: list[Inbound]) -> None:
+        if self._refresh.is_set():
+            self._refresh.clear()
+            self._offices = dict(self._terminal_offices_source())
+        started = time.perf_counter()
+        now = format_ts(datetime.now(UTC))
+        b = _Batch()
+        for m in msgs:
+            b.acks.append((m.mid, m.qos))
+            try:
+                ref = topics.parse(m.topic)
+            except TopicError as err:
+                self._reject(b, now, None, m, err.reason, str(err))
+                continue
+            if ref.terminal_id not in self._offices:
+                self._reject(b, now, ref.terminal_id, m, "unknown_terminal",
+                             f"terminal {ref.terminal_id!r} is not enrolled (or was revoked)")
+                continue
+            if ref.channel == Channel.EVENTS:
+                self._take_events(b, now, ref.terminal_id, m)
+            elif ref.channel == Channel.STATUS:
+                self._take_status(b, now, ref.terminal_id, m)
+        try:
+            assert self._store is not None
+            self._store.write(b.events, b.dropped, b.rejects, list(b.streams.values()))
+            if b.status:
+                self._store.write_status(list(b.status.values()))
+        except sqlite3.Error as err:
+            # Disk full, I/O error…: nothing of this batch is stored, no receipt goes out, the
+            # terminals keep their rows and re-send after their receipt time-out.
+            self.metrics.write_errors.inc()
+            self.errors += 1
+            log.error("ingest write failed (%s); %d messages will be re-sent by terminals", err, len(msgs))
+            for mid, qos in b.acks:
+                self._safe_ack(mid, qos)
+            return
+        self._streams.update(b.streams)
+        for t, n in b.ingested_types.items():
+            self.metrics.ingested.labels(t).inc(n)
+        for r, n in b.dropped_reasons.items():
+            self.metrics.dropped.labels(r).inc(n)
+        for r, n in b.reject_reasons.items():
+            self.metrics.rejected.labels(r).inc(n)
+        for s, n in b.status_states.items():
+            self.metrics.status_messages.labels(s).inc(n)
+        if b.duplicates:
+            self.metrics.duplicates.inc(b.duplicates)
+        for (terminal, epoch), row in b.streams.items():
+            receipt = Receipt.from_seqset(terminal, epoch, row.seqs)
+            try:
+                self.publish(topics.topic(terminal, Channel.RECEIPT), receipt.encode())
+                self.metrics.receipts.inc()
+            except Exception:  # noqa: BLE001 - the terminal re-sends and gets a receipt then
+                log.exception("could not publish receipt to %s", terminal)
+        for mid, qos in b.acks:
+            self._safe_ack(mid, qos)
+        self.batches += 1
+        if b.streams:
+            self._update_gap_gauge(b.streams)
+        if self.batches % 1000 == 0:
+            self._store.trim_rejects()
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+
+    def _take_events(self, b: _Batch, now: str, terminal: str, m: Inbound) -> None:
+        decoded = decode_batch(terminal, m.payload)
+        office = self._offices[terminal]
+        for rej in decoded.rejected:
+            self._reject(b, now, terminal, m, rej.reason, rej.detail, rej.epoch, rej.seq)
+            if rej.epoch is not None and rej.seq is not None:
+                # Quarantined, not lost: the row is in `rejects`, and the receipt covers it so the
+                # terminal stops re-sending a poisoned event.
+                row = self._stream(b, terminal, rej.epoch, now)
+                if row.seqs.add(rej.seq):
+                    row.quarantined += 1
+        for env in decoded.events:
+            row = self._stream(b, terminal, env.epoch, now)
+            if not row.seqs.add(env.seq):
+                row.duplicates += 1
+                b.duplicates += 1
+                continue
+            ts = format_ts(env.ts)
+            if env.type == TOMBSTONE:
+                body = env.body
+                b.dropped.append((terminal, env.epoch, env.seq, body["reason"], body["original_type"],
+                                  body["original_class"], ts))
+                row.dropped += 1
+                b.dropped_reasons[body["reason"]] = b.dropped_reasons.get(body["reason"], 0) + 1
+                continue
+            b.events.append((terminal, env.epoch, env.seq, env.id, env.type, ts, now, office,
+                             json.dumps(env.body, ensure_ascii=False, separators=(",", ":"))))
+            row.stored += 1
+            b.ingested_types[env.type] = b.ingested_types.get(env.type, 0) + 1
+
+    def _take_status(self, b: _Batch, now: str, terminal: str, m: Inbound) -> None:
+        if len(m.payload) > STATUS_MAX_BYTES:
+            self._reject(b, now, terminal, m, "oversized", f"status is {len(m.payload)} bytes")
+            return
+        try:
+            doc: Any = json.loads(m.payload) if m.payload else {"state": "offline", "reason": "cleared"}
+            state = doc["state"]
+            if state not in ("online", "offline"):
+                raise ValueError(f"state {state!r} is neither online nor offline")
+        except (ValueError, KeyError, TypeError) as err:
+            self._reject(b, now, terminal, m, "bad_status", f"status document: {err}")
+            return
+        reason = str(doc.get("reason", "heartbeat" if state == "online" else "unknown"))[:64]
+        b.status[terminal] = (terminal, state, reason, now, now,
+                              json.dumps(doc, ensure_ascii=False)[:STATUS_MAX_BYTES])
+        b.status_states[state] = b.status_states.get(state, 0) + 1
+
+    def _stream(self, b: _Batch, terminal: str, epoch: str, now: str) -> StreamRow:
+        key = (terminal, epoch)
+        row = b.streams.get(key)
+        if row is None:
+            old = self._streams.get(key)
+            if old is None:
+                row = StreamRow(terminal, epoch, SeqSet(), first_seen=now)
+            else:
+                # copy: the live marks change only after COMMIT
+                row = StreamRow(terminal, epoch, SeqSet(old.seqs.upto, old.seqs.ranges), old.stored,
+                                old.dropped, old.quarantined, old.duplicates, old.first_seen)
+            b.streams[key] = row
+        row.last_seen = now
+        return row
+
+    def _reject(self, b: _Batch, now: str, terminal: str | None, m: Inbound, reason: str, detail: str,
+                epoch: str | None = None, seq: int | None = None) -> None:
+        b.rejects.append((now, terminal, m.topic[:200], reason, detail[:500], epoch, seq, len(m.payload)))
+        b.reject_reasons[reason] = b.reject_reasons.get(reason, 0) + 1
+        log.info("rejected %s from %s: %s", reason, terminal or m.topic[:80], detail[:200])
+
+    def _safe_ack(self, mid: int, qos: int) -> None:
+        if qos <= 0:
+            return
+        try:
+            self.ack(mid, qos)
+        except Exception:  # noqa: BLE001
+            log.exception("manual ack of mid %d failed", mid)
+
+    def _update_gap_gauge(self, touched: dict[tuple[str, str], StreamRow] | None = None) -> None:
+        for key, row in (touched or self._streams).items():
+            gap = sum(e - s + 1 for s, e in row.seqs.missing(limit=1000)) if row.seqs.ranges else 0
+            if gap:
+                self._gaps[key] = gap
+            else:
+                self._gaps.pop(key, None)
+        self.metrics.gap_events.set(sum(self._gaps.values()))
+

@@ -1,0 +1,94 @@
+"""SQL for ingested events, their streams (receipt state), tombstones and rejects."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fleet_wire.receipt import SeqSet
+
+REJECTS_KEPT = 10_000  # most recent rejects kept for operators; counters keep the totals
+
+
+@dataclass(slots=True)
+class StreamRow:
+    terminal: str
+    epoch: str
+    seqs: SeqSet
+    stored: int = 0
+    dropped: int = 0
+    quarantined: int = 0
+    duplicates: int = 0
+    first_seen: str = ""
+    last_seen: str = ""
+
+
+class IngestStore:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._db = conn
+
+    def load_streams(self) -> dict[tuple[str, str], StreamRow]:
+        out = {}
+        for t, e, upto, ranges, stored, dropped, quar, dup, first, last in self._db.execute(
+                "SELECT terminal, epoch, upto, ranges, stored, dropped, quarantined, duplicates,"
+                " first_seen, last_seen FROM streams"):
+            out[(t, e)] = StreamRow(t, e, SeqSet(upto, [tuple(r) for r in json.loads(ranges)]),
+                                    stored, dropped, quar, dup, first, last)
+        return out
+
+    def write(
+        self,
+        events: Sequence[tuple[str, str, int, str, str, str, str, str, str]],
+        dropped: Sequence[tuple[str, str, int, str, str, int, str]],
+        rejects: Sequence[tuple[str, str | None, str, str, str, str | None, int | None, int]],
+        streams: Sequence[StreamRow],
+    ) -> None:
+        """Store one ingest batch and the new stream marks in a single transaction."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            if events:
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO events (terminal, epoch, seq, id, type, ts, received_at,"
+                    " office_id, body) VALUES (?,?,?,?,?,?,?,?,?)", events)
+            if dropped:
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO dropped (terminal, epoch, seq, reason, original_type,"
+                    " original_class, ts) VALUES (?,?,?,?,?,?,?)", dropped)
+            if rejects:
+                self._db.executemany(
+                    "INSERT INTO rejects (at, terminal, topic, reason, detail, epoch, seq, size)"
+                    " VALUES (?,?,?,?,?,?,?,?)", rejects)
+            if streams:
+                self._db.executemany(
+                    "INSERT INTO streams (terminal, epoch, upto, ranges, stored, dropped, quarantined,"
+                    " duplicates, first_seen, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?)"
+                    " ON CONFLICT(terminal, epoch) DO UPDATE SET upto=excluded.upto,"
+                    " ranges=excluded.ranges, stored=excluded.stored, dropped=excluded.dropped,"
+                    " quarantined=excluded.quarantined, duplicates=excluded.duplicates,"
+                    " last_seen=excluded.last_seen",
+                    [(s.terminal, s.epoch, s.seqs.upto, json.dumps(s.seqs.ranges), s.stored, s.dropped,
+                      s.quarantined, s.duplicates, s.first_seen, s.last_seen) for s in streams])
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def write_status(self, rows: Sequence[tuple[str, str, str, str, str, str]]) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany(
+                "INSERT INTO terminal_status (terminal, state, reason, since, last_seen, doc)"
+                " VALUES (?,?,?,?,?,?) ON CONFLICT(terminal) DO UPDATE SET"
+                " since=CASE WHEN terminal_status.state=excluded.state THEN terminal_status.since"
+                " ELSE excluded.since END, state=excluded.state, reason=excluded.reason,"
+                " last_seen=excluded.last_seen, doc=excluded.doc", rows)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def trim_rejects(self) -> None:
+        self._db.execute(
+            "DELETE FROM rejects WHERE id <= (SELECT max(id) FROM rejects) - ?", (REJECTS_KEPT,))

@@ -1,0 +1,1 @@
+"""Registry of offices and terminals."""

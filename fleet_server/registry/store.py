@@ -1,0 +1,92 @@
+"""SQL for offices and terminals."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+from fleet_server.registry.schemas import Office, TerminalCreate, TerminalPublic
+
+
+class RegistryError(Exception):
+    """Root of registry errors."""
+
+
+class UnknownOffice(RegistryError):
+    pass
+
+
+class DuplicateTerminal(RegistryError):
+    pass
+
+
+class UnknownTerminal(RegistryError):
+    pass
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class RegistryStore:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._db = conn
+
+    def upsert_offices(self, offices: Iterable[Office]) -> int:
+        rows = [(o.id, o.name, o.name_en, o.district, int(o.pilot), o.timezone,
+                 json.dumps(o.hours, ensure_ascii=False), o.maintenance) for o in offices]
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany(
+                "INSERT INTO offices (id, name, name_en, district, pilot, timezone, hours, maintenance)"
+                " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET name=excluded.name,"
+                " name_en=excluded.name_en, district=excluded.district, pilot=excluded.pilot,"
+                " timezone=excluded.timezone, hours=excluded.hours, maintenance=excluded.maintenance",
+                rows)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return len(rows)
+
+    def offices(self) -> list[Office]:
+        cur = self._db.execute(
+            "SELECT id, name, name_en, district, pilot, timezone, hours, maintenance FROM offices ORDER BY pilot DESC, id")
+        return [Office(id=r[0], name=r[1], name_en=r[2], district=r[3], pilot=bool(r[4]),
+                       timezone=r[5], hours=json.loads(r[6]), maintenance=r[7]) for r in cur]
+
+    def add_terminal(self, terminal: TerminalCreate, password_hash: str) -> TerminalPublic:
+        if not self._db.execute("SELECT 1 FROM offices WHERE id=?", (terminal.office_id,)).fetchone():
+            raise UnknownOffice(f"office {terminal.office_id!r} is not in the registry")
+        created = _now()
+        try:
+            self._db.execute(
+                "INSERT INTO terminals (id, office_id, profile, tags, password_hash, enabled, created_at)"
+                " VALUES (?,?,?,?,?,1,?)",
+                (terminal.id, terminal.office_id, terminal.profile, json.dumps(terminal.tags),
+                 password_hash, created))
+        except sqlite3.IntegrityError as err:
+            raise DuplicateTerminal(f"terminal {terminal.id!r} is already enrolled") from err
+        return TerminalPublic(id=terminal.id, office_id=terminal.office_id, profile=terminal.profile,
+                              tags=terminal.tags, enabled=True, created_at=created)
+
+    def revoke_terminal(self, terminal_id: str) -> None:
+        cur = self._db.execute("UPDATE terminals SET enabled=0, revoked_at=? WHERE id=?",
+                               (_now(), terminal_id))
+        if cur.rowcount == 0:
+            raise UnknownTerminal(f"terminal {terminal_id!r} is not in the registry")
+
+    def terminals(self) -> list[TerminalPublic]:
+        cur = self._db.execute(
+            "SELECT id, office_id, profile, tags, enabled, created_at, revoked_at FROM terminals ORDER BY id")
+        return [TerminalPublic(id=r[0], office_id=r[1], profile=r[2], tags=json.loads(r[3]),
+                               enabled=bool(r[4]), created_at=r[5], revoked_at=r[6]) for r in cur]
+
+    def enabled_terminal_offices(self) -> dict[str, str]:
+        """terminal id → office id, for enabled terminals only."""
+        return dict(self._db.execute("SELECT id, office_id FROM terminals WHERE enabled=1"))
+
+    def password_hashes(self) -> dict[str, str]:
+        return dict(self._db.execute("SELECT id, password_hash FROM terminals WHERE enabled=1"))

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# kiosk-fleet: the two set-up commands.
+#   ./run.sh demo   broker + fleet server + a simulated fleet of terminals (Ctrl-C stops)
+#   ./run.sh test   the whole test suite (extra arguments go to pytest)
+# Both install what they need first (Debian packages, a Python venv in .venv), idempotently.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PY=${PYTHON:-python3}
+VENV=.venv
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+apt_install() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    echo "installing Debian packages: ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+ensure_system() {
+    local pkgs=(mosquitto)
+    [ "${1:-}" = test ] && pkgs+=(mosquitto-clients)
+    apt_install "${pkgs[@]}"
+    if ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        apt_install python3-venv
+    fi
+}
+
+ensure_venv() {
+    local extras=$1 stamp="$VENV/.installed-$1"
+    if [ ! -x "$VENV/bin/python" ]; then
+        "$PY" -m venv "$VENV"
+    fi
+    # Reinstall only when the dependency list changed.
+    local want
+    want=$(sha256sum pyproject.toml | cut -c1-16)
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+        echo "installing Python dependencies into $VENV ($extras)"
+        "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+        "$VENV/bin/python" -m pip install -q -e ".[$extras]"
+        echo "$want" > "$stamp"
+    fi
+}
+
+cmd=${1:-help}
+shift || true
+case "$cmd" in
+    demo)
+        ensure_system demo
+        ensure_venv server
+        exec "$VENV/bin/fleet-demo" "$@"
+        ;;
+    test)
+        ensure_system test
+        ensure_venv server,dev
+        exec "$VENV/bin/python" -m pytest "$@"
+        ;;
+    *)
+        sed -n '2,5p' "$0"
+        exit 2
+        ;;
+esac
