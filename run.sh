@@ -57,7 +57,7 @@ case "$cmd" in
         ;;
     test)
         ensure_system test
-        ensure_venv server,dev
+        ensure_venv server,dev,face
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     *)

@@ -55,6 +55,10 @@ class Agent:
         self._stop = threading.Event()
         self._pump_thread: threading.Thread | None = None
         self.pump_errors = 0
+        from edge_agent.metrics import build_registry
+
+        # Other components (face, update…) register their metrics here too.
+        self.metrics_registry = build_registry(self)
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -69,7 +69,8 @@ def parse(value: str) -> TopicRef:
     if not value.startswith(root):
         raise TopicError(f"topic {value!r} is not under {root}")
     terminal_id, _, rest = value[len(root):].partition("/")
-    check_terminal_id(terminal_id)
+    if not _TERMINAL_ID_RE.match(terminal_id):
+        raise TopicError(f"topic {value!r} names no valid terminal id")
     try:
         channel = Channel(rest)
     except ValueError:

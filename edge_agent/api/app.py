@@ -11,7 +11,6 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from edge_agent.metrics import build_registry
 from edge_agent.outbox.store import InvalidEvent, OutboxFull
 
 if TYPE_CHECKING:
@@ -40,7 +39,7 @@ def error(status: int, code: str, detail: str, where: str | None = None) -> JSON
 def create_api(agent: "Agent", extra_routers: list[APIRouter] | None = None) -> FastAPI:
     """Build the local API around a running agent."""
     app = FastAPI(title="kiosk edge agent (local API)", version="1")
-    registry = build_registry(agent)
+    registry = agent.metrics_registry
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Any) -> Any:

@@ -1,0 +1,73 @@
+"""Shared fixtures: a real Mosquitto on a free loopback port, the real server, real SQLite files."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleet_server.devstack import DevStack
+
+PILOT_OFFICES = ["dongcheng", "haidian", "chaoyang", "mentougou", "miyun", "loan-centre"]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _need_mosquitto() -> None:
+    if not shutil.which("mosquitto") and not Path("/usr/sbin/mosquitto").exists():
+        pytest.fail("mosquitto is not installed: run the suite through ./run.sh test")
+
+
+@pytest.fixture
+def make_stack(tmp_path: Path) -> Iterator[Callable[..., DevStack]]:
+    """Build a DevStack (not yet started) with `n` terminals spread over the pilot offices."""
+    stacks: list[DevStack] = []
+    agents: list[Any] = []
+
+    def build(n: int = 1, start: bool = True, **kwargs: Any) -> DevStack:
+        st = DevStack(tmp_path / f"stack{len(stacks)}", **kwargs)
+        stacks.append(st)
+        for i in range(n):
+            st.enrol(f"t-{i:03d}", PILOT_OFFICES[i % len(PILOT_OFFICES)])
+        st.tracked_agents = agents  # type: ignore[attr-defined]
+        if start:
+            st.start_broker()
+            st.start_server()
+            assert st.server is not None
+            assert st.server.link.connected.wait(10), "server did not connect to the broker"
+        return st
+
+    yield build
+    for a in agents:
+        try:
+            a.stop(graceful=False)
+        except Exception:  # noqa: BLE001 - already stopped in the test
+            pass
+    for st in stacks:
+        st.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_threads() -> Iterator[None]:
+    before = {t.ident for t in threading.enumerate()}
+    yield
+    import time
+
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        extra = [t for t in threading.enumerate()
+                 if t.ident not in before and t.is_alive() and not t.name.startswith(("asyncio", "AnyIO"))]
+        extra = [t for t in extra if t.name.startswith(("pump-", "link-", "ingest-", "paho-"))]
+        if not extra:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"threads left running after the test: {[t.name for t in extra]}")
