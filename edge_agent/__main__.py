@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -39,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 
         from edge_agent.api import create_api
 
-        config = uvicorn.Config(create_api(agent), host=settings.api_host, port=settings.api_port,
-                                log_level="warning")
+        app = create_api(agent, extra_routers=_face_routers(agent))
+        config = uvicorn.Config(app, host=settings.api_host, port=settings.api_port, log_level="warning")
         server = uvicorn.Server(config)
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         threading.Thread(target=server.run, name="local-api", daemon=True).start()
@@ -49,6 +50,25 @@ def main(argv: list[str] | None = None) -> int:
         server.should_exit = True
     agent.stop(graceful=True)
     return 0
+
+
+def _face_routers(agent: Any) -> list[Any]:
+    """Build face login if its packages and models are usable; the agent runs without it."""
+    log = logging.getLogger("edge_agent.face")
+    try:
+        from edge_agent.face import FaceError, FaceSettings, build_face_service
+
+        settings = FaceSettings()
+        if not settings.enabled:
+            log.info("face login disabled by configuration (EDGE_FACE_ENABLED)")
+            return []
+        service = build_face_service(agent, settings)
+        from edge_agent.api.face_routes import build_face_router
+    except (FaceError, ValidationError, ImportError, OSError) as err:
+        log.warning("face login is unavailable on this terminal: %s", err)
+        return []
+    log.info("face login ready: model %s, %d templates", settings.model_version, len(service.gallery))
+    return [build_face_router(service)]
 
 
 if __name__ == "__main__":
