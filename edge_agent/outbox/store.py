@@ -41,6 +41,9 @@ CREATE INDEX IF NOT EXISTS outbox_class ON outbox (class, seq);
 """
 
 
+_TOMBSTONE_SIZE_ESTIMATE = 300  # bytes of a tombstone envelope, for eviction arithmetic
+
+
 class OutboxError(Exception):
     """Root of outbox errors."""
 
@@ -215,11 +218,20 @@ class Outbox:
             if victim_class > top_class:
                 break
             while not self._fits(need_rows, need_bytes):
-                seqs = [r[0] for r in self._db.execute(
-                    "SELECT seq FROM outbox WHERE class = ? AND type != ? ORDER BY seq LIMIT 256",
-                    (int(victim_class), TOMBSTONE))]
-                if not seqs:
+                candidates = self._db.execute(
+                    "SELECT seq, size FROM outbox WHERE class = ? AND type != ? ORDER BY seq LIMIT 256",
+                    (int(victim_class), TOMBSTONE)).fetchall()
+                if not candidates:
                     break
+                # evict the oldest rows, just as many as the new events need
+                seqs: list[int] = []
+                freed = 0
+                for seq, size in candidates:
+                    seqs.append(seq)
+                    freed += max(0, size - _TOMBSTONE_SIZE_ESTIMATE)
+                    if (self._live - len(seqs) + need_rows <= self.limits.max_rows
+                            and self._bytes - freed + need_bytes <= self.limits.max_bytes):
+                        break
                 self._tombstone(seqs, "evicted")
                 self.counters.evicted += len(seqs)
         if not self._fits(need_rows, need_bytes):
