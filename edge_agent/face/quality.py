@@ -23,7 +23,7 @@ class QualityLimits:
     """Thresholds for the gates (from FaceSettings)."""
 
     min_face_px: int = 100
-    min_sharpness: float = 20.0
+    min_sharpness: float = 40.0
     min_brightness: float = 50.0
     max_brightness: float = 210.0
     max_yaw_ratio: float = 0.3
