@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edge_agent.api.app import error
 from edge_agent.face.errors import BadImage, FaceUnavailable, TemplateStoreError, UnknownCitizen
-from edge_agent.face.service import CITIZEN_ID_PATTERN, FaceService, Outcome
+from edge_agent.face.service import CITIZEN_ID_PATTERN, ID_PHOTO_PREFIX, FaceService, Outcome
 
 CitizenId = Field(pattern=CITIZEN_ID_PATTERN, examples=["110101199001011234"])
 # Images travel base64-encoded in JSON: one body shape for every route, no multipart dependency.
@@ -53,12 +53,14 @@ class EraseIn(_In):
 
 
 def _bytes(text: str, where: str) -> bytes:
+    # Reason codes for the ID photo carry its prefix, as the service's own ones do.
+    prefix = ID_PHOTO_PREFIX if where == "id_photo" else ""
     if not text:
-        raise BadImage("empty_image", f"{where} is empty", where=where)
+        raise BadImage(prefix + "empty_image", f"{where} is empty", where=where)
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as err:
-        raise BadImage("bad_base64", f"{where} is not valid base64", where=where) from err
+        raise BadImage(prefix + "bad_base64", f"{where} is not valid base64", where=where) from err
 
 
 def _public(outcome: Outcome) -> dict[str, Any]:
