@@ -50,8 +50,12 @@ def rss_child(frame_dir: Path) -> int:
 
     frames = sorted(frame_dir.glob("*.jpg"))
     settings = FaceSettings(key_file=frame_dir / "k.key", gallery_dir=frame_dir / "g")
-    service = FaceService(settings, FaceEngine(), TemplateStore(settings.gallery_dir, settings.key_file),  # type: ignore[arg-type]
-                          registry=CollectorRegistry())
+    service = FaceService(
+        settings,
+        FaceEngine(),
+        TemplateStore(settings.gallery_dir, settings.key_file),  # type: ignore[arg-type]
+        registry=CollectorRegistry(),
+    )
     service.enrol("rss-citizen", frames[0].read_bytes())
     for _ in range(5):
         for f in frames[1:]:
@@ -67,14 +71,21 @@ def measure_rss_in_child(frames: list[bytes]) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         for i, data in enumerate(frames):
             (Path(tmp) / f"{i}.jpg").write_bytes(data)
-        out = subprocess.run([sys.executable, __file__, "--rss-child", tmp], capture_output=True,
-                             text=True, check=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, __file__, "--rss-child", tmp],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+        )
     return float(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the figures."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (~30 s)")
     parser.add_argument("--rss-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -116,8 +127,12 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = FaceSettings(key_file=Path(tmp) / "k.key", gallery_dir=Path(tmp) / "g")
-        service = FaceService(settings, engine, TemplateStore(settings.gallery_dir, settings.key_file),  # type: ignore[arg-type]
-                              registry=CollectorRegistry())
+        service = FaceService(
+            settings,
+            engine,
+            TemplateStore(settings.gallery_dir, settings.key_file),  # type: ignore[arg-type]
+            registry=CollectorRegistry(),
+        )
         enrolled = service.enrol("bench-citizen", fr.jpeg(kiosk["obama.jpg"]))
         assert enrolled.decision == "enrolled", enrolled
         template = service.gallery.vector(service.store.template_id("bench-citizen"))
@@ -127,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
             rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
             if half:  # the same 320×240 detection scale our pipeline uses: isolates our overhead
-                small = cv2.resize(rgb, (rgb.shape[1] // 2, rgb.shape[0] // 2), interpolation=cv2.INTER_AREA)
+                small = cv2.resize(
+                    rgb, (rgb.shape[1] // 2, rgb.shape[0] // 2), interpolation=cv2.INTER_AREA
+                )
                 rects, scores, _ = hog.run(small, 0, 0.0)
                 r = rects[int(np.argmax(scores))]
                 best = dlib.rectangle(r.left() * 2, r.top() * 2, r.right() * 2, r.bottom() * 2)
@@ -166,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     vecs = rng.normal(size=(GALLERY_N, 128)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     t = time.perf_counter()
-    gallery.load_many([f"t{i}" for i in range(GALLERY_N)], vecs, [f"c{i}" for i in range(GALLERY_N)])
+    gallery.load_many(
+        [f"t{i}" for i in range(GALLERY_N)], vecs, [f"c{i}" for i in range(GALLERY_N)]
+    )
     load_gallery_s = time.perf_counter() - t
     del vecs
     qs = rng.normal(size=(queries, 128)).astype(np.float32)
@@ -198,22 +217,37 @@ def main(argv: list[str] | None = None) -> int:
         "dlib_blas": bool(getattr(dlib, "DLIB_USE_BLAS", False)),
         "cpus": os.cpu_count(),
     }
-    print(f"face benchmark ({'quick' if args.quick else 'full'}), {os.cpu_count()} CPUs, "
-          f"dlib {dlib.__version__} (BLAS: {result['dlib_blas']}), OpenCV {cv2.__version__}")
+    print(
+        f"face benchmark ({'quick' if args.quick else 'full'}), {os.cpu_count()} CPUs, "
+        f"dlib {dlib.__version__} (BLAS: {result['dlib_blas']}), OpenCV {cv2.__version__}"
+    )
     print(f"  model load (hash check + HOG + 5-point + ResNet): {load_s:.2f} s")
-    print(f"  verify, decode→decision, 640×480, one face: median {v_med:.1f} ms, "
-          f"p90 {result['verify_ms_p90']} ms ({len(verify_ms)} runs)")
-    print(f"  bare dlib pipeline on the same frames:          median {b_med:.1f} ms, "
-          f"p90 {result['baseline_ms_p90']} ms")
+    print(
+        f"  verify, decode→decision, 640×480, one face: median {v_med:.1f} ms, "
+        f"p90 {result['verify_ms_p90']} ms ({len(verify_ms)} runs)"
+    )
+    print(
+        f"  bare dlib pipeline on the same frames:          median {b_med:.1f} ms, "
+        f"p90 {result['baseline_ms_p90']} ms"
+    )
     print(f"  bare dlib, same 320×240 detection scale as ours: median {h_med:.1f} ms")
-    print(f"  ratio verify/baseline: {result['ratio']} (target ≤ {RATIO_TARGET}); "
-          f"verify/same-scale baseline (our gates + bookkeeping only): {result['overhead_ratio']}")
-    print(f"  identify top-5 in {GALLERY_N:,} unit vectors: median {result['identify_100k_ms_median']} ms "
-          f"(target ≤ {IDENTIFY_TARGET_MS} ms; gallery load {load_gallery_s:.1f} s)")
-    print(f"  RSS with models loaded (service alone, after enrol + 10 verifies): {rss_models:.0f} MB "
-          f"(target ≤ {RSS_TARGET_MB:.0f})")
-    print(f"  RSS of this benchmark process (two model copies, source photos): {rss_bench:.0f} MB; "
-          f"plus the 100k gallery: {rss_gallery:.0f} MB")
+    print(
+        f"  ratio verify/baseline: {result['ratio']} (target ≤ {RATIO_TARGET}); "
+        f"verify/same-scale baseline (our gates + bookkeeping only): {result['overhead_ratio']}"
+    )
+    print(
+        f"  identify top-5 in {GALLERY_N:,} unit vectors: "
+        f"median {result['identify_100k_ms_median']} ms "
+        f"(target ≤ {IDENTIFY_TARGET_MS} ms; gallery load {load_gallery_s:.1f} s)"
+    )
+    print(
+        f"  RSS with models loaded (service alone, after enrol + 10 verifies): {rss_models:.0f} MB "
+        f"(target ≤ {RSS_TARGET_MB:.0f})"
+    )
+    print(
+        f"  RSS of this benchmark process (two model copies, source photos): {rss_bench:.0f} MB; "
+        f"plus the 100k gallery: {rss_gallery:.0f} MB"
+    )
     print(json.dumps(result))
     return 0
 

@@ -64,12 +64,22 @@ def _bytes(text: str, where: str) -> bytes:
 
 
 def _public(outcome: Outcome) -> dict[str, Any]:
-    return {"mode": outcome.mode, "decision": outcome.decision, "reason": outcome.reason,
-            "message": outcome.message, "score": outcome.score, "threshold": outcome.threshold,
-            "latency_ms": round(outcome.latency_ms, 1), "model_version": outcome.model_version,
-            "template_id": outcome.template_id, "frames_used": outcome.frames_used,
-            "candidates": [{"citizen_id": c.citizen_id, "template_id": c.template_id,
-                            "distance": c.distance} for c in outcome.candidates]}
+    return {
+        "mode": outcome.mode,
+        "decision": outcome.decision,
+        "reason": outcome.reason,
+        "message": outcome.message,
+        "score": outcome.score,
+        "threshold": outcome.threshold,
+        "latency_ms": round(outcome.latency_ms, 1),
+        "model_version": outcome.model_version,
+        "template_id": outcome.template_id,
+        "frames_used": outcome.frames_used,
+        "candidates": [
+            {"citizen_id": c.citizen_id, "template_id": c.template_id, "distance": c.distance}
+            for c in outcome.candidates
+        ],
+    }
 
 
 def _answer(call: Callable[[], Outcome]) -> Any:
@@ -108,8 +118,11 @@ def build_face_router(face_service: FaceService) -> APIRouter:
     @router.post("/compare-id")
     def compare_id(body: CompareIdIn) -> Any:
         """1:1 compare a live frame with the ID card's chip photo."""
-        return _answer(lambda: svc.compare_id_photo(_bytes(body.image, "image"),
-                                                    _bytes(body.id_photo, "id_photo")))
+        return _answer(
+            lambda: svc.compare_id_photo(
+                _bytes(body.image, "image"), _bytes(body.id_photo, "id_photo")
+            )
+        )
 
     @router.post("/identify")
     def identify(body: IdentifyIn) -> Any:
@@ -124,10 +137,18 @@ def build_face_router(face_service: FaceService) -> APIRouter:
     @router.get("/templates")
     def templates() -> Any:
         """List enrolled templates: metadata only."""
-        return {"templates": [{"template_id": i.template_id, "model_version": i.model_version,
-                               "enrolled_at": i.enrolled_at, "size_bytes": i.size_bytes}
-                              for i in svc.list_templates()],
-                "count": len(svc.gallery)}
+        return {
+            "templates": [
+                {
+                    "template_id": i.template_id,
+                    "model_version": i.model_version,
+                    "enrolled_at": i.enrolled_at,
+                    "size_bytes": i.size_bytes,
+                }
+                for i in svc.list_templates()
+            ],
+            "count": len(svc.gallery),
+        }
 
     @router.get("/status")
     def status() -> Any:

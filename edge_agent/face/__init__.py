@@ -14,8 +14,9 @@ if TYPE_CHECKING:
 __all__ = ["FaceError", "FaceSettings", "FaceUnavailable", "build_face_service"]
 
 
-def build_face_service(agent: Any, settings: FaceSettings | None = None, *,
-                       engine: "FaceEngine | None" = None) -> "FaceService":
+def build_face_service(
+    agent: Any, settings: FaceSettings | None = None, *, engine: FaceEngine | None = None
+) -> FaceService:
     """Build the face service for an agent: verify models, open the store, load the gallery.
 
     Raises FaceUnavailable when the face packages are not installed or a model file is wrong.
@@ -26,11 +27,19 @@ def build_face_service(agent: Any, settings: FaceSettings | None = None, *,
         from edge_agent.face.service import FaceService
         from edge_agent.face.templates import TemplateStore
     except ImportError as err:
-        raise FaceUnavailable(f"face packages are not installed ({err.name}); pip install '.[face]'") from err
+        raise FaceUnavailable(
+            f"face packages are not installed ({err.name}); pip install '.[face]'"
+        ) from err
     cfg = (settings or FaceSettings()).resolved(agent.settings.data_dir)
     assert cfg.gallery_dir is not None and cfg.key_file is not None
     store = TemplateStore(cfg.gallery_dir, cfg.key_file)
-    service = FaceService(cfg, engine or FaceEngine(), store, post_event=agent.post_event,
-                          registry=agent.metrics_registry, camera=open_frame_source(cfg.camera_source))
+    service = FaceService(
+        cfg,
+        engine or FaceEngine(),
+        store,
+        post_event=agent.post_event,
+        registry=agent.metrics_registry,
+        camera=open_frame_source(cfg.camera_source),
+    )
     service.load_gallery()
     return service

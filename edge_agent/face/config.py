@@ -47,15 +47,17 @@ class FaceSettings(BaseSettings):
     top_k: int = Field(default=5, ge=1, le=100)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "FaceSettings":
+    def _consistent(self) -> FaceSettings:
         if self.min_brightness >= self.max_brightness:
             raise ValueError("EDGE_FACE_MIN_BRIGHTNESS must be below EDGE_FACE_MAX_BRIGHTNESS")
         return self
 
-    def resolved(self, data_dir: Path) -> "FaceSettings":
+    def resolved(self, data_dir: Path) -> FaceSettings:
         """Return a copy with the key file and gallery dir filled in under `data_dir`."""
         face_dir = Path(data_dir) / "face"
-        return self.model_copy(update={
-            "key_file": self.key_file or face_dir / "template.key",
-            "gallery_dir": self.gallery_dir or face_dir / "templates",
-        })
+        return self.model_copy(
+            update={
+                "key_file": self.key_file or face_dir / "template.key",
+                "gallery_dir": self.gallery_dir or face_dir / "templates",
+            }
+        )

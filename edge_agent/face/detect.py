@@ -48,20 +48,31 @@ class FaceDetector:
         self._hog = dlib.get_frontal_face_detector()
         self._shape = dlib.shape_predictor(str(files.shape_5))
 
-    def detect(self, rgb: np.ndarray, max_side: int, *, adjust_threshold: float = 0.0) -> list[Detection]:
+    def detect(
+        self, rgb: np.ndarray, max_side: int, *, adjust_threshold: float = 0.0
+    ) -> list[Detection]:
         """Detect faces on a copy scaled so its longest side is `max_side`; best score first."""
         h, w = rgb.shape[:2]
         scale = max_side / max(h, w)
         scale = min(scale, MAX_UPSCALE)
         if abs(scale - 1.0) > 0.05:
             interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-            work = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))),
-                              interpolation=interp)
+            work = cv2.resize(
+                rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=interp
+            )
         else:
             scale, work = 1.0, rgb
         rects, scores, _ = self._hog.run(work, 0, adjust_threshold)
-        found = [Detection(round(r.left() / scale), round(r.top() / scale), round(r.right() / scale),
-                           round(r.bottom() / scale), float(s)) for r, s in zip(rects, scores)]
+        found = [
+            Detection(
+                round(r.left() / scale),
+                round(r.top() / scale),
+                round(r.right() / scale),
+                round(r.bottom() / scale),
+                float(s),
+            )
+            for r, s in zip(rects, scores, strict=True)
+        ]
         return sorted(found, key=lambda d: d.score, reverse=True)
 
     def landmarks(self, rgb: np.ndarray, face: Detection) -> Landmarks:

@@ -10,7 +10,14 @@ import numpy as np
 from edge_agent.face.detect import FaceDetector
 from edge_agent.face.embed import FaceEmbedder
 from edge_agent.face.models import ModelFiles, verified_model_files
-from edge_agent.face.quality import ChipStats, QualityLimits, check_chip, check_detections, check_pose, chip_stats
+from edge_agent.face.quality import (
+    ChipStats,
+    QualityLimits,
+    check_chip,
+    check_detections,
+    check_pose,
+    chip_stats,
+)
 from edge_agent.face.reasons import Reason
 
 
@@ -41,7 +48,7 @@ class FaceEngine:
         self._lock = threading.Lock()
 
     def analyse(self, rgb: np.ndarray, limits: QualityLimits, detect_max_side: int) -> FaceProbe:
-        """Run detection, the quality gates and (only if they pass) the embedding on one RGB frame."""
+        """Run detection, the quality gates and (if they pass) the embedding on one RGB frame."""
         h, w = rgb.shape[:2]
         with self._lock:
             faces = self.detector.detect(rgb, detect_max_side)

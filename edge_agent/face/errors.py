@@ -8,7 +8,7 @@ class FaceError(Exception):
 
 
 class FaceUnavailable(FaceError):
-    """Face matching cannot run here (packages missing, model files wrong): fall back to other login."""
+    """Face matching cannot run here (packages or models missing): offer another login."""
 
 
 class ModelIntegrityError(FaceUnavailable):
@@ -22,7 +22,9 @@ class ModelIntegrityError(FaceUnavailable):
 class BadImage(FaceError):
     """The bytes given are not a usable image: the caller must send another one."""
 
-    def __init__(self, reason: str, message: str, *, status: int = 400, where: str = "image") -> None:
+    def __init__(
+        self, reason: str, message: str, *, status: int = 400, where: str = "image"
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.status = status

@@ -59,7 +59,7 @@ class Gallery:
 
     def load_many(self, keys: list[str], vectors: np.ndarray, labels: list[str]) -> None:
         """Bulk-load descriptors (start-up, benchmarks)."""
-        for key, vec, label in zip(keys, vectors, labels):
+        for key, vec, label in zip(keys, vectors, labels, strict=True):
             self.upsert(key, vec, label)
 
     def remove(self, key: str) -> bool:
@@ -100,8 +100,10 @@ class Gallery:
             top = np.argpartition(sq, k - 1)[:k] if k < n else np.arange(n)
             top = top[np.argsort(sq[top])]
             qq = float(q @ q)
-            return [Candidate(self._keys[i], self._labels[i], float(np.sqrt(max(0.0, sq[i] + qq))))
-                    for i in top]
+            return [
+                Candidate(self._keys[i], self._labels[i], float(np.sqrt(max(0.0, sq[i] + qq))))
+                for i in top
+            ]
 
     def raw_matrix(self) -> np.ndarray:
         """The whole backing matrix, vacated rows included (tests check erased vectors are gone)."""

@@ -71,11 +71,11 @@ def _probe_jpeg(data: bytes) -> ImageHeader:
             continue
         if pos + 2 > end:
             break
-        (length,) = struct.unpack(">H", data[pos:pos + 2])
+        (length,) = struct.unpack(">H", data[pos : pos + 2])
         if length < 2:
             raise BadImage("not_an_image", "JPEG segment with impossible length")
         if marker in _SOF_MARKERS and pos + 7 <= end:
-            height, width = struct.unpack(">HH", data[pos + 3:pos + 7])
+            height, width = struct.unpack(">HH", data[pos + 3 : pos + 7])
             size = (width, height)
         if marker == 0xDA:  # start of scan: entropy-coded data follows, header is over
             if size is None:
@@ -83,7 +83,9 @@ def _probe_jpeg(data: bytes) -> ImageHeader:
             # 0xFFD9 cannot occur inside entropy-coded data (0xFF is stuffed as FF00), so an EOI
             # after the scan start means the file was received to its end.
             if data.rfind(JPEG_EOI) < pos:
-                raise BadImage("image_truncated", "JPEG ends before its end marker (truncated upload?)")
+                raise BadImage(
+                    "image_truncated", "JPEG ends before its end marker (truncated upload?)"
+                )
             width, height = size
             if width == 0 or height == 0:
                 raise BadImage("not_an_image", "JPEG declares zero size")

@@ -12,11 +12,22 @@ class FaceMetrics:
     """Decisions by outcome and reason, latency, gallery size."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.decisions = Counter("edge_face_decisions", "Face checks by mode, decision and reason",
-                                 ["mode", "decision", "reason"], registry=registry)
-        self.latency = Histogram("edge_face_latency_seconds", "Face check time, decode to decision",
-                                 ["mode"], buckets=LATENCY_BUCKETS_S, registry=registry)
-        self.gallery = Gauge("edge_face_gallery_templates", "Templates in the local 1:N gallery",
-                             registry=registry)
-        self.events_unsaved = Counter("edge_face_events_unsaved",
-                                      "face.decision events the outbox refused", registry=registry)
+        self.decisions = Counter(
+            "edge_face_decisions",
+            "Face checks by mode, decision and reason",
+            ["mode", "decision", "reason"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "edge_face_latency_seconds",
+            "Face check time, decode to decision",
+            ["mode"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+        self.gallery = Gauge(
+            "edge_face_gallery_templates", "Templates in the local 1:N gallery", registry=registry
+        )
+        self.events_unsaved = Counter(
+            "edge_face_events_unsaved", "face.decision events the outbox refused", registry=registry
+        )

@@ -32,7 +32,9 @@ def models_dir() -> Path:
     """Return the directory holding the model files, or raise FaceUnavailable."""
     spec = importlib.util.find_spec(MODELS_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FaceUnavailable(f"package {MODELS_PACKAGE!r} is not installed (pip install '.[face]')")
+        raise FaceUnavailable(
+            f"package {MODELS_PACKAGE!r} is not installed (pip install '.[face]')"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "models"
 
 
@@ -46,7 +48,7 @@ def sha256_file(path: Path) -> str:
 
 
 def verified_model_files(directory: Path | None = None) -> ModelFiles:
-    """Locate both model files and check their SHA-256; raise ModelIntegrityError on any mismatch."""
+    """Locate both model files and check their SHA-256; raise ModelIntegrityError if wrong."""
     base = directory or models_dir()
     for name, expected in PINNED_SHA256.items():
         path = base / name
@@ -54,6 +56,7 @@ def verified_model_files(directory: Path | None = None) -> ModelFiles:
             raise ModelIntegrityError(f"model file {name} is missing", path=str(path))
         actual = sha256_file(path)
         if actual != expected:
-            raise ModelIntegrityError(f"model file {name} has SHA-256 {actual}, expected {expected}",
-                                      path=str(path))
+            raise ModelIntegrityError(
+                f"model file {name} has SHA-256 {actual}, expected {expected}", path=str(path)
+            )
     return ModelFiles(resnet=base / RESNET_FILE, shape_5=base / SHAPE_5_FILE)

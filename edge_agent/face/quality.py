@@ -48,8 +48,9 @@ class ChipStats:
     sharpness: float
 
 
-def check_detections(faces: Sequence[Detection], frame_w: int, frame_h: int,
-                     limits: QualityLimits) -> Reason | None:
+def check_detections(
+    faces: Sequence[Detection], frame_w: int, frame_h: int, limits: QualityLimits
+) -> Reason | None:
     """Gate on the set of detections (best first): none, several, cut off, too small."""
     if not faces:
         return Reason.NO_FACE
@@ -59,8 +60,12 @@ def check_detections(faces: Sequence[Detection], frame_w: int, frame_h: int,
     if any(f.width >= limits.second_face_min_ratio * best.width for f in faces[1:]):
         return Reason.SEVERAL_FACES
     overhang = MAX_OVERHANG_RATIO * best.width
-    if (best.left < -overhang or best.top < -overhang or best.right > frame_w + overhang
-            or best.bottom > frame_h + overhang):
+    if (
+        best.left < -overhang
+        or best.top < -overhang
+        or best.right > frame_w + overhang
+        or best.bottom > frame_h + overhang
+    ):
         return Reason.FACE_CUT_OFF
     if limits.check_size and best.width < limits.min_face_px:
         return Reason.FACE_TOO_SMALL
@@ -93,8 +98,9 @@ def chip_stats(chip: np.ndarray) -> ChipStats:
     """Measure brightness and sharpness on the centre of an aligned RGB chip."""
     rgb = chip[CHIP_CENTRE, CHIP_CENTRE].astype(np.float32)
     grey = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
-    lap = (grey[1:-1, :-2] + grey[1:-1, 2:] + grey[:-2, 1:-1] + grey[2:, 1:-1]
-           - 4.0 * grey[1:-1, 1:-1])
+    lap = (
+        grey[1:-1, :-2] + grey[1:-1, 2:] + grey[:-2, 1:-1] + grey[2:, 1:-1] - 4.0 * grey[1:-1, 1:-1]
+    )
     return ChipStats(brightness=float(grey.mean()), sharpness=float(lap.var()))
 
 

@@ -72,25 +72,43 @@ class Outcome:
     def event_body(self) -> dict[str, Any]:
         """The face.decision body: no image, no template, no citizen id."""
         score = None if self.score is None else round(min(10.0, max(0.0, self.score)), 4)
-        return {"mode": self.mode, "decision": self.decision, "score": score, "reason": self.reason,
-                "latency_ms": round(self.latency_ms, 2), "model_version": self.model_version}
+        return {
+            "mode": self.mode,
+            "decision": self.decision,
+            "score": score,
+            "reason": self.reason,
+            "latency_ms": round(self.latency_ms, 2),
+            "model_version": self.model_version,
+        }
 
 
 def check_citizen_id(citizen_id: str) -> str:
     """Refuse a citizen id that is empty, too long or has characters outside [0-9A-Za-z_-]."""
     if not isinstance(citizen_id, str) or not _CITIZEN_ID_RE.match(citizen_id):
-        raise BadImage("bad_citizen_id", "citizen_id must be 1–64 characters of 0-9 A-Z a-z _ -",
-                       status=422, where="citizen_id")
+        raise BadImage(
+            "bad_citizen_id",
+            "citizen_id must be 1–64 characters of 0-9 A-Z a-z _ -",
+            status=422,
+            where="citizen_id",
+        )
     return citizen_id
 
 
 class FaceService:
     """Face matching for one terminal: the engine, the encrypted store and the 1:N index."""
 
-    def __init__(self, settings: FaceSettings, engine: FaceEngine, store: TemplateStore, *,
-                 gallery: Gallery | None = None, post_event: PostEvent | None = None,
-                 registry: CollectorRegistry | None = None, camera: FrameSource | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        settings: FaceSettings,
+        engine: FaceEngine,
+        store: TemplateStore,
+        *,
+        gallery: Gallery | None = None,
+        post_event: PostEvent | None = None,
+        registry: CollectorRegistry | None = None,
+        camera: FrameSource | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.store = store
@@ -101,16 +119,29 @@ class FaceService:
         self.metrics = FaceMetrics(registry or CollectorRegistry())
         self._meta: dict[str, TemplateInfo] = {}
         self.skipped_templates = 0
-        self._limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels,
-                                   settings.max_image_side)
-        self._live = QualityLimits(settings.min_face_px, settings.min_sharpness, settings.min_brightness,
-                                   settings.max_brightness, settings.max_yaw_ratio, settings.max_roll_deg,
-                                   settings.second_face_min_ratio)
+        self._limits = ImageLimits(
+            settings.max_image_bytes, settings.max_image_pixels, settings.max_image_side
+        )
+        self._live = QualityLimits(
+            settings.min_face_px,
+            settings.min_sharpness,
+            settings.min_brightness,
+            settings.max_brightness,
+            settings.max_yaw_ratio,
+            settings.max_roll_deg,
+            settings.second_face_min_ratio,
+        )
         # An ID-card chip photo is ~102×126 px and printed-quality: no size gate, softer focus gate.
-        self._id_photo = QualityLimits(0, settings.min_sharpness / 4, settings.min_brightness,
-                                       settings.max_brightness, settings.max_yaw_ratio,
-                                       settings.max_roll_deg, settings.second_face_min_ratio,
-                                       check_size=False)
+        self._id_photo = QualityLimits(
+            0,
+            settings.min_sharpness / 4,
+            settings.min_brightness,
+            settings.max_brightness,
+            settings.max_yaw_ratio,
+            settings.max_roll_deg,
+            settings.second_face_min_ratio,
+            check_size=False,
+        )
 
     # -- start-up --------------------------------------------------------------------------------
 
@@ -122,7 +153,9 @@ class FaceService:
                 self.skipped_templates += 1
                 continue
             self.gallery.upsert(rec.template_id, rec.vector, rec.citizen_id)
-            self._meta[rec.template_id] = self._info(rec.template_id, rec.model_version, rec.enrolled_at)
+            self._meta[rec.template_id] = self._info(
+                rec.template_id, rec.model_version, rec.enrolled_at
+            )
         self.metrics.gallery.set(len(self.gallery))
         return len(self.gallery)
 
@@ -138,9 +171,13 @@ class FaceService:
                 return self._finish("enrol", "rejected", probe.reason, None, started)
             rec = self.store.save(citizen_id, probe.vector, self.settings.model_version)
             self.gallery.upsert(rec.template_id, rec.vector, citizen_id)
-            self._meta[rec.template_id] = self._info(rec.template_id, rec.model_version, rec.enrolled_at)
+            self._meta[rec.template_id] = self._info(
+                rec.template_id, rec.model_version, rec.enrolled_at
+            )
             self.metrics.gallery.set(len(self.gallery))
-            return self._finish("enrol", "enrolled", Reason.OK, None, started, template_id=rec.template_id)
+            return self._finish(
+                "enrol", "enrolled", Reason.OK, None, started, template_id=rec.template_id
+            )
 
     def verify(self, citizen_id: str, image: bytes) -> Outcome:
         """1:1: is the person in this frame the enrolled citizen?"""
@@ -177,11 +214,12 @@ class FaceService:
 
     def verify_camera(self, citizen_id: str, frames: int | None = None) -> Outcome:
         """1:1 against the configured camera: best of its last few frames."""
-        if self.camera is None:
-            raise FaceUnavailable("no camera source is configured (EDGE_FACE_CAMERA_SOURCE)")
-        check_citizen_id(citizen_id)
-        self._template(citizen_id)  # refuse an unknown citizen before touching the camera
-        return self.verify_frames(citizen_id, self.camera.read(frames or self.settings.camera_frames))
+        with self._guard("verify", self._clock()):
+            self._template(citizen_id)  # refuse an unknown citizen before touching the camera
+            if self.camera is None:
+                raise FaceUnavailable("no camera source is configured (EDGE_FACE_CAMERA_SOURCE)")
+            grabbed = self.camera.read(frames or self.settings.camera_frames)
+        return self.verify_frames(citizen_id, grabbed)
 
     def compare_id_photo(self, live: bytes, id_photo: bytes) -> Outcome:
         """1:1: the live frame against the photo read from the ID card's chip."""
@@ -190,10 +228,16 @@ class FaceService:
             try:
                 ref = self._probe(id_photo, self._id_photo)
             except BadImage as err:
-                raise BadImage(ID_PHOTO_PREFIX + err.reason, f"ID photo: {err}", status=err.status,
-                               where="id_photo") from err
+                raise BadImage(
+                    ID_PHOTO_PREFIX + err.reason,
+                    f"ID photo: {err}",
+                    status=err.status,
+                    where="id_photo",
+                ) from err
             if ref.vector is None:
-                return self._finish("compare_id", "rejected", ID_PHOTO_PREFIX + ref.reason, None, started)
+                return self._finish(
+                    "compare_id", "rejected", ID_PHOTO_PREFIX + ref.reason, None, started
+                )
             probe = self._probe(live, self._live)
             return self._compare("compare_id", probe, ref.vector, started)
 
@@ -208,11 +252,26 @@ class FaceService:
             threshold = self.settings.identify_threshold
             candidates = [Match(c.label, c.key, round(c.distance, 4)) for c in found]
             if found and is_match(found[0].distance, threshold):
-                return self._finish("identify", "match", Reason.OK, found[0].distance, started,
-                                    threshold=threshold, template_id=found[0].key, candidates=candidates)
+                return self._finish(
+                    "identify",
+                    "match",
+                    Reason.OK,
+                    found[0].distance,
+                    started,
+                    threshold=threshold,
+                    template_id=found[0].key,
+                    candidates=candidates,
+                )
             score = found[0].distance if found else None
-            return self._finish("identify", "no_match", Reason.NOT_IN_GALLERY, score, started,
-                                threshold=threshold, candidates=candidates)
+            return self._finish(
+                "identify",
+                "no_match",
+                Reason.NOT_IN_GALLERY,
+                score,
+                started,
+                threshold=threshold,
+                candidates=candidates,
+            )
 
     def erase(self, citizen_id: str) -> Outcome:
         """Remove every trace of a citizen's template: file, index row, metadata."""
@@ -236,11 +295,15 @@ class FaceService:
 
     def status(self) -> dict[str, Any]:
         """Model version, thresholds and gallery size, for health pages."""
-        return {"model_version": self.settings.model_version, "threshold": self.settings.threshold,
-                "identify_threshold": self.settings.identify_threshold,
-                "gallery_size": len(self.gallery), "camera": self.camera is not None,
-                "skipped_templates": self.skipped_templates,
-                "unreadable_templates": self.store.unreadable}
+        return {
+            "model_version": self.settings.model_version,
+            "threshold": self.settings.threshold,
+            "identify_threshold": self.settings.identify_threshold,
+            "gallery_size": len(self.gallery),
+            "camera": self.camera is not None,
+            "skipped_templates": self.skipped_templates,
+            "unreadable_templates": self.store.unreadable,
+        }
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -255,25 +318,59 @@ class FaceService:
             raise UnknownCitizen("no face template is enrolled for this citizen")
         return vec
 
-    def _compare(self, mode: Mode, probe: FaceProbe, reference: np.ndarray, started: float,
-                 frames_used: int = 1) -> Outcome:
+    def _compare(
+        self,
+        mode: Mode,
+        probe: FaceProbe,
+        reference: np.ndarray,
+        started: float,
+        frames_used: int = 1,
+    ) -> Outcome:
         if probe.vector is None:
-            return self._finish(mode, "rejected", probe.reason, None, started, frames_used=frames_used)
+            return self._finish(
+                mode, "rejected", probe.reason, None, started, frames_used=frames_used
+            )
         dist = distance(probe.vector, reference)
         threshold = self.settings.threshold
         if is_match(dist, threshold):
-            return self._finish(mode, "match", Reason.OK, dist, started, threshold=threshold,
-                                frames_used=frames_used)
-        return self._finish(mode, "no_match", Reason.NOT_SAME_PERSON, dist, started,
-                            threshold=threshold, frames_used=frames_used)
+            return self._finish(
+                mode,
+                "match",
+                Reason.OK,
+                dist,
+                started,
+                threshold=threshold,
+                frames_used=frames_used,
+            )
+        return self._finish(
+            mode,
+            "no_match",
+            Reason.NOT_SAME_PERSON,
+            dist,
+            started,
+            threshold=threshold,
+            frames_used=frames_used,
+        )
 
-    def _finish(self, mode: Mode, decision: Decision, reason: str, score: float | None, started: float,
-                **extra: Any) -> Outcome:
-        outcome = Outcome(mode=mode, decision=decision, reason=str(reason),
-                          score=None if score is None else round(score, 4),
-                          threshold=extra.pop("threshold", None),
-                          latency_ms=(self._clock() - started) * 1000.0,
-                          model_version=self.settings.model_version, **extra)
+    def _finish(
+        self,
+        mode: Mode,
+        decision: Decision,
+        reason: str,
+        score: float | None,
+        started: float,
+        **extra: Any,
+    ) -> Outcome:
+        outcome = Outcome(
+            mode=mode,
+            decision=decision,
+            reason=str(reason),
+            score=None if score is None else round(score, 4),
+            threshold=extra.pop("threshold", None),
+            latency_ms=(self._clock() - started) * 1000.0,
+            model_version=self.settings.model_version,
+            **extra,
+        )
         self._record(outcome)
         return outcome
 
@@ -288,7 +385,7 @@ class FaceService:
             self.metrics.events_unsaved.inc()
             log.warning("face.decision event not stored: %s", err)
 
-    def _guard(self, mode: Mode, started: float) -> "_ErrorRecorder":
+    def _guard(self, mode: Mode, started: float) -> _ErrorRecorder:
         return _ErrorRecorder(self, mode, started)
 
     def _info(self, tid: str, model_version: str, enrolled_at: str) -> TemplateInfo:

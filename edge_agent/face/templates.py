@@ -57,20 +57,25 @@ def load_or_create_key(path: Path) -> bytes:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            raise TemplateStoreError(
-                f"key file {path} has mode {mode:o}; it must be 0600 (chmod 600 it, or remove it "
-                "and re-enrol)") from None
-        key = path.read_bytes()
-        if len(key) != KEY_BYTES:
-            raise TemplateStoreError(f"key file {path} holds {len(key)} bytes, expected {KEY_BYTES}")
-        return key
+        return _read_key(path)
     key = os.urandom(KEY_BYTES)
     with os.fdopen(fd, "wb") as fh:
         fh.write(key)
         fh.flush()
         os.fsync(fh.fileno())
+    return key
+
+
+def _read_key(path: Path) -> bytes:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise TemplateStoreError(
+            f"key file {path} has mode {mode:o}; it must be 0600 (chmod 600 it, or remove it "
+            "and re-enrol)"
+        )
+    key = path.read_bytes()
+    if len(key) != KEY_BYTES:
+        raise TemplateStoreError(f"key file {path} holds {len(key)} bytes, expected {KEY_BYTES}")
     return key
 
 
@@ -100,16 +105,26 @@ class TemplateStore:
     def save(self, citizen_id: str, vector: np.ndarray, model_version: str) -> TemplateRecord:
         """Encrypt and write a template atomically (replacing any earlier one for this citizen)."""
         tid = self.template_id(citizen_id)
-        record = TemplateRecord(tid, citizen_id, np.asarray(vector, dtype=np.float32).copy(),
-                                model_version,
-                                datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"))
-        plain = json.dumps({
-            "citizen_id": citizen_id, "model_version": model_version, "enrolled_at": record.enrolled_at,
-            "vector": base64.b64encode(record.vector.tobytes()).decode("ascii"),
-        }).encode("utf-8")
+        record = TemplateRecord(
+            tid,
+            citizen_id,
+            np.asarray(vector, dtype=np.float32).copy(),
+            model_version,
+            datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        )
+        plain = json.dumps(
+            {
+                "citizen_id": citizen_id,
+                "model_version": model_version,
+                "enrolled_at": record.enrolled_at,
+                "vector": base64.b64encode(record.vector.tobytes()).decode("ascii"),
+            }
+        ).encode("utf-8")
         nonce = os.urandom(NONCE_BYTES)
         # The template id is bound as associated data: a file renamed to another id fails to open.
-        blob = FILE_MAGIC + nonce + self._aead.encrypt(nonce, plain, FILE_MAGIC + tid.encode("ascii"))
+        blob = (
+            FILE_MAGIC + nonce + self._aead.encrypt(nonce, plain, FILE_MAGIC + tid.encode("ascii"))
+        )
         final = self._path(tid)
         tmp = final.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -127,16 +142,22 @@ class TemplateStore:
         blob = path.read_bytes()
         if not blob.startswith(FILE_MAGIC) or len(blob) < len(FILE_MAGIC) + NONCE_BYTES + 16:
             raise TemplateStoreError(f"{path.name} is not a template file")
-        nonce = blob[len(FILE_MAGIC):len(FILE_MAGIC) + NONCE_BYTES]
+        nonce = blob[len(FILE_MAGIC) : len(FILE_MAGIC) + NONCE_BYTES]
         try:
-            plain = self._aead.decrypt(nonce, blob[len(FILE_MAGIC) + NONCE_BYTES:],
-                                       FILE_MAGIC + template_id.encode("ascii"))
+            plain = self._aead.decrypt(
+                nonce,
+                blob[len(FILE_MAGIC) + NONCE_BYTES :],
+                FILE_MAGIC + template_id.encode("ascii"),
+            )
         except InvalidTag as err:
-            raise TemplateStoreError(f"{path.name} does not decrypt with this terminal's key") from err
+            raise TemplateStoreError(
+                f"{path.name} does not decrypt with this terminal's key"
+            ) from err
         doc = json.loads(plain)
         vector = np.frombuffer(base64.b64decode(doc["vector"]), dtype=np.float32).copy()
-        return TemplateRecord(template_id, doc["citizen_id"], vector, doc["model_version"],
-                              doc["enrolled_at"])
+        return TemplateRecord(
+            template_id, doc["citizen_id"], vector, doc["model_version"], doc["enrolled_at"]
+        )
 
     def load_all(self) -> Iterator[TemplateRecord]:
         """Yield every readable template; unreadable files are counted and logged, not fatal."""

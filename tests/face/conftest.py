@@ -8,10 +8,15 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.face.photos import ensure_face_images
+
+if TYPE_CHECKING:
+    from edge_agent.face.engine import FaceEngine
+    from edge_agent.face.service import FaceService
 
 
 @pytest.fixture(scope="session")
@@ -19,16 +24,23 @@ def photo_dir() -> Path:
     """Directory with the real test photos (fetched on first use; the run FAILS if that fails)."""
     try:
         return ensure_face_images()
-    except (RuntimeError, OSError, subprocess.SubprocessError, tarfile.TarError, zipfile.BadZipFile,
-            KeyError) as err:
+    except (
+        RuntimeError,
+        OSError,
+        subprocess.SubprocessError,
+        tarfile.TarError,
+        zipfile.BadZipFile,
+        KeyError,
+    ) as err:
         pytest.fail(
             "could not fetch the face test photos (face_recognition 1.3.0 sdist and the "
             f"scikit-image wheel from the package index; see tests/face/README.md): {err}",
-            pytrace=False)
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")
-def engine() -> "FaceEngine":
+def engine() -> FaceEngine:
     """The real dlib models, hash-checked and loaded once per session."""
     from edge_agent.face.engine import FaceEngine
 
@@ -50,18 +62,27 @@ class Frames:
 
 
 @pytest.fixture(scope="session")
-def frames(photo_dir: Path, engine: "FaceEngine") -> Frames:
+def frames(photo_dir: Path, engine: FaceEngine) -> Frames:
     """Kiosk-like frames of three real people, plus ID-card-like chip photos."""
     from tests.face import frames as fr
 
-    photos = {name: fr.load_rgb(photo_dir / f"{name}.{ext}") for name, ext in
-              [("obama", "jpg"), ("obama2", "jpg"), ("obama3", "jpg"), ("biden", "jpg"),
-               ("astronaut", "png")]}
+    photos = {
+        name: fr.load_rgb(photo_dir / f"{name}.{ext}")
+        for name, ext in [
+            ("obama", "jpg"),
+            ("obama2", "jpg"),
+            ("obama3", "jpg"),
+            ("biden", "jpg"),
+            ("astronaut", "png"),
+        ]
+    }
     boxes = {name: fr.face_box(engine, rgb) for name, rgb in photos.items()}
     kiosk = {name: fr.kiosk_frame(rgb, boxes[name]) for name, rgb in photos.items()}
     return Frames(
-        obama_enrol=fr.jpeg(kiosk["obama"]), obama_live=fr.jpeg(kiosk["obama2"]),
-        obama_live2=fr.jpeg(kiosk["obama3"]), biden=fr.jpeg(kiosk["biden"]),
+        obama_enrol=fr.jpeg(kiosk["obama"]),
+        obama_live=fr.jpeg(kiosk["obama2"]),
+        obama_live2=fr.jpeg(kiosk["obama3"]),
+        biden=fr.jpeg(kiosk["biden"]),
         astronaut=fr.jpeg(kiosk["astronaut"]),
         obama_id_photo=fr.jpeg(fr.id_photo(photos["obama2"], boxes["obama2"])),
         biden_id_photo=fr.jpeg(fr.id_photo(photos["biden"], boxes["biden"])),
@@ -70,7 +91,7 @@ def frames(photo_dir: Path, engine: "FaceEngine") -> Frames:
 
 
 @pytest.fixture
-def face_service(tmp_path: Path, engine: "FaceEngine") -> Iterator["FaceService"]:
+def face_service(tmp_path: Path, engine: FaceEngine) -> Iterator[FaceService]:
     """A fresh service (own key, own gallery dir, own metrics) around the shared engine."""
     from prometheus_client import CollectorRegistry
 
@@ -78,17 +99,18 @@ def face_service(tmp_path: Path, engine: "FaceEngine") -> Iterator["FaceService"
     from edge_agent.face.service import FaceService
     from edge_agent.face.templates import TemplateStore
 
-    settings = FaceSettings(key_file=tmp_path / "face" / "template.key",
-                            gallery_dir=tmp_path / "face" / "templates")
+    settings = FaceSettings(
+        key_file=tmp_path / "face" / "template.key", gallery_dir=tmp_path / "face" / "templates"
+    )
     events: list[tuple[str, dict[str, object]]] = []
     registry = CollectorRegistry()
-    svc = FaceService(settings, engine, TemplateStore(settings.gallery_dir, settings.key_file),  # type: ignore[arg-type]
-                      post_event=lambda t, b: events.append((t, b)), registry=registry)
+    svc = FaceService(
+        settings,
+        engine,
+        TemplateStore(settings.gallery_dir, settings.key_file),  # type: ignore[arg-type]
+        post_event=lambda t, b: events.append((t, b)),
+        registry=registry,
+    )
     svc.test_events = events  # type: ignore[attr-defined]
     svc.test_registry = registry  # type: ignore[attr-defined]
     yield svc
-
-
-if False:  # pragma: no cover - names for type checkers only
-    from edge_agent.face.engine import FaceEngine
-    from edge_agent.face.service import FaceService

@@ -27,7 +27,9 @@ def face_box(engine: FaceEngine, rgb: np.ndarray) -> Detection:
     return faces[0]
 
 
-def crop_around(rgb: np.ndarray, box: Detection, face_share: float, out_w: int, out_h: int) -> np.ndarray:
+def crop_around(
+    rgb: np.ndarray, box: Detection, face_share: float, out_w: int, out_h: int
+) -> np.ndarray:
     """Crop so the face is `face_share` of the output width, centred, then resize to out_w×out_h."""
     cx, cy = (box.left + box.right) / 2, (box.top + box.bottom) / 2
     crop_w = box.width / face_share
@@ -38,12 +40,12 @@ def crop_around(rgb: np.ndarray, box: Detection, face_share: float, out_w: int, 
     # Pad with grey where the crop leaves the photo (like a plain wall behind the kiosk user).
     pad = max(0, -x0, -y0, x1 - w, y1 - h)
     src = cv2.copyMakeBorder(rgb, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(128, 128, 128))
-    crop = src[y0 + pad:y1 + pad, x0 + pad:x1 + pad]
+    crop = src[y0 + pad : y1 + pad, x0 + pad : x1 + pad]
     return cv2.resize(crop, (out_w, out_h), interpolation=cv2.INTER_AREA)
 
 
 def kiosk_frame(rgb: np.ndarray, box: Detection) -> np.ndarray:
-    """A 640×480 frame with the face ~35% of the width, as a kiosk camera at arm's length sees it."""
+    """A 640×480 frame, face ~35% of its width: a kiosk camera at arm's length."""
     return crop_around(rgb, box, 0.35, FRAME_W, FRAME_H)
 
 
@@ -55,7 +57,9 @@ def id_photo(rgb: np.ndarray, box: Detection) -> np.ndarray:
 # Quality 75 keeps a 640×480 frame near 40 KB, as a kiosk app would send it.
 def jpeg(rgb: np.ndarray, quality: int = 75) -> bytes:
     """Encode as JPEG in memory."""
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    ok, buf = cv2.imencode(
+        ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
+    )
     assert ok
     return buf.tobytes()
 
@@ -97,8 +101,10 @@ def cut_at_edge(rgb: np.ndarray) -> np.ndarray:
 
 def far_away(rgb: np.ndarray, scale: float = 0.4) -> np.ndarray:
     """The same scene from further away: shrink it into the middle of a grey frame."""
-    small = cv2.resize(rgb, (int(FRAME_W * scale), int(FRAME_H * scale)), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(
+        rgb, (int(FRAME_W * scale), int(FRAME_H * scale)), interpolation=cv2.INTER_AREA
+    )
     out = np.full_like(rgb, 128)
     y, x = (FRAME_H - small.shape[0]) // 2, (FRAME_W - small.shape[1]) // 2
-    out[y:y + small.shape[0], x:x + small.shape[1]] = small
+    out[y : y + small.shape[0], x : x + small.shape[1]] = small
     return out

@@ -16,8 +16,12 @@ pytestmark = pytest.mark.face
 
 def png_bytes(width: int, height: int, idat: bytes) -> bytes:
     """A PNG with the given IHDR size and IDAT payload (8-bit grey)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
@@ -40,20 +44,25 @@ def test_probe_reads_jpeg_and_png_sizes(frames: object) -> None:
     assert (head.format, head.width, head.height) == ("png", 40, 30)
 
 
-@pytest.mark.parametrize(("data", "reason"), [
-    (b"", "empty_image"),
-    (b"name,amount\nzhang,1200\n", "not_an_image"),
-    (b"GIF89a\x01\x00\x01\x00", "not_an_image"),
-    (b"\x89PNG\r\n\x1a\n\x00\x00", "image_truncated"),
-    (b"\xff\xd8\xff\xe0\x00\x10JFIF", "image_truncated"),
-])
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty_image"),
+        (b"name,amount\nzhang,1200\n", "not_an_image"),
+        (b"GIF89a\x01\x00\x01\x00", "not_an_image"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00", "image_truncated"),
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF", "image_truncated"),
+    ],
+)
 def test_probe_refuses_what_is_not_a_whole_image(data: bytes, reason: str) -> None:
     with pytest.raises(BadImage) as err:
         probe(data)
     assert err.value.reason == reason
 
 
-def test_truncated_jpeg_is_refused_even_though_opencv_would_decode_half_of_it(frames: object) -> None:
+def test_truncated_jpeg_is_refused_even_though_opencv_would_decode_half_of_it(
+    frames: object,
+) -> None:
     data = frames.obama_live  # type: ignore[attr-defined]
     with pytest.raises(BadImage) as err:
         probe(data[: len(data) // 2])

@@ -14,7 +14,9 @@ from tests.face.conftest import Frames
 pytestmark = pytest.mark.face
 
 
-def test_same_person_matches_at_the_configured_threshold(face_service: FaceService, frames: Frames) -> None:
+def test_same_person_matches_at_the_configured_threshold(
+    face_service: FaceService, frames: Frames
+) -> None:
     enrolled = face_service.enrol("110101199001011234", frames.obama_enrol)
     assert (enrolled.decision, enrolled.reason) == ("enrolled", "ok")
     for live in (frames.obama_live, frames.obama_live2):
@@ -31,12 +33,15 @@ def test_different_people_do_not_match(face_service: FaceService, frames: Frames
         assert out.score is not None and out.score > face_service.settings.threshold
 
 
-def test_stricter_threshold_from_configuration_is_applied(face_service: FaceService,
-                                                          frames: Frames) -> None:
+def test_stricter_threshold_from_configuration_is_applied(
+    face_service: FaceService, frames: Frames
+) -> None:
     face_service.enrol("obama", frames.obama_enrol)
     loose = face_service.verify("obama", frames.obama_live2)
     assert loose.decision == "match" and loose.score is not None
-    face_service.settings = face_service.settings.model_copy(update={"threshold": loose.score - 0.01})
+    face_service.settings = face_service.settings.model_copy(
+        update={"threshold": loose.score - 0.01}
+    )
     strict = face_service.verify("obama", frames.obama_live2)
     assert strict.decision == "no_match" and strict.threshold == pytest.approx(loose.score - 0.01)
 
@@ -53,8 +58,9 @@ DEGRADED = [
 
 
 @pytest.mark.parametrize(("label", "make", "reason"), DEGRADED, ids=[d[0] for d in DEGRADED])
-def test_quality_gate_refuses_degraded_frame_with_its_reason(face_service: FaceService, frames: Frames,
-                                                            label: str, make: object, reason: str) -> None:
+def test_quality_gate_refuses_degraded_frame_with_its_reason(
+    face_service: FaceService, frames: Frames, label: str, make: object, reason: str
+) -> None:
     face_service.enrol("obama", frames.obama_enrol)
     image = fr.jpeg(make(frames.rgb))  # type: ignore[operator]
     out = face_service.verify("obama", image)
@@ -76,8 +82,9 @@ def test_compare_with_id_card_chip_photo(face_service: FaceService, frames: Fram
     assert (refused.decision, refused.reason) == ("rejected", "id_photo_no_face")
 
 
-def test_identify_returns_top_k_with_the_right_person_first(face_service: FaceService,
-                                                            frames: Frames) -> None:
+def test_identify_returns_top_k_with_the_right_person_first(
+    face_service: FaceService, frames: Frames
+) -> None:
     face_service.enrol("obama", frames.obama_enrol)
     face_service.enrol("biden", frames.biden)
     face_service.enrol("astronaut", frames.astronaut)
@@ -93,8 +100,9 @@ def test_identify_returns_top_k_with_the_right_person_first(face_service: FaceSe
     assert "obama" not in [c.citizen_id for c in out.candidates]
 
 
-def test_camera_source_directory_gives_best_of_several_frames(tmp_path: Path, face_service: FaceService,
-                                                              frames: Frames) -> None:
+def test_camera_source_directory_gives_best_of_several_frames(
+    tmp_path: Path, face_service: FaceService, frames: Frames
+) -> None:
     from edge_agent.face.camera import open_frame_source
 
     cam_dir = tmp_path / "camera"
@@ -119,8 +127,9 @@ def test_metrics_count_outcomes_and_gallery_size(face_service: FaceService, fram
     face_service.verify("obama", fr.jpeg(fr.darkened(frames.rgb["obama2"])))  # type: ignore[arg-type]
 
     def count(decision: str, reason: str) -> float | None:
-        return reg.get_sample_value("edge_face_decisions_total",
-                                    {"mode": "verify", "decision": decision, "reason": reason})
+        return reg.get_sample_value(
+            "edge_face_decisions_total", {"mode": "verify", "decision": decision, "reason": reason}
+        )
 
     assert count("match", "ok") == 1
     assert count("no_match", "not_same_person") == 1

@@ -21,14 +21,20 @@ from edge_agent.config import AgentSettings
 agent = Agent(AgentSettings(environment="test", terminal_id="t-noface", data_dir=sys.argv[1]))
 routers = _face_routers(agent)
 app = create_api(agent, extra_routers=routers)
-print("routers", len(routers), "face routes", sum("/v1/face" in getattr(r, "path", "") for r in app.routes))
+face_routes = sum("/v1/face" in getattr(r, "path", "") for r in app.routes)
+print("routers", len(routers), "face routes", face_routes)
 agent.outbox.close()
 """
 
 
 def test_agent_builds_without_face_packages_and_logs_why(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], capture_output=True, text=True,
-                          timeout=120, cwd=Path(__file__).resolve().parents[2])
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert proc.returncode == 0, proc.stderr
     assert "routers 0 face routes 0" in proc.stdout
     assert "face login is unavailable on this terminal" in proc.stdout

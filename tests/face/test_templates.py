@@ -27,14 +27,16 @@ def all_bytes_under(root: Path) -> bytes:
 def vector_traces(vec: np.ndarray) -> list[bytes]:
     """Ways a descriptor could leak into a file or a message."""
     raw = vec.astype(np.float32).tobytes()
-    traces = [raw[i:i + 16] for i in range(0, len(raw), 64)]
+    traces = [raw[i : i + 16] for i in range(0, len(raw), 64)]
     traces.append(base64.b64encode(raw[:24]))
     traces.append(", ".join(f"{x:.4f}" for x in vec[:3]).encode())
     traces.append(",".join(f"{x:.4f}" for x in vec[:3]).encode())
     return traces
 
 
-def test_template_file_is_ciphertext_named_by_keyed_hash(face_service: FaceService, frames: Frames) -> None:
+def test_template_file_is_ciphertext_named_by_keyed_hash(
+    face_service: FaceService, frames: Frames
+) -> None:
     out = face_service.enrol(CITIZEN, frames.obama_enrol)
     tid = out.template_id
     assert tid and len(tid) == 64 and CITIZEN not in tid
@@ -62,7 +64,9 @@ def test_keyed_hash_differs_between_terminals(tmp_path: Path) -> None:
     a = TemplateStore(tmp_path / "a", tmp_path / "a.key")
     b = TemplateStore(tmp_path / "b", tmp_path / "b.key")
     assert a.template_id(CITIZEN) != b.template_id(CITIZEN)
-    assert a.template_id(CITIZEN) == TemplateStore(tmp_path / "a", tmp_path / "a.key").template_id(CITIZEN)
+    assert a.template_id(CITIZEN) == TemplateStore(tmp_path / "a", tmp_path / "a.key").template_id(
+        CITIZEN
+    )
 
 
 def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
@@ -82,23 +86,31 @@ def test_swapped_template_files_do_not_decrypt(face_service: FaceService, frames
         face_service.store.load(b)
 
 
-def test_gallery_survives_restart_and_list_shows_metadata_only(face_service: FaceService,
-                                                               frames: Frames) -> None:
+def test_gallery_survives_restart_and_list_shows_metadata_only(
+    face_service: FaceService, frames: Frames
+) -> None:
     face_service.enrol(CITIZEN, frames.obama_enrol)
     face_service.enrol("other-1", frames.biden)
-    fresh = FaceService(face_service.settings, face_service.engine,
-                        TemplateStore(face_service.store.directory, face_service.settings.key_file))  # type: ignore[arg-type]
+    fresh = FaceService(
+        face_service.settings,
+        face_service.engine,
+        TemplateStore(face_service.store.directory, face_service.settings.key_file),
+    )  # type: ignore[arg-type]
     assert fresh.load_gallery() == 2
     assert fresh.verify(CITIZEN, frames.obama_live).decision == "match"
     listed = fresh.list_templates()
     assert len(listed) == 2
     text = repr(listed)
     assert CITIZEN not in text and "other-1" not in text
-    assert {i.template_id for i in listed} == {fresh.store.template_id(CITIZEN),
-                                              fresh.store.template_id("other-1")}
+    assert {i.template_id for i in listed} == {
+        fresh.store.template_id(CITIZEN),
+        fresh.store.template_id("other-1"),
+    }
 
 
-def test_erase_leaves_nothing_behind(face_service: FaceService, frames: Frames, tmp_path: Path) -> None:
+def test_erase_leaves_nothing_behind(
+    face_service: FaceService, frames: Frames, tmp_path: Path
+) -> None:
     face_service.enrol("keep-me", frames.biden)
     tid = face_service.enrol(CITIZEN, frames.obama_enrol).template_id
     assert tid is not None
@@ -108,7 +120,9 @@ def test_erase_leaves_nothing_behind(face_service: FaceService, frames: Frames, 
     assert (out.decision, out.template_id) == ("erased", tid)
     assert face_service.gallery.vector(tid) is None and tid not in face_service.gallery
     assert not np.any(np.all(face_service.gallery.raw_matrix() == vec, axis=1))
-    assert [i.template_id for i in face_service.list_templates()] == [face_service.store.template_id("keep-me")]
+    assert [i.template_id for i in face_service.list_templates()] == [
+        face_service.store.template_id("keep-me")
+    ]
     on_disk = all_bytes_under(tmp_path)
     for trace in [CITIZEN.encode(), tid.encode(), *vector_traces(vec)]:
         assert trace not in on_disk
@@ -120,13 +134,17 @@ def test_erase_leaves_nothing_behind(face_service: FaceService, frames: Frames, 
     found = face_service.identify(frames.obama_live)
     assert found.decision == "no_match" and tid not in [c.template_id for c in found.candidates]
     # After a restart the citizen is still gone.
-    fresh = FaceService(face_service.settings, face_service.engine,
-                        TemplateStore(face_service.store.directory, face_service.settings.key_file))  # type: ignore[arg-type]
+    fresh = FaceService(
+        face_service.settings,
+        face_service.engine,
+        TemplateStore(face_service.store.directory, face_service.settings.key_file),
+    )  # type: ignore[arg-type]
     assert fresh.load_gallery() == 1
 
 
-def test_events_carry_only_decision_score_reason_latency_and_model(face_service: FaceService,
-                                                                   frames: Frames) -> None:
+def test_events_carry_only_decision_score_reason_latency_and_model(
+    face_service: FaceService, frames: Frames
+) -> None:
     face_service.enrol(CITIZEN, frames.obama_enrol)
     face_service.verify(CITIZEN, frames.obama_live)
     face_service.identify(frames.biden)

@@ -31,8 +31,10 @@ class Capture:
     def __init__(self, port: int, username: str, password: str) -> None:
         self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
         subscribed = threading.Event()
-        client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                             client_id=f"face-capture-{uuid.uuid4().hex[:8]}")
+        client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"face-capture-{uuid.uuid4().hex[:8]}",
+        )
         client.username_pw_set(username, password)
         client.on_connect = lambda c, *_: c.subscribe("fleet/v1/#", qos=1)
         client.on_subscribe = lambda *_: subscribed.set()
@@ -62,17 +64,18 @@ def b64(data: bytes) -> str:
 
 def image_traces(image: bytes) -> list[bytes]:
     """Byte windows and base64 pieces that would show an image (or part of it) was sent."""
-    traces = [image[i:i + 24] for i in range(200, len(image) - 24, max(1, len(image) // 16))]
+    traces = [image[i : i + 24] for i in range(200, len(image) - 24, max(1, len(image) // 16))]
     traces.append(b64(image)[300:340].encode())
     return traces
 
 
-def test_broker_sees_no_image_template_or_citizen_id(tmp_path: Path, engine: Any, frames: Frames) -> None:
-    from fleet_server.devstack import DevStack, wait_for
-
+def test_broker_sees_no_image_template_or_citizen_id(
+    tmp_path: Path, engine: Any, frames: Frames
+) -> None:
     from edge_agent.api.app import create_api
     from edge_agent.api.face_routes import build_face_router
     from edge_agent.face import FaceSettings, build_face_service
+    from fleet_server.devstack import DevStack, wait_for
 
     st = DevStack(tmp_path / "stack")
     capture = agent = None
@@ -97,10 +100,18 @@ def test_broker_sees_no_image_template_or_citizen_id(tmp_path: Path, engine: Any
             for path, body in calls:
                 assert client.post(path, json=body).status_code == 200, path
             tid = svc.store.template_id(CITIZEN)
-        vectors = [engine.analyse(svc_rgb, svc._live, 320).vector  # noqa: SLF001 - same limits as the service
-                   for svc_rgb in [_decode(i) for i in images]]
-        wait_for(lambda: st.stored(TERMINAL) >= len(calls), timeout_s=30, what="face events at the server")
-        wait_for(lambda: agent.outbox.stats().depth == 0, timeout_s=30, what="outbox drained by receipts")
+        vectors = [
+            engine.analyse(svc_rgb, svc._live, 320).vector  # noqa: SLF001 - same limits as the service
+            for svc_rgb in [_decode(i) for i in images]
+        ]
+        wait_for(
+            lambda: st.stored(TERMINAL) >= len(calls),
+            timeout_s=30,
+            what="face events at the server",
+        )
+        wait_for(
+            lambda: agent.outbox.stats().depth == 0, timeout_s=30, what="outbox drained by receipts"
+        )
         seen = capture.all()
     finally:
         if agent is not None:
@@ -110,11 +121,29 @@ def test_broker_sees_no_image_template_or_citizen_id(tmp_path: Path, engine: Any
         st.close()
 
     event_msgs = [(t, p) for t, p in seen if t.endswith("/events")]
-    decisions = [env["body"] for _, p in event_msgs for env in json.loads(p)["events"]
-                 if env["type"] == "face.decision"]
+    decisions = [
+        env["body"]
+        for _, p in event_msgs
+        for env in json.loads(p)["events"]
+        if env["type"] == "face.decision"
+    ]
     # The capture saw every decision (so the checks below are not vacuous).
-    assert [d["mode"] for d in decisions] == ["enrol", "enrol", "verify", "verify", "identify", "erase"]
-    assert [d["decision"] for d in decisions] == ["enrolled", "enrolled", "match", "no_match", "match", "erased"]
+    assert [d["mode"] for d in decisions] == [
+        "enrol",
+        "enrol",
+        "verify",
+        "verify",
+        "identify",
+        "erase",
+    ]
+    assert [d["decision"] for d in decisions] == [
+        "enrolled",
+        "enrolled",
+        "match",
+        "no_match",
+        "match",
+        "erased",
+    ]
     for body in decisions:
         assert set(body) == {"mode", "decision", "score", "reason", "latency_ms", "model_version"}
     forbidden = [CITIZEN.encode(), b"other-2", tid.encode(), b"\xff\xd8\xff", b"\x89PNG", b"/9j/"]
