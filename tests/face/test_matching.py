@@ -137,3 +137,28 @@ def test_metrics_count_outcomes_and_gallery_size(face_service: FaceService, fram
     assert reg.get_sample_value("edge_face_gallery_templates") == 1
     assert reg.get_sample_value("edge_face_latency_seconds_count", {"mode": "verify"}) == 3
     assert reg.get_sample_value("edge_face_latency_seconds_sum", {"mode": "verify"}) > 0
+
+
+def test_video_file_source_loops_and_verifies(
+    tmp_path: Path, face_service: FaceService, frames: Frames
+) -> None:
+    import cv2
+
+    from edge_agent.face.camera import open_frame_source
+
+    video = tmp_path / "kiosk.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (640, 480))
+    assert writer.isOpened(), "OpenCV cannot write MJPG here"
+    for rgb in (fr.darkened(frames.rgb["obama2"]), frames.rgb["obama2"]):  # type: ignore[arg-type]
+        writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    writer.release()
+    source = open_frame_source(str(video))
+    assert source is not None
+    try:
+        got = source.read(5)  # two frames in the file: it wraps around
+        assert len(got) == 5 and got[0].shape == (480, 640, 3)
+        face_service.enrol("obama", frames.obama_enrol)
+        assert face_service.verify_frames("obama", got[:2]).decision == "match"
+        assert face_service.verify_frames("obama", got[:1]).reason == "too_dark"
+    finally:
+        source.close()

@@ -155,3 +155,18 @@ def test_events_carry_only_decision_score_reason_latency_and_model(
         assert event_type == "face.decision"
         assert set(body) == {"mode", "decision", "score", "reason", "latency_ms", "model_version"}
         assert CITIZEN not in repr(body)
+
+
+def test_images_are_never_written_to_disk(
+    face_service: FaceService, frames: Frames, tmp_path: Path
+) -> None:
+    face_service.enrol(CITIZEN, frames.obama_enrol)
+    face_service.verify(CITIZEN, frames.obama_live)
+    face_service.compare_id_photo(frames.obama_live, frames.obama_id_photo)
+    face_service.identify(frames.biden)
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    tid = face_service.store.template_id(CITIZEN)
+    assert [str(p) for p in written] == ["face/template.key", f"face/templates/{tid}.tpl"]
+    on_disk = all_bytes_under(tmp_path)
+    for image in (frames.obama_enrol, frames.obama_live, frames.obama_id_photo, frames.biden):
+        assert image[200:232] not in on_disk
