@@ -33,6 +33,7 @@ class Gallery:
         self._keys: list[str] = []
         self._labels: list[str] = []
         self._rows: dict[str, int] = {}
+        self._scratch = np.empty(0, dtype=np.float32)
         self._lock = threading.RLock()
 
     def __len__(self) -> int:
@@ -95,7 +96,13 @@ class Gallery:
             n = len(self._keys)
             if n == 0:
                 return []
-            sq = self._sq_norms[:n] - 2.0 * (self._matrix[:n] @ q)
+            # In place into one scratch buffer: at 100k rows, temporaries cost as much as argpartition.
+            if len(self._scratch) < n:
+                self._scratch = np.empty(len(self._matrix), dtype=np.float32)
+            sq = self._scratch[:n]
+            np.matmul(self._matrix[:n], q, out=sq)
+            sq *= -2.0
+            sq += self._sq_norms[:n]
             k = min(k, n)
             top = np.argpartition(sq, k - 1)[:k] if k < n else np.arange(n)
             top = top[np.argsort(sq[top])]
