@@ -96,7 +96,7 @@ class Gallery:
             n = len(self._keys)
             if n == 0:
                 return []
-            # In place into one scratch buffer: at 100k rows, temporaries cost as much as argpartition.
+            # In place in one scratch buffer: at 100k rows, temporaries cost as much as the sort.
             if len(self._scratch) < n:
                 self._scratch = np.empty(len(self._matrix), dtype=np.float32)
             sq = self._scratch[:n]
