@@ -77,6 +77,17 @@ class DevStack:
         self.server.ingest.refresh_terminals()
         return self.server
 
+    def server_process(self, http_port: int = 0) -> subprocess.Popen[bytes]:
+        """Run the server as its own process (`fleet-server run`), e.g. to kill -9 it."""
+        if self.server is not None and not self.server._running:
+            self.stop_server()
+        env = {**os.environ, "FLEET_ENVIRONMENT": "development", "FLEET_DB_PATH": str(self.settings.db_path),
+               "FLEET_BROKER_PORT": str(self.port), "FLEET_BROKER_PASSWORD": self.server_password,
+               "FLEET_HTTP_PORT": str(http_port or free_port())}
+        log = open(self.root / "server.log", "ab")
+        return subprocess.Popen([sys.executable, "-m", "fleet_server", "run"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
     def stop_server(self) -> None:
         """Stop the in-process server (its broker session keeps queueing for it)."""
         if self.server is not None:

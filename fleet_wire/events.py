@@ -136,6 +136,17 @@ def validate_body(event_type: str, body: Any) -> dict[str, Any]:
         ) from err
 
 
+def validate_body_json(event_type: str, body: Any) -> str:
+    """Validate `body` for `event_type` and return its normalised compact JSON."""
+    spec = spec_for(event_type)
+    try:
+        return spec.body.model_validate(body).model_dump_json()
+    except ValidationError as err:
+        raise EnvelopeInvalid(
+            f"body of {event_type}: {describe(err)}", reason="bad_body", where="body"
+        ) from err
+
+
 def describe(err: ValidationError, limit: int = 3) -> str:
     """Turn a pydantic error into one short line: field path and what was wrong."""
     parts = []

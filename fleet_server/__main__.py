@@ -1,0 +1,35 @@
+"""`fleet-server run`: serve the API and run the ingest (settings from FLEET_* variables)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pydantic import ValidationError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fleet-server", description="Kiosk fleet server")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("run", help="run the server (settings from FLEET_* environment variables)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from fleet_server.config import ServerSettings
+
+    try:
+        settings = ServerSettings()
+    except (ValidationError, ValueError) as err:
+        print(f"fleet-server: configuration is not usable:\n{err}", file=sys.stderr)
+        return 2
+    if args.cmd == "run":
+        import uvicorn
+
+        from fleet_server.app import create_app
+
+        uvicorn.run(create_app(settings), host=settings.http_host, port=settings.http_port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

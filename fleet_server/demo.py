@@ -1,0 +1,130 @@
+"""`fleet-demo`: Mosquitto + fleet server + a simulated fleet across the 6 pilot offices.
+
+Everything on 127.0.0.1 with embedded defaults; state lives in a throw-away directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+
+def _next_opening(now_local: datetime) -> datetime:
+    day = now_local
+    while True:
+        day = day + timedelta(days=1)
+        if day.weekday() < 5:
+            return day.replace(hour=8, minute=30, second=0, microsecond=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fleet-demo", description=__doc__)
+    p.add_argument("--state-dir", default=".demo", help="where the demo keeps its files (wiped at start)")
+    p.add_argument("--terminals-per-office", type=int, default=3)
+    p.add_argument("--speed", type=float, default=60.0, help="simulated seconds per real second")
+    p.add_argument("--http-port", type=int, default=8080)
+    p.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: run until Ctrl-C)")
+    p.add_argument("--peak", type=float, default=30.0, help="sessions per terminal per hour at the peak")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import uvicorn
+
+    from edge_agent.sim import SimClock, SimulatedFleet
+    from edge_agent.sim.traffic import BEIJING
+    from fleet_server.app import create_app
+    from fleet_server.devstack import DevStack
+
+    root = Path(args.state_dir).resolve()
+    if root.exists():
+        shutil.rmtree(root)
+    stack = DevStack(root)
+    assert stack.server is not None
+    pilots = [o for o in stack.server.registry.store.offices() if o.pilot]
+    for office in pilots:
+        for i in range(1, args.terminals_per_office + 1):
+            stack.enrol(f"{office.id}-{i:02d}", office.id, profile="generic")
+    creds = root / "credentials.txt"
+    fd = os.open(creds, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"{stack.settings.broker_username} {stack.server_password}\n")
+        fh.writelines(f"{tid} {pw}\n" for tid, pw in stack.passwords.items())
+    stack.start_broker()
+    app = create_app(stack.settings, stack.server)
+    http = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=args.http_port, log_level="warning"))
+    http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    threading.Thread(target=http.run, name="http", daemon=True).start()
+    deadline = time.monotonic() + 15
+    while not http.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not http.started:
+        print(f"fleet-demo: could not serve HTTP on 127.0.0.1:{args.http_port} (port in use? try --http-port)",
+              file=sys.stderr)
+        stack.close()
+        return 1
+
+    agents = [stack.agent(tid, heartbeat_interval_s=10.0) for tid in stack.passwords]
+    for a in agents:
+        a.start()
+    today = datetime.now(BEIJING)
+    start = today.replace(hour=8, minute=30, second=0, microsecond=0)
+    if today.weekday() >= 5:
+        start = _next_opening(today)
+    clock = SimClock(start, args.speed, time.time())
+    fleet = SimulatedFleet(agents, clock, peak_sessions_per_hour=args.peak)
+    fleet.start()
+
+    url = f"http://127.0.0.1:{args.http_port}"
+    print(f"""
+kiosk-fleet demo is running
+  offices        {', '.join(o.name for o in pilots)}
+  terminals      {len(agents)} simulated ({args.terminals_per_office} per pilot office), real agent code
+  broker         mqtt://127.0.0.1:{stack.port}  (per-terminal accounts: {creds})
+  overview       {url}/
+  API docs       {url}/docs     ingest summary: {url}/api/v1/ingest/summary
+  metrics        {url}/metrics
+  state          {root}
+  simulated day  starts {start:%Y-%m-%d %H:%M} Beijing time, {args.speed:g}x real time
+Ctrl-C stops everything.
+""", flush=True)
+
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    began = time.monotonic()
+    try:
+        while not stop.wait(5.0):
+            local = clock.at(time.time())
+            if local.hour >= 17:
+                clock.start, clock.real_start = _next_opening(local), time.time()
+            s = fleet.summary()
+            backlog = sum(a.outbox.depth for a in agents)
+            online = sum(1 for a in agents if a.link.connected)
+            print(f"[{s['sim_time'][11:16]} sim] sessions {s['sessions']:>5}  events posted {s['events_posted']:>6}"
+                  f"  stored {stack.stored():>6}  outbox backlog {backlog:>4}  online {online}/{len(agents)}",
+                  flush=True)
+            if args.duration and time.monotonic() - began >= args.duration:
+                break
+    finally:
+        fleet.stop()
+        for a in agents:
+            a.stop(graceful=True)
+        http.should_exit = True
+        time.sleep(0.3)
+        stack.close()
+    summary: dict[str, Any] = fleet.summary()
+    print(f"stopped: {summary['events_posted']} events posted, {summary['refused']} refused")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

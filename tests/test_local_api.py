@@ -1,0 +1,89 @@
+"""The agent's local HTTP API for the kiosk app: good input stored, bad input refused with reasons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from edge_agent.agent import Agent
+from edge_agent.api import create_api
+from edge_agent.config import AgentSettings
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Any:
+    # not started: the API stores into the outbox whether or not the office uplink is up
+    a = Agent(AgentSettings(environment="test", terminal_id="t-api", office_id="haidian",
+                            password="x", data_dir=tmp_path, outbox_max_rows=10))
+    yield a
+    a.outbox.close()
+
+
+@pytest.fixture
+def client(agent: Any) -> Any:
+    with TestClient(create_api(agent)) as c:
+        yield c
+
+
+GOOD = {"type": "service.completed",
+        "body": {"session": "k-1", "service_code": "DK02", "duration_s": 95.5, "face_login": True}}
+
+
+def test_posted_event_is_stored_and_numbered(client: Any, agent: Any) -> None:
+    r = client.post("/v1/events", json=GOOD)
+    assert r.status_code == 201, r.text
+    assert r.json() == {"seq": 1, "epoch": agent.outbox.epoch, "type": "service.completed"}
+    assert agent.outbox.depth == 1
+
+
+@pytest.mark.parametrize("payload, where", [
+    ({"type": "service.completed", "body": {"session": "k", "duration_s": 3}}, "body"),
+    ({"type": "service.teleported", "body": {}}, "type"),
+    ({"body": {}}, "body.type"),
+    ({"type": "service.completed", "body": {**GOOD["body"], "duration_s": -1}}, "body"),
+    ({"type": "service.completed", "body": GOOD["body"], "ts": "2026-11-27T10:00:00"}, "body.ts"),
+    ({"type": "service.completed", "body": GOOD["body"], "colour": "red"}, "body.colour"),
+])
+def test_bad_event_gets_422_with_reason_and_nothing_is_stored(client: Any, agent: Any,
+                                                               payload: dict[str, Any], where: str) -> None:
+    r = client.post("/v1/events", json=payload)
+    assert r.status_code == 422, r.text
+    doc = r.json()
+    assert doc["error"] and doc["detail"] and doc["where"] == where
+    assert agent.outbox.depth == 0
+
+
+def test_not_json_and_oversized_bodies_are_refused(client: Any, agent: Any) -> None:
+    r = client.post("/v1/events", content=b"\x00garbage", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"] == "invalid_request"
+    r = client.post("/v1/events", content=b"{" + b" " * 70_000 + b"}", headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"] == "too_large"
+    assert agent.outbox.depth == 0
+
+
+def test_full_outbox_answers_507_and_counts_the_refusal(client: Any, agent: Any) -> None:
+    for i in range(10):
+        body = {**GOOD["body"], "session": f"k-{i}"}
+        assert client.post("/v1/events", json={"type": "service.completed", "body": body}).status_code == 201
+    r = client.post("/v1/events", json=GOOD)
+    assert r.status_code == 507 and r.json()["error"] == "outbox_full"
+    metrics = client.get("/metrics").text
+    assert "edge_outbox_refused_total 1.0" in metrics
+    assert "edge_outbox_pending 10.0" in metrics
+
+
+def test_health_explains_problems_in_plain_words(client: Any) -> None:
+    doc = client.get("/v1/health").json()
+    assert doc["terminal"] == "t-api" and doc["ok"] is False
+    assert any("broker" in p for p in doc["problems"])
+    assert doc["outbox"]["depth"] == 0
+
+
+def test_production_settings_refuse_empty_password_and_public_bind(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="EDGE_PASSWORD"):
+        AgentSettings(terminal_id="t-1", data_dir=tmp_path)
+    with pytest.raises(ValueError, match="loopback"):
+        AgentSettings(terminal_id="t-1", password="p", api_host="0.0.0.0", data_dir=tmp_path)
