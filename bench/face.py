@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         "model_load_s": round(load_s, 2),
         "dlib_blas": bool(getattr(dlib, "DLIB_USE_BLAS", False)),
         "cpus": os.cpu_count(),
+        # Shared machine: memory-bound 1:N timings move with whatever else runs, so say how busy.
+        "loadavg_1m": round(os.getloadavg()[0], 2),
     }
     print(
         f"face benchmark ({'quick' if args.quick else 'full'}), {os.cpu_count()} CPUs, "
