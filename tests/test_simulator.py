@@ -1,0 +1,73 @@
+"""The simulated fleet: realistic traffic through the real agent, counted exactly at the server."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from edge_agent.sim import SimClock, SimulatedFleet, TrafficModel, load_catalogue
+from edge_agent.sim.traffic import BEIJING
+from fleet_server.broker.mosquitto import free_port
+from fleet_server.devstack import wait_for
+
+
+def test_catalogue_has_forty_items_with_unique_codes_and_the_popular_ones() -> None:
+    cat = load_catalogue()
+    codes = [i.code for i in cat.items]
+    assert len(codes) == 40 == len(set(codes))
+    names = {i.name for i in cat.items}
+    assert {"购房提取", "租房提取", "公积金贷款申请", "调整月还款额", "缴存明细查询", "贷款明细查询"} <= names
+
+
+def test_traffic_follows_opening_hours_and_item_popularity() -> None:
+    model = TrafficModel(load_catalogue(), random.Random(1))
+    monday = datetime(2026, 11, 23, 10, 0, tzinfo=BEIJING)
+    assert model.rate_per_hour(monday.replace(hour=3)) == 0
+    assert model.rate_per_hour(monday.replace(hour=9)) > model.rate_per_hour(monday.replace(hour=12)) > 0
+    assert model.rate_per_hour(monday.replace(day=29)) == 0  # Sunday
+    codes = Counter(model.session("t-1", monday)[0].body["service_code"] for _ in range(4000))
+    assert codes["TQ02"] > codes["TQ07"] * 5  # rent withdrawal far more common than illness withdrawal
+    sessions = [model.session("t-1", monday) for _ in range(2000)]
+    ends = Counter(s[-1].type for s in sessions)
+    assert 0.05 < ends["service.abandoned"] / len(sessions) < 0.3
+    for s in sessions:
+        assert s[0].type == "service.started" and s[-1].at >= s[0].at
+        assert s[-1].body["session"] == s[0].body["session"]
+
+
+def test_simulated_fleet_traffic_is_stored_exactly(make_stack: Any) -> None:
+    st = make_stack(6)
+    agents = [st.agent(tid) for tid in st.passwords]
+    st.tracked_agents.extend(agents)
+    for a in agents:
+        a.start()
+    start = datetime(2026, 11, 23, 9, 0, tzinfo=BEIJING)
+    fleet = SimulatedFleet(agents, SimClock(start, 600.0, time.time()), peak_sessions_per_hour=60)
+    now = time.time()
+    for i in range(40):  # 40 steps of 0.1 s at 600x: 40 simulated minutes of a busy morning
+        fleet.step(now + i * 0.1, 0.1)
+    posted = fleet.counters.events_posted
+    assert posted > 100
+    wait_for(lambda: st.stored() == posted, 30, what=f"{posted} simulated events stored")
+    with sqlite3.connect(st.settings.db_path) as conn:
+        by_type = dict(conn.execute("SELECT type, count(*) FROM events GROUP BY type"))
+    assert by_type == {t: n for t, n in fleet.counters.by_type.items()}
+
+
+def test_demo_command_runs_the_whole_system_and_stops_cleanly(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fleet_server.demo", "--duration", "6", "--speed", "900",
+         "--state-dir", str(tmp_path / "demo"), "--http-port", str(free_port()), "--terminals-per-office", "1"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "kiosk-fleet demo is running" in proc.stdout
+    assert "online 6/6" in proc.stdout
+    lines = [ln for ln in proc.stdout.splitlines() if "stored" in ln and "sim]" in ln]
+    assert lines and int(lines[-1].split("stored")[1].split()[0]) > 0
