@@ -112,7 +112,7 @@ class FaceService:
         self.settings = settings
         self.engine = engine
         self.store = store
-        self.gallery = gallery or Gallery()
+        self.gallery = gallery if gallery is not None else Gallery()  # an empty one is falsy
         self.camera = camera
         self._post_event = post_event
         self._clock = clock
