@@ -87,3 +87,10 @@ def test_production_settings_refuse_empty_password_and_public_bind(tmp_path: Pat
         AgentSettings(terminal_id="t-1", data_dir=tmp_path)
     with pytest.raises(ValueError, match="loopback"):
         AgentSettings(terminal_id="t-1", password="p", api_host="0.0.0.0", data_dir=tmp_path)
+
+
+def test_face_routes_may_carry_camera_frames_larger_than_event_posts(client: Any) -> None:
+    frame = {"image": "A" * 200_000}
+    # no face router in this app: the request gets past the size gate and is simply not found
+    assert client.post("/v1/face/verify", json=frame).status_code == 404
+    assert client.post("/v1/face/verify", json={"image": "A" * 9_000_000}).status_code == 413

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from edge_agent.agent import Agent
 
 MAX_REQUEST_BYTES = 64 * 1024
+# Face routes carry base64 camera frames; their router enforces its own image limits.
+FACE_PREFIX = "/v1/face/"
+FACE_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 
 
 class EventIn(BaseModel):
@@ -44,8 +47,9 @@ def create_api(agent: "Agent", extra_routers: list[APIRouter] | None = None) -> 
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Any) -> Any:
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_REQUEST_BYTES):
-            return error(413, "too_large", f"request body over {MAX_REQUEST_BYTES} bytes")
+        limit = FACE_MAX_REQUEST_BYTES if request.url.path.startswith(FACE_PREFIX) else MAX_REQUEST_BYTES
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return error(413, "too_large", f"request body over {limit} bytes")
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
