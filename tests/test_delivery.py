@@ -141,3 +141,21 @@ def test_server_killed_and_restarted_during_drain_counts_each_event_once(make_st
     st.start_server()
     wait_for(lambda: st.stored() == 2 * per, 90, what="all events after server restart")
     _assert_exactly_once(st, {tid: per for tid in st.passwords})
+
+
+def test_server_disk_full_stores_nothing_half_and_catches_up_when_space_returns(make_stack: Any) -> None:
+    st = make_stack(1)
+    assert st.server is not None and st.server.ingest._conn is not None
+    conn = st.server.ingest._conn
+    # A real SQLITE_FULL from SQLite itself: cap the database at its current size.
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count={pages}")
+    agents = _start(st, 1, receipt_timeout_s=1.0)
+    agents[0].post_events(list(service_events(2_000)))
+    wait_for(lambda: (st.server.metrics_registry.get_sample_value("fleet_ingest_write_errors_total") or 0) >= 2,
+             20, what="write errors while the disk is full")
+    assert st.stored() == 0 and agents[0].outbox.depth == 2_000  # nothing receipted, nothing lost
+    conn.execute("PRAGMA max_page_count=1073741823")
+    wait_for(lambda: st.stored() == 2_000, 60, what="catch-up after space returns")
+    wait_for(lambda: agents[0].outbox.depth == 0, 30, what="outbox emptied")
+    _assert_exactly_once(st, {"t-000": 2_000})

@@ -94,3 +94,20 @@ def test_face_routes_may_carry_camera_frames_larger_than_event_posts(client: Any
     # no face router in this app: the request gets past the size gate and is simply not found
     assert client.post("/v1/face/verify", json=frame).status_code == 404
     assert client.post("/v1/face/verify", json={"image": "A" * 9_000_000}).status_code == 413
+
+
+def test_terminal_disk_full_answers_507_in_plain_words_and_keeps_running(client: Any, agent: Any) -> None:
+    db = agent.outbox._db
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count={pages}")
+    big = {"type": "peripheral.fault",
+           "body": {"peripheral": "printer", "code": "jam", "message": "x" * 400}}
+    codes = [client.post("/v1/events", json=big).status_code for _ in range(40)]
+    assert 507 in codes
+    r = client.post("/v1/events", json=big)
+    assert r.status_code == 507 and r.json()["error"] == "storage_failed"
+    assert "nothing was stored" in r.json()["detail"]
+    db.execute("PRAGMA max_page_count=1073741823")
+    assert client.post("/v1/events", json=GOOD).status_code == 201
+    held = agent.outbox.all_seqs()
+    assert held == list(range(1, len(held) + 1))  # no holes: refused events took no seq

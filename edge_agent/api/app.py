@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from edge_agent.outbox.store import InvalidEvent, OutboxFull
+from edge_agent.outbox.store import InvalidEvent, OutboxFull, OutboxStorageError
 
 if TYPE_CHECKING:
     from edge_agent.agent import Agent
@@ -68,6 +68,8 @@ def create_api(agent: "Agent", extra_routers: list[APIRouter] | None = None) -> 
             return error(422, err.reason, str(err), "body" if err.reason == "bad_body" else "type")
         except OutboxFull as err:
             return error(507, "outbox_full", str(err))
+        except OutboxStorageError as err:
+            return error(507, "storage_failed", str(err))
         return EventStored(seq=item.seq, epoch=agent.outbox.epoch, type=item.type)
 
     @app.get("/v1/health")

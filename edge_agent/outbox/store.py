@@ -58,6 +58,10 @@ class InvalidEvent(OutboxError):
         self.reason = reason
 
 
+class OutboxStorageError(OutboxError):
+    """The disk refused the write (full, read-only, I/O error): nothing was stored; retry later."""
+
+
 class OutboxFull(OutboxError):
     """The outbox is at its bound and holds nothing this event may displace: refused, not stored."""
 
@@ -178,15 +182,21 @@ class Outbox:
                              env, size))
                 items.append(OutboxItem(seq, event_type, cls, env, size))
                 seq += 1
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(
-                    "INSERT INTO outbox (seq, type, class, created, expires, env, size)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.executemany(
+                        "INSERT INTO outbox (seq, type, class, created, expires, env, size)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.DatabaseError as err:
+                self.counters.refused += len(rows)
+                raise OutboxStorageError(
+                    f"the terminal's disk refused the event ({err}); nothing was stored") from err
             self._next_seq = seq
             self._rows += len(items)
             self._live += len(items)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC
 from typing import TYPE_CHECKING, Any
 
-from edge_agent.outbox.store import InvalidEvent, OutboxFull
+from edge_agent.outbox.store import InvalidEvent, OutboxFull, OutboxStorageError
 from edge_agent.sim.traffic import PlannedEvent, SimClock, TrafficModel, load_catalogue
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ class SimulatedFleet:
             agent.peripherals[ev.body["peripheral"]] = {"state": "ok"}
         try:
             agent.post_event(ev.type, ev.body, ts=ev.at.astimezone(UTC))
-        except (OutboxFull, InvalidEvent) as err:
+        except (OutboxFull, OutboxStorageError, InvalidEvent) as err:
             self.counters.refused += 1
             log.warning("terminal %s refused %s: %s", tid, ev.type, err)
             return
