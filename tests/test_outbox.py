@@ -149,3 +149,25 @@ def test_tombstones_reach_the_server_and_are_counted_not_lost(make_stack: Any) -
     assert row.seqs.upto == 25 and row.seqs.ranges == []  # tombstones let the mark pass: no gap
     assert stack.server.metrics_registry.get_sample_value(
         "fleet_events_dropped_by_terminal_total", {"reason": "evicted"}) == 5
+
+
+def test_window_requeues_what_the_client_did_not_keep_and_everything_after_a_sessionless_reconnect(tmp_path: Path) -> None:
+    from edge_agent.outbox import SendWindow
+
+    box = Outbox(tmp_path / "o.db", "t-1")
+    box.enqueue_many([_biz(i) for i in range(6)])
+    w = SendWindow(box, window=4, batch_events=2)
+    b1 = w.next_batch()
+    assert b1 is not None
+    w.published(b1, None)  # the client's own queue refused it
+    assert w.in_flight == 0 and w.resend_seqs() == [1, 2]
+    b2, b3 = w.next_batch(), w.next_batch()
+    assert b2 is not None and b3 is not None and b2.seqs == [1, 2] and b3.seqs == [3, 4]
+    w.published(b2, 10)
+    w.published(b3, 11)
+    w.puback(10)
+    w.connected(session_present=True)  # the broker kept our session: nothing to do
+    assert w.in_flight == 2
+    w.connected(session_present=False)  # a fresh broker: re-send PUBACKed and un-PUBACKed alike
+    assert w.in_flight == 0 and w.resend_seqs() == [1, 2, 3, 4]
+    box.close()

@@ -112,8 +112,11 @@ class MqttLink:
     def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> int | None:
         """Hand a message to the client; returns its mid, or None if it was not queued."""
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            log.warning("publish to %s refused locally: %s", topic, paho.error_string(info.rc))
+        # For QoS > 0 paho keeps the message in its session store whatever the socket said
+        # (no connection, connection lost…) and re-sends it after reconnecting; only a full
+        # client queue means it was not kept.
+        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE or (qos == 0 and info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS):
+            log.warning("publish to %s not queued: %s", topic, paho.error_string(info.rc))
             return None
         return info.mid
 

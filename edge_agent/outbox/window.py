@@ -21,7 +21,7 @@ from edge_agent.outbox.store import Outbox
 
 RECEIPT_TIMEOUT_S = 10.0  # PUBACKed but no receipt this long: the broker or server lost it
 RECEIPT_TIMEOUT_MAX_S = 120.0  # back-off ceiling while the server stays silent
-PUBACK_TIMEOUT_S = 60.0  # published on a live connection and no PUBACK: re-send
+PUBACK_TIMEOUT_S = 20.0  # published on a live connection and no PUBACK: re-send
 
 
 @dataclass(slots=True)
@@ -98,9 +98,12 @@ class SendWindow:
         batch.sent_at = self.clock()
         batch.mid = mid
         self._flights[batch.token] = batch
-        if mid is not None:
-            self._by_mid[mid] = batch.token
         self.counters.batches += 1
+        if mid is None:
+            # the client refused it outright (its own queue full): straight back to re-send
+            self._requeue(batch.token)
+            return
+        self._by_mid[mid] = batch.token
         if batch.resend:
             self.counters.resent_events += len(batch.seqs)
         else:
@@ -142,12 +145,13 @@ class SendWindow:
         return deleted
 
     def connected(self, session_present: bool) -> None:
-        """A (re)connection. Without a session the broker kept nothing we PUBACK-ed: re-send it."""
+        """A (re)connection. Without a session the broker kept nothing of ours: re-send it all."""
         if session_present:
             return
-        for token, batch in list(self._flights.items()):
-            if batch.acked_at is not None:
-                self._requeue(token)
+        # Without a session nothing we sent is safe at the broker; paho may re-send what it still
+        # holds too, which costs a duplicate the server drops, never a loss or a stall.
+        for token in list(self._flights):
+            self._requeue(token)
 
     def tick(self, online: bool) -> int:
         """Re-queue flights whose receipt (or PUBACK) is overdue; returns seqs re-queued."""
