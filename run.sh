@@ -24,7 +24,8 @@ apt_install() {
 
 ensure_system() {
     local pkgs=(mosquitto)
-    [ "${1:-}" = test ] && pkgs+=(mosquitto-clients)
+    # tests also run Prometheus (promtool, a real scrape) and Chromium for the console
+    [ "${1:-}" = test ] && pkgs+=(mosquitto-clients prometheus)
     apt_install "${pkgs[@]}"
     if ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
         apt_install python3-venv

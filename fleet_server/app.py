@@ -5,12 +5,12 @@ from __future__ import annotations
 import html
 import json
 import logging
-import secrets
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query
+from fastapi import APIRouter, FastAPI, HTTPException, Query
 from fastapi.responses import HTMLResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -20,6 +20,9 @@ from fleet_server.db import connect, migrate
 from fleet_server.ingest.link import ServerLink, ServerLinkSettings
 from fleet_server.ingest.metrics import IngestMetrics
 from fleet_server.ingest.service import IngestService
+from fleet_server.auth.deps import ReaderUser
+from fleet_server.auth.models import Role
+from fleet_server.auth.service import AuthService
 from fleet_server.registry.service import RegistryService
 
 log = logging.getLogger(__name__)
@@ -33,7 +36,13 @@ class FleetServer:
         self.metrics_registry = registry or CollectorRegistry()
         migrate(settings.db_path)
         self._conn = connect(settings.db_path)
+        # One shared writer connection for admin changes; this lock keeps two request threads from
+        # interleaving statements inside each other's transaction. Readers open their own.
+        self.lock = threading.RLock()
         self.registry = RegistryService(self._conn)
+        self.auth = AuthService(self._conn)
+        if settings.admin_token:
+            self.auth.create_user("admin", Role.ADMIN, token=settings.admin_token)
         self.registry.seed_offices(settings.offices_file)
         self.ingest_metrics = IngestMetrics(self.metrics_registry)
         self.ingest = IngestService(str(settings.db_path), self.ingest_metrics,
@@ -65,16 +74,6 @@ class FleetServer:
         return connect(self.settings.db_path, readonly=True)
 
 
-def _auth(settings: ServerSettings) -> Any:
-    def check(authorization: Annotated[str | None, Header()] = None) -> None:
-        if not settings.api_token:
-            return
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token, settings.api_token):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-    return check
-
-
 def create_app(settings: ServerSettings, server: FleetServer | None = None) -> FastAPI:
     """The HTTP app; it starts and stops the server's components with its own lifespan."""
     fleet = server or FleetServer(settings)
@@ -89,7 +88,7 @@ def create_app(settings: ServerSettings, server: FleetServer | None = None) -> F
 
     app = FastAPI(title="kiosk-fleet server", version=__version__, lifespan=lifespan)
     app.state.fleet = fleet
-    api = APIRouter(prefix="/api/v1", dependencies=[Depends(_auth(settings))])
+    api = APIRouter(prefix="/api/v1")
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, Any]:
@@ -101,12 +100,12 @@ def create_app(settings: ServerSettings, server: FleetServer | None = None) -> F
         return Response(generate_latest(fleet.metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
     @api.get("/ingest/summary")
-    def ingest_summary() -> dict[str, Any]:
+    def ingest_summary(user: ReaderUser) -> dict[str, Any]:
         """Stored events by office and type, duplicates dropped, rejects by reason, streams with gaps."""
         return ingest_summary_doc(fleet)
 
     @api.get("/ingest/rejects")
-    def ingest_rejects(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, Any]]:
+    def ingest_rejects(user: ReaderUser, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, Any]]:
         """The most recent refused messages and events, with reasons."""
         with fleet.reader() as conn:
             cur = conn.execute("SELECT at, terminal, topic, reason, detail, epoch, seq, size FROM rejects"
@@ -115,7 +114,7 @@ def create_app(settings: ServerSettings, server: FleetServer | None = None) -> F
             return [dict(zip(cols, r)) for r in cur]
 
     @api.get("/terminals")
-    def terminals() -> list[dict[str, Any]]:
+    def terminals(user: ReaderUser) -> list[dict[str, Any]]:
         """Enrolled terminals with their last reported status."""
         with fleet.reader() as conn:
             status = {r[0]: {"state": r[1], "reason": r[2], "since": r[3], "last_seen": r[4]}
@@ -123,7 +122,7 @@ def create_app(settings: ServerSettings, server: FleetServer | None = None) -> F
         return [{**t.model_dump(), "status": status.get(t.id)} for t in fleet.registry.store.terminals()]
 
     @api.get("/terminals/{terminal_id}/streams")
-    def terminal_streams(terminal_id: str) -> list[dict[str, Any]]:
+    def terminal_streams(terminal_id: str, user: ReaderUser) -> list[dict[str, Any]]:
         """Per-epoch receipt marks of one terminal: stored, dropped by policy, quarantined, gaps."""
         rows = [r for (t, _), r in fleet.ingest.streams().items() if t == terminal_id]
         if not rows and terminal_id not in {t.id for t in fleet.registry.store.terminals()}:

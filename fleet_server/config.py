@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SEED_DIR = Path(__file__).parent / "seed"
+_DEFAULT_SECRETS = {"changeme", "change-me", "admin", "secret", "password", "development", "test"}
 
 
 class ServerSettings(BaseSettings):
@@ -24,7 +25,8 @@ class ServerSettings(BaseSettings):
     tls_ca: str | None = None
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
-    api_token: str = ""
+    # Bootstrap administrator's bearer token (user "admin"); more users via the API or fleetctl.
+    admin_token: str = ""
     offices_file: Path = SEED_DIR / "offices.yaml"
 
     @model_validator(mode="after")
@@ -32,6 +34,6 @@ class ServerSettings(BaseSettings):
         if self.environment == "production":
             if not self.broker_password:
                 raise ValueError("FLEET_BROKER_PASSWORD is empty: the server needs its own broker account")
-            if len(self.api_token) < 24 or self.api_token in ("changeme", "admin", "secret"):
-                raise ValueError("FLEET_API_TOKEN must be a random secret of 24+ characters in production")
+            if len(self.admin_token) < 24 or self.admin_token.lower() in _DEFAULT_SECRETS:
+                raise ValueError("FLEET_ADMIN_TOKEN must be a random secret of 24+ characters in production")
         return self

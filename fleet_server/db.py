@@ -44,6 +44,17 @@ def _m0001(db: sqlite_utils.Database) -> None:
         last_seen TEXT NOT NULL, doc TEXT NOT NULL)""")
 
 
+@migrations(name="0002_users_audit_health_usage")
+def _m0002(db: sqlite_utils.Database) -> None:
+    db.execute("""CREATE TABLE users (
+        name TEXT PRIMARY KEY, role TEXT NOT NULL, offices TEXT, token_hash TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL, disabled INTEGER NOT NULL DEFAULT 0)""")
+    db.execute("""CREATE TABLE audit (
+        id INTEGER PRIMARY KEY, at TEXT NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+        target TEXT NOT NULL, before TEXT NOT NULL, after TEXT NOT NULL)""")
+    db.execute("ALTER TABLE terminals ADD COLUMN agent_version TEXT")
+
+
 def connect(path: str | os.PathLike[str], *, readonly: bool = False) -> sqlite3.Connection:
     """A connection with the pragmas every server component uses."""
     if readonly:
@@ -59,11 +70,13 @@ def connect(path: str | os.PathLike[str], *, readonly: bool = False) -> sqlite3.
     return conn
 
 
-def migrate(path: str | os.PathLike[str]) -> None:
-    """Create or upgrade the schema (each migration in its own transaction)."""
+def migrate(path: str | os.PathLike[str], *feature_sets: Migrations) -> None:
+    """Create or upgrade the schema: the core set, then each feature's own set, in order."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     conn = connect(path)
     try:
-        migrations.apply(sqlite_utils.Database(conn))
+        db = sqlite_utils.Database(conn)
+        for mset in (migrations, *feature_sets):
+            mset.apply(db)
     finally:
         conn.close()

@@ -28,6 +28,7 @@ class DevStack:
     broker_persistence: bool = True
     port: int = 0
     server_password: str = field(default_factory=new_password)
+    admin_token: str = field(default_factory=new_password)
     passwords: dict[str, str] = field(default_factory=dict)
     offices: dict[str, str] = field(default_factory=dict)
     server: FleetServer | None = None
@@ -40,7 +41,8 @@ class DevStack:
                                           max_queued_messages=self.max_queued_messages,
                                           persistence=self.broker_persistence)
         self.settings = ServerSettings(environment="development", db_path=self.root / "fleet.db",
-                                       broker_port=self.port, broker_password=self.server_password)
+                                       broker_port=self.port, broker_password=self.server_password,
+                                       admin_token=self.admin_token)
         self.server = FleetServer(self.settings, CollectorRegistry())
 
     # -- set-up -----------------------------------------------------------------------------------
@@ -83,6 +85,7 @@ class DevStack:
             self.stop_server()
         env = {**os.environ, "FLEET_ENVIRONMENT": "development", "FLEET_DB_PATH": str(self.settings.db_path),
                "FLEET_BROKER_PORT": str(self.port), "FLEET_BROKER_PASSWORD": self.server_password,
+               "FLEET_ADMIN_TOKEN": self.admin_token,
                "FLEET_HTTP_PORT": str(http_port or free_port())}
         log = open(self.root / "server.log", "ab")
         return subprocess.Popen([sys.executable, "-m", "fleet_server", "run"], env=env, stdout=log,

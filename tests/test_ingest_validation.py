@@ -84,7 +84,8 @@ def test_rejects_are_listed_with_reason_over_the_api(make_stack: Any) -> None:
     wait_for(lambda: _rejected(st, "malformed_json") == 1, 10, what="reject counted")
     app = create_app(st.settings, st.server)
     with TestClient(app) as client:
-        rejects = client.get("/api/v1/ingest/rejects").json()
+        assert client.get("/api/v1/ingest/rejects").status_code == 401
+        rejects = client.get("/api/v1/ingest/rejects", headers={"Authorization": f"Bearer {st.admin_token}"}).json()
     assert rejects[0]["reason"] == "malformed_json" and rejects[0]["terminal"] == "t-000"
     assert "not JSON" in rejects[0]["detail"]
 

@@ -88,6 +88,11 @@ class IngestService:
         self.errors = 0
         self._refresh = threading.Event()
         self.idle = threading.Event()
+        # Called after each COMMIT with the newly stored event rows (never duplicates):
+        # (terminal, epoch, seq, id, type, ts, received_at, office_id, body_json).
+        self.on_commit: list[Callable[[list[tuple[str, str, int, str, str, str, str, str, str]]], None]] = []
+        # Called after each COMMIT with the status rows: (terminal, state, reason, at, at, doc_json).
+        self.on_status: list[Callable[[list[tuple[str, str, str, str, str, str]]], None]] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -194,6 +199,18 @@ class IngestService:
                 self._safe_ack(mid, qos)
             return
         self._streams.update(b.streams)
+        for hook in self.on_commit:
+            if b.events:
+                try:
+                    hook(b.events)
+                except Exception:  # noqa: BLE001 - a listener never breaks the ingest
+                    log.exception("on_commit listener failed")
+        for status_hook in self.on_status:
+            if b.status:
+                try:
+                    status_hook(list(b.status.values()))
+                except Exception:  # noqa: BLE001
+                    log.exception("on_status listener failed")
         for t, n in b.ingested_types.items():
             self.metrics.ingested.labels(t).inc(n)
         for r, n in b.dropped_reasons.items():

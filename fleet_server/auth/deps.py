@@ -1,0 +1,50 @@
+"""FastAPI dependencies: who is calling (401 if nobody), and may they (403 if not)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated
+
+from fastapi import Depends, Header, HTTPException, Request
+
+from fleet_server.auth.models import Role, User
+
+if TYPE_CHECKING:
+    from fleet_server.app import FleetServer
+
+
+def get_fleet(request: Request) -> "FleetServer":
+    return request.app.state.fleet  # type: ignore[no-any-return]
+
+
+FleetDep = Annotated["FleetServer", Depends(get_fleet)]
+
+
+def current_user(request: Request, authorization: Annotated[str | None, Header()] = None) -> User:
+    """The caller, from `Authorization: Bearer <token>`; 401 when missing or unknown."""
+    scheme, _, token = (authorization or "").partition(" ")
+    user = get_fleet(request).auth.authenticate(token.strip()) if scheme.lower() == "bearer" else None
+    if user is None:
+        raise HTTPException(401, "missing or unknown bearer token", headers={"WWW-Authenticate": "Bearer"})
+    return user
+
+
+CurrentUser = Annotated[User, Depends(current_user)]
+
+
+def require_role(*roles: Role) -> Callable[[User], User]:
+    """A dependency that lets only `roles` through (403 for everyone else)."""
+    allowed = frozenset(roles)
+
+    def check(user: CurrentUser) -> User:
+        if user.role not in allowed:
+            raise HTTPException(403, f"role {user.role.value!r} may not do this; needs "
+                                     f"{' or '.join(sorted(r.value for r in allowed))}")
+        return user
+
+    return check
+
+
+AdminUser = Annotated[User, Depends(require_role(Role.ADMIN))]
+ReaderUser = Annotated[User, Depends(require_role(Role.ADMIN, Role.MANAGER))]
+AuditorUser = Annotated[User, Depends(require_role(Role.ADMIN, Role.AUDITOR))]

@@ -1,0 +1,71 @@
+"""SQL for users and the audit log."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import UTC, datetime
+from typing import Any
+
+from fleet_server.auth.models import Role, User
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class AuthStore:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._db = conn
+
+    def upsert_user(self, name: str, role: Role, offices: list[str] | None, token_hash: str) -> None:
+        self._db.execute(
+            "INSERT INTO users (name, role, offices, token_hash, created_at, disabled) VALUES (?,?,?,?,?,0)"
+            " ON CONFLICT(name) DO UPDATE SET role=excluded.role, offices=excluded.offices,"
+            " token_hash=excluded.token_hash, disabled=0",
+            (name, role.value, None if offices is None else json.dumps(sorted(offices)), token_hash, _now()))
+
+    def user_by_token_hash(self, token_hash: str) -> User | None:
+        row = self._db.execute("SELECT name, role, offices FROM users WHERE token_hash=? AND disabled=0",
+                               (token_hash,)).fetchone()
+        return _user(row) if row else None
+
+    def get_user(self, name: str) -> User | None:
+        row = self._db.execute("SELECT name, role, offices FROM users WHERE name=?", (name,)).fetchone()
+        return _user(row) if row else None
+
+    def users(self) -> list[User]:
+        return [_user(r) for r in self._db.execute(
+            "SELECT name, role, offices FROM users WHERE disabled=0 ORDER BY name")]
+
+    def disable_user(self, name: str) -> bool:
+        return self._db.execute("UPDATE users SET disabled=1 WHERE name=?", (name,)).rowcount > 0
+
+    def record(self, actor: str, action: str, target: str, before: Any, after: Any) -> int:
+        cur = self._db.execute(
+            "INSERT INTO audit (at, actor, action, target, before, after) VALUES (?,?,?,?,?,?)",
+            (_now(), actor, action, target, json.dumps(before, ensure_ascii=False, default=str),
+             json.dumps(after, ensure_ascii=False, default=str)))
+        return int(cur.lastrowid or 0)
+
+    def audit(self, limit: int = 100, actor: str | None = None, action: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT id, at, actor, action, target, before, after FROM audit"
+        where, params = [], []
+        if actor:
+            where.append("actor=?")
+            params.append(actor)
+        if action:
+            where.append("action=?")
+            params.append(action)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+        return [{"id": r[0], "at": r[1], "actor": r[2], "action": r[3], "target": r[4],
+                 "before": json.loads(r[5]), "after": json.loads(r[6])}
+                for r in self._db.execute(sql, params)]
+
+
+def _user(row: tuple[str, str, str | None]) -> User:
+    offices = None if row[2] is None else frozenset(json.loads(row[2]))
+    return User(row[0], Role(row[1]), offices)
