@@ -6,72 +6,186 @@ import html
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, HTTPException, Query
-from fastapi.responses import HTMLResponse, Response
+from apscheduler.schedulers.background import BackgroundScheduler
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from fleet_server import __version__
+from fleet_server.auth.deps import ReaderUser
+from fleet_server.auth.models import Role, User
+from fleet_server.auth.routes import build_auth_router
+from fleet_server.auth.service import AuthService
+from fleet_server.broker.mosquitto import BrokerCredentials
 from fleet_server.config import ServerSettings
 from fleet_server.db import connect, migrate
+from fleet_server.health import service as health_service
+from fleet_server.health.routes import build_health_router
+from fleet_server.health.service import HealthService, OfficeInfo
 from fleet_server.ingest.link import ServerLink, ServerLinkSettings
 from fleet_server.ingest.metrics import IngestMetrics
 from fleet_server.ingest.service import IngestService
-from fleet_server.auth.deps import ReaderUser
-from fleet_server.auth.models import Role
-from fleet_server.auth.service import AuthService
+from fleet_server.registry.routes import build_registry_router, registry_error_status
+from fleet_server.registry.schemas import TerminalCreate, TerminalPublic
 from fleet_server.registry.service import RegistryService
+from fleet_server.registry.store import RegistryError
 
 log = logging.getLogger(__name__)
+
+HEALTH_SWEEP_S = 5.0
 
 
 class FleetServer:
     """Everything the server runs, built from settings; nothing is built at import time."""
 
-    def __init__(self, settings: ServerSettings, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, settings: ServerSettings, registry: CollectorRegistry | None = None, *,
+                 alert_for_s: float = 120.0, alert_clear_s: float = 60.0,
+                 health_sweep_s: float = HEALTH_SWEEP_S) -> None:
         self.settings = settings
         self.metrics_registry = registry or CollectorRegistry()
-        migrate(settings.db_path)
+        migrate(settings.db_path, health_service.migrations)
         self._conn = connect(settings.db_path)
         # One shared writer connection for admin changes; this lock keeps two request threads from
         # interleaving statements inside each other's transaction. Readers open their own.
         self.lock = threading.RLock()
         self.registry = RegistryService(self._conn)
+        self.registry.seed_offices(settings.offices_file)
         self.auth = AuthService(self._conn)
         if settings.admin_token:
             self.auth.create_user("admin", Role.ADMIN, token=settings.admin_token)
-        self.registry.seed_offices(settings.offices_file)
+        # Called with fresh broker credentials after enrol / revoke / rotate (writes the password
+        # file and ACL and reloads the broker); None when the broker is managed elsewhere.
+        self.broker_apply: Callable[[BrokerCredentials], None] | None = None
         self.ingest_metrics = IngestMetrics(self.metrics_registry)
         self.ingest = IngestService(str(settings.db_path), self.ingest_metrics,
-                                    self.registry.store.enabled_terminal_offices)
+                                    self._enabled_terminals)
+        self.health = HealthService(str(settings.db_path), self._enabled_terminals, self._office_infos,
+                                    self.metrics_registry, alert_for_s=alert_for_s, alert_clear_s=alert_clear_s)
+        self.ingest.on_status.append(self.health.on_status)
         self.link = ServerLink(ServerLinkSettings(
             settings.broker_host, settings.broker_port, settings.broker_username,
             settings.broker_password, settings.broker_client_id, settings.tls_ca), self.ingest)
+        self.scheduler = BackgroundScheduler(timezone="UTC")
+        self.scheduler.add_job(self._safe(self.health.sweep), "interval", seconds=health_sweep_s,
+                               id="health-sweep", max_instances=1, coalesce=True)
+        self.extra_routers: list[APIRouter] = []
         self._running = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
         if self._running:
             return
         self.ingest.start()
         self.link.start()
+        self.scheduler.start()
         self._running = True
 
     def stop(self) -> None:
         if not self._running:
             return
+        self.scheduler.shutdown(wait=True)
         self.link.stop()
         self.ingest.stop()
         self._running = False
 
     def close(self) -> None:
         self.stop()
+        self.health.close()
         self._conn.close()
 
     def reader(self) -> Any:
         return connect(self.settings.db_path, readonly=True)
+
+    @staticmethod
+    def _safe(job: Callable[[], Any]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                job()
+            except Exception:  # noqa: BLE001 - a scheduled job never takes the scheduler down
+                log.exception("scheduled job %s failed", getattr(job, "__name__", job))
+        return run
+
+    def _enabled_terminals(self) -> dict[str, str]:
+        with connect(self.settings.db_path, readonly=True) as conn:
+            return dict(conn.execute("SELECT id, office_id FROM terminals WHERE enabled=1"))
+
+    def _office_infos(self) -> list[OfficeInfo]:
+        with connect(self.settings.db_path, readonly=True) as conn:
+            return [OfficeInfo(r[0], json.loads(r[1]), r[2])
+                    for r in conn.execute("SELECT id, hours, timezone FROM offices")]
+
+    # -- admin actions (each audited) -------------------------------------------------------------
+
+    def _registry_changed(self) -> None:
+        self.ingest.refresh_terminals()
+        self.health.refresh_registry()
+        if self.broker_apply is not None:
+            self.broker_apply(self.registry.broker_credentials(self.settings.broker_username,
+                                                               self.settings.broker_password))
+
+    def enrol_terminal(self, body: TerminalCreate, actor: User | str) -> tuple[TerminalPublic, str]:
+        """Enrol one terminal; returns it and its broker password (shown once)."""
+        with self.lock:
+            terminal, password = self.registry.enrol(body)
+            self.auth.audit(actor, "terminal.enrol", terminal.id, None, terminal.model_dump())
+            self._registry_changed()
+        return terminal, password
+
+    def revoke_terminal(self, terminal_id: str, actor: User | str) -> None:
+        with self.lock:
+            before = self.registry.store.terminal(terminal_id)
+            self.registry.revoke(terminal_id)
+            self.auth.audit(actor, "terminal.revoke", terminal_id,
+                            before.model_dump() if before else None, {"enabled": False})
+            self._registry_changed()
+
+    def rotate_credentials(self, terminal_id: str, actor: User | str) -> str:
+        with self.lock:
+            password = self.registry.rotate(terminal_id)
+            self.auth.audit(actor, "terminal.rotate_credentials", terminal_id, {"password": "old"},
+                            {"password": "new"})
+            self._registry_changed()
+        return password
+
+    def onboard_office(self, office_id: str, terminals: list[TerminalCreate], actor: User | str, *,
+                       run_playbook: bool = False) -> dict[str, Any]:
+        """Enrol every terminal of an office in one transaction (all or none), then provision."""
+        with self.lock:
+            if office_id not in {o.id for o in self.registry.store.offices()}:
+                from fleet_server.registry.store import UnknownOffice
+                raise UnknownOffice(f"office {office_id!r} is not in the registry")
+            conn = self._conn
+            conn.execute("SAVEPOINT onboard")
+            issued: list[tuple[TerminalPublic, str]] = []
+            try:
+                for t in terminals:
+                    issued.append(self.registry.enrol(t))
+            except BaseException:
+                conn.execute("ROLLBACK TO onboard")
+                conn.execute("RELEASE onboard")
+                raise
+            conn.execute("RELEASE onboard")
+            self.auth.audit(actor, "office.onboard", office_id, None,
+                            {"terminals": [t.id for t, _ in issued], "run_playbook": run_playbook})
+            self._registry_changed()
+        result: dict[str, Any] = {"office": office_id,
+                                  "terminals": [{"id": t.id, "mqtt_username": t.id, "mqtt_password": pw}
+                                                for t, pw in issued]}
+        runner = getattr(self, "playbooks", None)
+        if run_playbook and runner is not None:
+            result["playbook_run"] = self.start_onboard_playbook(office_id, issued, actor)
+        return result
+
+    def start_onboard_playbook(self, office_id: str, issued: list[tuple[TerminalPublic, str]],
+                               actor: User | str) -> Any:
+        """Hook for the playbook runner (wired when the runner is configured)."""
+        raise NotImplementedError
 
 
 def create_app(settings: ServerSettings, server: FleetServer | None = None) -> FastAPI:
@@ -86,8 +200,23 @@ def create_app(settings: ServerSettings, server: FleetServer | None = None) -> F
         finally:
             fleet.stop()
 
-    app = FastAPI(title="kiosk-fleet server", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="kiosk-fleet server", version=__version__, lifespan=lifespan,
+                  description="Registry, health, usage and ingest of the self-service terminal fleet. "
+                              "Authenticate with `Authorization: Bearer <token>`.")
     app.state.fleet = fleet
+
+    @app.exception_handler(RegistryError)
+    async def registry_error(request: Request, exc: RegistryError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=registry_error_status(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"where": ".".join(str(p) for p in e.get("loc", ())), "problem": e.get("msg")}
+                  for e in exc.errors()[:5]]
+        first = errors[0] if errors else {"where": "", "problem": "invalid request"}
+        return JSONResponse({"detail": f"{first['where']}: {first['problem']}", "errors": errors},
+                            status_code=422)
+
     api = APIRouter(prefix="/api/v1")
 
     @app.get("/healthz", include_in_schema=False)
@@ -99,12 +228,12 @@ def create_app(settings: ServerSettings, server: FleetServer | None = None) -> F
     def metrics() -> Response:
         return Response(generate_latest(fleet.metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
-    @api.get("/ingest/summary")
+    @api.get("/ingest/summary", tags=["ingest"])
     def ingest_summary(user: ReaderUser) -> dict[str, Any]:
         """Stored events by office and type, duplicates dropped, rejects by reason, streams with gaps."""
-        return ingest_summary_doc(fleet)
+        return ingest_summary_doc(fleet, user.office_filter())
 
-    @api.get("/ingest/rejects")
+    @api.get("/ingest/rejects", tags=["ingest"])
     def ingest_rejects(user: ReaderUser, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, Any]]:
         """The most recent refused messages and events, with reasons."""
         with fleet.reader() as conn:
@@ -113,20 +242,15 @@ def create_app(settings: ServerSettings, server: FleetServer | None = None) -> F
             cols = [c[0] for c in cur.description]
             return [dict(zip(cols, r)) for r in cur]
 
-    @api.get("/terminals")
-    def terminals(user: ReaderUser) -> list[dict[str, Any]]:
-        """Enrolled terminals with their last reported status."""
-        with fleet.reader() as conn:
-            status = {r[0]: {"state": r[1], "reason": r[2], "since": r[3], "last_seen": r[4]}
-                      for r in conn.execute("SELECT terminal, state, reason, since, last_seen FROM terminal_status")}
-        return [{**t.model_dump(), "status": status.get(t.id)} for t in fleet.registry.store.terminals()]
-
-    @api.get("/terminals/{terminal_id}/streams")
+    @api.get("/terminals/{terminal_id}/streams", tags=["ingest"])
     def terminal_streams(terminal_id: str, user: ReaderUser) -> list[dict[str, Any]]:
         """Per-epoch receipt marks of one terminal: stored, dropped by policy, quarantined, gaps."""
-        rows = [r for (t, _), r in fleet.ingest.streams().items() if t == terminal_id]
-        if not rows and terminal_id not in {t.id for t in fleet.registry.store.terminals()}:
+        t = fleet.registry.store.terminal(terminal_id)
+        if t is None:
             raise HTTPException(404, f"terminal {terminal_id!r} is not enrolled")
+        if not user.sees_office(t.office_id):
+            raise HTTPException(403, f"you are not assigned to office {t.office_id!r}")
+        rows = [r for (tid, _), r in fleet.ingest.streams().items() if tid == terminal_id]
         return [{"epoch": r.epoch, "upto": r.seqs.upto, "ranges": r.seqs.ranges,
                  "gaps": r.seqs.missing(), "stored": r.stored, "dropped": r.dropped,
                  "quarantined": r.quarantined, "duplicates": r.duplicates,
@@ -134,20 +258,29 @@ def create_app(settings: ServerSettings, server: FleetServer | None = None) -> F
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def home() -> str:
-        return render_home(ingest_summary_doc(fleet))
+        return render_home(ingest_summary_doc(fleet, None), fleet.health.offices())
 
     app.include_router(api)
+    app.include_router(build_registry_router())
+    app.include_router(build_health_router())
+    app.include_router(build_auth_router())
+    for router in fleet.extra_routers:
+        app.include_router(router)
     return app
 
 
-def ingest_summary_doc(fleet: FleetServer) -> dict[str, Any]:
+def ingest_summary_doc(fleet: FleetServer, offices_filter: list[str] | None) -> dict[str, Any]:
+    where, params = "", []
+    if offices_filter is not None:
+        where = f" WHERE office_id IN ({','.join('?' * len(offices_filter))})"
+        params = list(offices_filter)
     with fleet.reader() as conn:
-        by_office = dict(conn.execute("SELECT office_id, count(*) FROM events GROUP BY office_id"))
-        by_type = dict(conn.execute("SELECT type, count(*) FROM events GROUP BY type"))
+        by_office = dict(conn.execute(f"SELECT office_id, count(*) FROM events{where} GROUP BY office_id", params))
+        by_type = dict(conn.execute(f"SELECT type, count(*) FROM events{where} GROUP BY type", params))
         rejects = dict(conn.execute("SELECT reason, count(*) FROM rejects GROUP BY reason"))
-        online = dict(conn.execute("SELECT state, count(*) FROM terminal_status GROUP BY state"))
         offices = {r[0]: {"name": r[1], "pilot": bool(r[2])}
-                   for r in conn.execute("SELECT id, name, pilot FROM offices")}
+                   for r in conn.execute("SELECT id, name, pilot FROM offices")
+                   if offices_filter is None or r[0] in offices_filter}
     streams = fleet.ingest.streams().values()
     return {
         "events_stored": sum(by_type.values()),
@@ -158,15 +291,17 @@ def ingest_summary_doc(fleet: FleetServer) -> dict[str, Any]:
         "dropped_by_terminals": sum(s.dropped for s in streams),
         "quarantined": sum(s.quarantined for s in streams),
         "rejects_recent_by_reason": rejects,
-        "terminals_by_state": online,
         "streams_with_gaps": sum(1 for s in streams if s.seqs.ranges),
     }
 
 
-def render_home(doc: dict[str, Any]) -> str:
+def render_home(doc: dict[str, Any], health: list[dict[str, Any]]) -> str:
+    by_office = {h["office"]: h for h in health}
     rows = "".join(
         f"<tr><td>{html.escape(o['name'])}{' · 试点' if o['pilot'] else ''}</td>"
-        f"<td style='text-align:right'>{doc['by_office'].get(oid, 0)}</td></tr>"
+        f"<td style='text-align:right'>{doc['by_office'].get(oid, 0)}</td>"
+        f"<td style='text-align:right'>{by_office.get(oid, {}).get('online', 0)}"
+        f"/{by_office.get(oid, {}).get('terminals', 0)}</td></tr>"
         for oid, o in doc["offices"].items())
     pretty = html.escape(json.dumps({k: v for k, v in doc.items() if k != "offices"},
                                     ensure_ascii=False, indent=2))
@@ -174,8 +309,7 @@ def render_home(doc: dict[str, Any]) -> str:
         "<!doctype html><html lang='zh'><head><meta charset='utf-8'><title>kiosk-fleet</title>"
         "<meta http-equiv='refresh' content='5'></head><body style='font-family:sans-serif;margin:2em'>"
         "<h1>kiosk-fleet · 智能服务终端</h1>"
-        f"<p>{doc['events_stored']} events stored · terminals {html.escape(str(doc['terminals_by_state']))}"
-        f" · duplicates dropped {doc['duplicates_dropped']}</p>"
-        f"<table><tr><th>Office</th><th>Events</th></tr>{rows}</table>"
+        f"<p>{doc['events_stored']} events stored · duplicates dropped {doc['duplicates_dropped']}</p>"
+        f"<table><tr><th>Office</th><th>Events</th><th>Online</th></tr>{rows}</table>"
         "<p><a href='/docs'>API</a> · <a href='/metrics'>metrics</a></p>"
         f"<pre>{pretty}</pre></body></html>")

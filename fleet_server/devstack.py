@@ -33,6 +33,7 @@ class DevStack:
     offices: dict[str, str] = field(default_factory=dict)
     server: FleetServer | None = None
     broker: Mosquitto | None = None
+    server_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -43,15 +44,15 @@ class DevStack:
         self.settings = ServerSettings(environment="development", db_path=self.root / "fleet.db",
                                        broker_port=self.port, broker_password=self.server_password,
                                        admin_token=self.admin_token)
-        self.server = FleetServer(self.settings, CollectorRegistry())
+        self.server = FleetServer(self.settings, CollectorRegistry(), **self.server_options)
 
     # -- set-up -----------------------------------------------------------------------------------
 
     def enrol(self, terminal_id: str, office_id: str, profile: str = "generic") -> str:
         """Enrol a terminal and return its broker password."""
         assert self.server is not None
-        _, password = self.server.registry.enrol(
-            TerminalCreate(id=terminal_id, office_id=office_id, profile=profile))
+        _, password = self.server.enrol_terminal(
+            TerminalCreate(id=terminal_id, office_id=office_id, profile=profile), "devstack")
         self.passwords[terminal_id] = password
         self.offices[terminal_id] = office_id
         return password
@@ -65,7 +66,20 @@ class DevStack:
         self.write_broker_files()
         self.broker = Mosquitto(self.broker_config)
         self.broker.start()
+        self._wire_broker()
         return self.broker
+
+    def _wire_broker(self) -> None:
+        """Let the server regenerate credentials and reload our broker after registry changes."""
+        if self.server is None or self.broker is None:
+            return
+        broker, config = self.broker, self.broker_config
+
+        def apply(creds: Any) -> None:
+            write_broker_files(config, creds)
+            broker.reload()
+
+        self.server.broker_apply = apply
 
     def reload_broker(self) -> None:
         self.write_broker_files()
@@ -74,7 +88,8 @@ class DevStack:
 
     def start_server(self) -> FleetServer:
         if self.server is None:
-            self.server = FleetServer(self.settings, CollectorRegistry())
+            self.server = FleetServer(self.settings, CollectorRegistry(), **self.server_options)
+            self._wire_broker()
         self.server.start()
         self.server.ingest.refresh_terminals()
         return self.server

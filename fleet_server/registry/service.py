@@ -32,6 +32,12 @@ class RegistryService:
         password = new_password()
         return self.store.add_terminal(terminal, hash_password(password)), password
 
+    def rotate(self, terminal_id: str) -> str:
+        """New broker password for a terminal (returned once, stored hashed)."""
+        password = new_password()
+        self.store.set_password_hash(terminal_id, hash_password(password))
+        return password
+
     def revoke(self, terminal_id: str) -> None:
         self.store.revoke_terminal(terminal_id)
 

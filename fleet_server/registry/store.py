@@ -78,6 +78,15 @@ class RegistryStore:
         if cur.rowcount == 0:
             raise UnknownTerminal(f"terminal {terminal_id!r} is not in the registry")
 
+    def set_password_hash(self, terminal_id: str, password_hash: str) -> None:
+        cur = self._db.execute("UPDATE terminals SET password_hash=? WHERE id=? AND enabled=1",
+                               (password_hash, terminal_id))
+        if cur.rowcount == 0:
+            raise UnknownTerminal(f"terminal {terminal_id!r} is not enrolled (or was revoked)")
+
+    def terminal(self, terminal_id: str) -> TerminalPublic | None:
+        return next((t for t in self.terminals() if t.id == terminal_id), None)
+
     def terminals(self) -> list[TerminalPublic]:
         cur = self._db.execute(
             "SELECT id, office_id, profile, tags, enabled, created_at, revoked_at FROM terminals ORDER BY id")

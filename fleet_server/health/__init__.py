@@ -1,0 +1,1 @@
+"""Terminal health: online / stale / offline / missing, alerts with flap suppression."""

@@ -1,0 +1,343 @@
+"""Health of every terminal from heartbeats and Last Wills; alerts with flap suppression."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from sqlite_utils.migrations import Migrations
+
+from fleet_server.db import connect
+from fleet_server.health.rules import Hysteresis, State, is_open, judge
+
+log = logging.getLogger(__name__)
+
+migrations = Migrations("fleet_server.health")
+
+
+@migrations(name="0001_health")
+def _m0001(db: Any) -> None:
+    db.execute("""CREATE TABLE health_transitions (
+        id INTEGER PRIMARY KEY, terminal TEXT NOT NULL, at TEXT NOT NULL, from_state TEXT NOT NULL,
+        to_state TEXT NOT NULL, reason TEXT NOT NULL)""")
+    db.execute("CREATE INDEX health_transitions_terminal ON health_transitions (terminal, id)")
+    db.execute("""CREATE TABLE alerts (
+        id INTEGER PRIMARY KEY, kind TEXT NOT NULL, subject TEXT NOT NULL, office_id TEXT NOT NULL,
+        severity TEXT NOT NULL, state TEXT NOT NULL, message TEXT NOT NULL, fired_at TEXT NOT NULL,
+        resolved_at TEXT)""")
+    db.execute("CREATE INDEX alerts_state ON alerts (state, kind)")
+
+
+DEFAULT_HB_INTERVAL_S = 30.0
+DISK_NEARLY_FULL_PCT = 90.0
+OUTBOX_BACKLOG_OLD_S = 1800.0
+OFFICE_MOSTLY_OFFLINE = 0.5
+SEVERITY = {"terminal_offline": "warning", "office_offline": "critical", "disk_nearly_full": "warning",
+            "outbox_backlog_old": "warning", "peripheral_failed": "warning"}
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _parse_iso(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+@dataclass(slots=True)
+class TerminalHealth:
+    terminal: str
+    office: str
+    state: State = State.MISSING
+    reason: str = "never connected since enrolment"
+    since: float = 0.0
+    last_seen: float | None = None
+    reported: str | None = None
+    reported_reason: str = ""
+    hb_interval_s: float = DEFAULT_HB_INTERVAL_S
+    version: str | None = None
+    outbox_depth: int = 0
+    outbox_oldest_age_s: float = 0.0
+    disk_pct: float = 0.0
+    peripherals: dict[str, str] = field(default_factory=dict)
+
+    def public(self) -> dict[str, Any]:
+        return {"terminal": self.terminal, "office": self.office, "state": self.state.value,
+                "reason": self.reason, "since": _iso(self.since) if self.since else None,
+                "last_seen": _iso(self.last_seen) if self.last_seen else None,
+                "heartbeat_interval_s": self.hb_interval_s, "agent_version": self.version,
+                "outbox": {"depth": self.outbox_depth, "oldest_age_s": self.outbox_oldest_age_s},
+                "disk_pct": self.disk_pct, "peripherals": dict(self.peripherals)}
+
+
+@dataclass(frozen=True, slots=True)
+class OfficeInfo:
+    id: str
+    hours: dict[str, str]
+    timezone: str
+
+
+class HealthMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.terminals = Gauge("fleet_terminals", "Terminals by office and health state", ["office", "state"],
+                               registry=registry)
+        self.alerts_active = Gauge("fleet_alerts_active", "Alerts firing now", ["kind", "severity"],
+                                   registry=registry)
+        self.alerts_raised = Counter("fleet_alerts_raised_total", "Alerts raised", ["kind"], registry=registry)
+        self.outbox_age = Gauge("fleet_office_outbox_oldest_age_seconds",
+                                "Oldest unsent event over the office's terminals", ["office"], registry=registry)
+        self.disk = Gauge("fleet_office_disk_used_ratio_max", "Fullest terminal disk in the office (0-1)",
+                          ["office"], registry=registry)
+        self.peripherals = Gauge("fleet_peripherals_failed", "Terminals whose peripheral reports a fault",
+                                 ["office", "peripheral"], registry=registry)
+
+
+class HealthService:
+    def __init__(self, db_path: str, terminals: Callable[[], dict[str, str]],
+                 offices: Callable[[], list[OfficeInfo]], registry: CollectorRegistry, *,
+                 clock: Callable[[], float] = time.time, alert_for_s: float = 120.0,
+                 alert_clear_s: float = 60.0) -> None:
+        self._db_path = db_path
+        self._terminals_source = terminals
+        self._offices_source = offices
+        self.metrics = HealthMetrics(registry)
+        self._clock = clock
+        self.alert_for_s = alert_for_s
+        self.alert_clear_s = alert_clear_s
+        self._lock = threading.Lock()
+        self._health: dict[str, TerminalHealth] = {}
+        self._offices: dict[str, OfficeInfo] = {}
+        self._alerts: dict[tuple[str, str], Hysteresis] = {}
+        self._alert_rows: dict[tuple[str, str], int] = {}
+        self._seen_labels: set[tuple[str, str]] = set()
+        self._conn = connect(db_path)
+        self._load()
+
+    def _load(self) -> None:
+        self.refresh_registry()
+        for terminal, state, reason, _, last_seen, doc in self._conn.execute(
+                "SELECT terminal, state, reason, since, last_seen, doc FROM terminal_status"):
+            h = self._health.get(terminal)
+            if h is not None:
+                self._apply(h, state, reason, _parse_iso(last_seen), doc)
+        for aid, kind, subject in self._conn.execute("SELECT id, kind, subject FROM alerts WHERE state='firing'"):
+            hy = Hysteresis(self.alert_for_s, self.alert_clear_s, firing=True)
+            self._alerts[(kind, subject)] = hy
+            self._alert_rows[(kind, subject)] = aid
+        for terminal, state, at in self._conn.execute(
+                "SELECT terminal, to_state, at FROM health_transitions WHERE id IN"
+                " (SELECT max(id) FROM health_transitions GROUP BY terminal)"):
+            h = self._health.get(terminal)
+            if h is not None:
+                h.state, h.since = State(state), _parse_iso(at)
+
+    def refresh_registry(self) -> None:
+        """Pick up enrolled / revoked terminals and office hours."""
+        terminals = self._terminals_source()
+        offices = {o.id: o for o in self._offices_source()}
+        now = self._clock()
+        with self._lock:
+            self._offices = offices
+            for tid, office in terminals.items():
+                if tid not in self._health:
+                    self._health[tid] = TerminalHealth(tid, office, since=now)
+                else:
+                    self._health[tid].office = office
+            for tid in list(self._health):
+                if tid not in terminals:
+                    del self._health[tid]
+
+    # -- input -----------------------------------------------------------------------------------
+
+    def on_status(self, rows: list[tuple[str, str, str, str, str, str]]) -> None:
+        """Ingest hook: birth, heartbeat, graceful offline or Last Will of some terminals."""
+        with self._lock:
+            for terminal, state, reason, _, at, doc in rows:
+                h = self._health.get(terminal)
+                if h is not None:
+                    self._apply(h, state, reason, _parse_iso(at), doc)
+
+    @staticmethod
+    def _apply(h: TerminalHealth, state: str, reason: str, at: float, doc_json: str) -> None:
+        h.reported, h.reported_reason, h.last_seen = state, reason, at
+        try:
+            doc = json.loads(doc_json)
+        except ValueError:
+            return
+        if not isinstance(doc, dict) or state != "online":
+            return
+        try:
+            h.hb_interval_s = max(1.0, float(doc.get("hb_interval_s", h.hb_interval_s)))
+            h.version = str(doc["version"])[:64] if "version" in doc else h.version
+            outbox = doc.get("outbox") or {}
+            h.outbox_depth = int(outbox.get("depth", 0))
+            h.outbox_oldest_age_s = float(outbox.get("oldest_age_s", 0.0))
+            h.disk_pct = float(doc.get("disk_pct", 0.0))
+            h.peripherals = {str(k)[:32]: str(v)[:16] for k, v in (doc.get("peripherals") or {}).items()}
+        except (TypeError, ValueError, AttributeError):
+            log.info("terminal %s sent a status document with odd fields; kept what was readable", h.terminal)
+
+    # -- the sweep -------------------------------------------------------------------------------
+
+    def sweep(self) -> list[tuple[str, str, str, str]]:
+        """Recompute states, record transitions, fire and resolve alerts, update gauges."""
+        now = self._clock()
+        at = _iso(now)
+        transitions: list[tuple[str, str, str, str]] = []
+        with self._lock:
+            healths = list(self._health.values())
+            for h in healths:
+                v = judge(h.last_seen, h.reported, h.reported_reason, h.hb_interval_s, now)
+                if v.state != h.state:
+                    transitions.append((h.terminal, h.state.value, v.state.value, v.reason))
+                    h.state, h.since = v.state, now
+                h.reason = v.reason
+            conditions = self._conditions(healths, now)
+            offices = dict(self._offices)
+        fired, resolved = [], []
+        for key, (cond, office, message) in conditions.items():
+            hy = self._alerts.setdefault(key, Hysteresis(self.alert_for_s, self.alert_clear_s))
+            outcome = hy.update(cond, now)
+            if outcome == "fire":
+                fired.append((key, office, message))
+            elif outcome == "resolve":
+                resolved.append(key)
+        for key, hy in list(self._alerts.items()):
+            if key not in conditions:  # the subject is gone (revoked terminal): resolve at once
+                if hy.firing:
+                    resolved.append(key)
+                del self._alerts[key]
+        self._persist(at, transitions, fired, resolved)
+        self._export(healths, offices)
+        return transitions
+
+    def _conditions(self, healths: list[TerminalHealth], now: float) -> dict[tuple[str, str], tuple[bool, str, str]]:
+        moment = datetime.fromtimestamp(now, UTC)
+        out: dict[tuple[str, str], tuple[bool, str, str]] = {}
+        by_office: dict[str, list[TerminalHealth]] = {}
+        for h in healths:
+            by_office.setdefault(h.office, []).append(h)
+            office = self._offices.get(h.office)
+            open_now = office is None or is_open(office.hours, office.timezone, moment)
+            out[("terminal_offline", h.terminal)] = (
+                h.state == State.OFFLINE and open_now, h.office,
+                f"terminal {h.terminal} is offline during opening hours: {h.reason}")
+            out[("disk_nearly_full", h.terminal)] = (
+                h.state != State.MISSING and h.disk_pct >= DISK_NEARLY_FULL_PCT, h.office,
+                f"terminal {h.terminal} disk is {h.disk_pct:.0f}% full")
+            out[("outbox_backlog_old", h.terminal)] = (
+                h.outbox_oldest_age_s >= OUTBOX_BACKLOG_OLD_S, h.office,
+                f"terminal {h.terminal} has events waiting for {h.outbox_oldest_age_s / 60:.0f} min")
+            for name, pstate in h.peripherals.items():
+                out[("peripheral_failed", f"{h.terminal}:{name}")] = (
+                    pstate not in ("ok", "warn"), h.office, f"{name} on terminal {h.terminal}: {pstate}")
+        for office_id, members in by_office.items():
+            down = sum(1 for h in members if h.state == State.OFFLINE)
+            out[("office_offline", office_id)] = (
+                len(members) >= 2 and down / len(members) > OFFICE_MOSTLY_OFFLINE, office_id,
+                f"{down} of {len(members)} terminals of office {office_id} are offline")
+        return out
+
+    def _persist(self, at: str, transitions: list[tuple[str, str, str, str]],
+                 fired: list[tuple[tuple[str, str], str, str]], resolved: list[tuple[str, str]]) -> None:
+        if not (transitions or fired or resolved):
+            return
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            c.executemany("INSERT INTO health_transitions (terminal, at, from_state, to_state, reason)"
+                          " VALUES (?,?,?,?,?)", [(t, at, a, b, r) for t, a, b, r in transitions])
+            for (kind, subject), office, message in fired:
+                cur = c.execute("INSERT INTO alerts (kind, subject, office_id, severity, state, message, fired_at)"
+                                " VALUES (?,?,?,?,'firing',?,?)", (kind, subject, office, SEVERITY[kind], message, at))
+                self._alert_rows[(kind, subject)] = int(cur.lastrowid or 0)
+            for key in resolved:
+                aid = self._alert_rows.pop(key, None)
+                if aid is not None:
+                    c.execute("UPDATE alerts SET state='resolved', resolved_at=? WHERE id=?", (at, aid))
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        for (kind, subject), _, message in fired:
+            self.metrics.alerts_raised.labels(kind).inc()
+            log.warning("alert %s: %s", kind, message)
+        for t, a, b, r in transitions:
+            log.info("terminal %s: %s → %s (%s)", t, a, b, r)
+
+    def _export(self, healths: list[TerminalHealth], offices: dict[str, OfficeInfo]) -> None:
+        counts: dict[tuple[str, str], int] = {(o, s.value): 0 for o in offices for s in State}
+        age: dict[str, float] = {o: 0.0 for o in offices}
+        disk: dict[str, float] = {o: 0.0 for o in offices}
+        periph: dict[tuple[str, str], int] = {}
+        for h in healths:
+            counts[(h.office, h.state.value)] = counts.get((h.office, h.state.value), 0) + 1
+            age[h.office] = max(age.get(h.office, 0.0), h.outbox_oldest_age_s)
+            disk[h.office] = max(disk.get(h.office, 0.0), h.disk_pct / 100.0)
+            for name, pstate in h.peripherals.items():
+                key = (h.office, name)
+                periph[key] = periph.get(key, 0) + (pstate not in ("ok", "warn"))
+        for (office, state), n in counts.items():
+            self.metrics.terminals.labels(office, state).set(n)
+        for office, v in age.items():
+            self.metrics.outbox_age.labels(office).set(v)
+        for office, v in disk.items():
+            self.metrics.disk.labels(office).set(v)
+        for (office, name), n in periph.items():
+            self.metrics.peripherals.labels(office, name).set(n)
+        active: dict[tuple[str, str], int] = {(k, s): 0 for k, s in SEVERITY.items()}
+        for (kind, _), hy in self._alerts.items():
+            if hy.firing:
+                active[(kind, SEVERITY[kind])] += 1
+        for (kind, sev), n in active.items():
+            self.metrics.alerts_active.labels(kind, sev).set(n)
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def terminals(self, offices: list[str] | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            return [h.public() for h in sorted(self._health.values(), key=lambda h: h.terminal)
+                    if offices is None or h.office in offices]
+
+    def terminal(self, terminal_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            h = self._health.get(terminal_id)
+            doc = h.public() if h else None
+        if doc is None:
+            return None
+        with connect(self._db_path, readonly=True) as conn:
+            doc["transitions"] = [{"at": r[0], "from": r[1], "to": r[2], "reason": r[3]} for r in conn.execute(
+                "SELECT at, from_state, to_state, reason FROM health_transitions WHERE terminal=?"
+                " ORDER BY id DESC LIMIT 50", (terminal_id,))]
+        return doc
+
+    def offices(self, offices: list[str] | None = None) -> list[dict[str, Any]]:
+        summary: dict[str, dict[str, Any]] = {}
+        with self._lock:
+            for h in self._health.values():
+                if offices is not None and h.office not in offices:
+                    continue
+                s = summary.setdefault(h.office, {"office": h.office, "terminals": 0,
+                                                  **{st.value: 0 for st in State}})
+                s["terminals"] += 1
+                s[h.state.value] += 1
+        return sorted(summary.values(), key=lambda s: s["office"])
+
+    def alerts(self, active_only: bool = True, offices: list[str] | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        sql = "SELECT id, kind, subject, office_id, severity, state, message, fired_at, resolved_at FROM alerts"
+        sql += " WHERE state='firing'" if active_only else ""
+        sql += " ORDER BY id DESC LIMIT ?"
+        with connect(self._db_path, readonly=True) as conn:
+            rows = conn.execute(sql, (limit,)).fetchall()
+        keys = ["id", "kind", "subject", "office", "severity", "state", "message", "fired_at", "resolved_at"]
+        return [dict(zip(keys, r)) for r in rows if offices is None or r[3] in offices]
+
+    def close(self) -> None:
+        self._conn.close()

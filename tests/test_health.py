@@ -1,0 +1,150 @@
+"""Health from real heartbeats and Last Wills; alerts with flap suppression."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from fleet_server.db import migrate
+from fleet_server.devstack import wait_for
+from fleet_server.health import service as health_service
+from fleet_server.health.rules import Hysteresis, State, is_open, judge
+from fleet_server.health.service import HealthService, OfficeInfo
+
+WEEKDAY_HOURS = {"mon-fri": "08:30-17:00", "sat": "09:00-12:00"}
+
+
+def test_judge_states_from_heartbeat_age() -> None:
+    assert judge(None, None, "", 30, 100).state == State.MISSING
+    assert judge(90, "online", "", 30, 100).state == State.ONLINE
+    assert judge(50, "online", "", 30, 100).state == State.STALE
+    v = judge(0, "online", "", 30, 100)
+    assert v.state == State.OFFLINE and "no heartbeat for 100 s" in v.reason
+    v = judge(99, "offline", "connection_lost", 30, 100)
+    assert v.state == State.OFFLINE and "Last Will" in v.reason
+
+
+def test_opening_hours_in_office_time_zone() -> None:
+    # 2026-11-23 is a Monday; 01:00 UTC is 09:00 in Beijing
+    assert is_open(WEEKDAY_HOURS, "Asia/Shanghai", datetime(2026, 11, 23, 1, 0, tzinfo=UTC))
+    assert not is_open(WEEKDAY_HOURS, "Asia/Shanghai", datetime(2026, 11, 23, 12, 0, tzinfo=UTC))  # 20:00
+    assert is_open(WEEKDAY_HOURS, "Asia/Shanghai", datetime(2026, 11, 28, 2, 0, tzinfo=UTC))  # Sat 10:00
+    assert not is_open(WEEKDAY_HOURS, "Asia/Shanghai", datetime(2026, 11, 29, 2, 0, tzinfo=UTC))  # Sunday
+
+
+def test_hysteresis_needs_a_sustained_condition() -> None:
+    h = Hysteresis(for_s=10, clear_s=5)
+    assert [h.update(True, t) for t in (0, 5, 9)] == [None, None, None]
+    assert h.update(True, 10) == "fire"
+    assert h.update(False, 11) is None and h.update(True, 12) is None  # a blip does not resolve
+    assert h.update(False, 13) is None and h.update(False, 18) == "resolve"
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _service(tmp_path: Path, clock: Clock, terminals: dict[str, str], **kw: Any) -> HealthService:
+    db = tmp_path / "h.db"
+    migrate(db, health_service.migrations)
+    return HealthService(str(db), lambda: terminals,
+                         lambda: [OfficeInfo("haidian", {"mon-sun": "00:00-23:59"}, "Asia/Shanghai")],
+                         CollectorRegistry(), clock=clock, **kw)
+
+
+def _status(terminal: str, state: str, at: float, reason: str = "heartbeat", **doc: Any) -> tuple[str, ...]:
+    iso = datetime.fromtimestamp(at, UTC).isoformat().replace("+00:00", "Z")
+    return (terminal, state, reason, iso, iso, json.dumps({"state": state, "hb_interval_s": 2, **doc}))
+
+
+def test_flapping_terminal_raises_one_alert_not_one_per_flap(tmp_path: Path) -> None:
+    clock = Clock(1_800_000_000.0)
+    svc = _service(tmp_path, clock, {"t-1": "haidian", "t-2": "haidian", "t-3": "haidian"},
+                   alert_for_s=20, alert_clear_s=20)
+    svc.on_status([_status("t-2", "online", clock.now), _status("t-3", "online", clock.now)])
+    for i in range(60):  # t-1 drops and comes back every 3 s for three minutes
+        state = "offline" if (i // 1) % 2 else "online"
+        svc.on_status([_status("t-1", state, clock.now, "connection_lost" if state == "offline" else "heartbeat"),
+                       _status("t-2", "online", clock.now), _status("t-3", "online", clock.now)])
+        svc.sweep()
+        clock.now += 3
+    raised = svc.metrics.alerts_raised.labels("terminal_offline")._value.get()
+    transitions = svc.terminal("t-1")["transitions"]  # type: ignore[index]
+    assert len(transitions) >= 50  # every flap is recorded as a transition …
+    assert raised == 0  # … but none lasted long enough to page anybody
+    # now it stays down: exactly one alert, resolved once it is back for long enough
+    for _ in range(20):
+        svc.on_status([_status("t-1", "offline", clock.now, "connection_lost"),
+                       _status("t-2", "online", clock.now), _status("t-3", "online", clock.now)])
+        svc.sweep()
+        clock.now += 3
+    assert svc.metrics.alerts_raised.labels("terminal_offline")._value.get() == 1
+    [alert] = svc.alerts(active_only=True)
+    assert alert["kind"] == "terminal_offline" and "Last Will" in alert["message"]
+    for _ in range(12):
+        svc.on_status([_status(t, "online", clock.now) for t in ("t-1", "t-2", "t-3")])
+        svc.sweep()
+        clock.now += 2
+    assert svc.alerts(active_only=True) == []
+    assert svc.alerts(active_only=False)[0]["resolved_at"] is not None
+    svc.close()
+
+
+def test_disk_backlog_peripheral_and_office_alerts(tmp_path: Path) -> None:
+    clock = Clock(1_800_000_000.0)
+    svc = _service(tmp_path, clock, {"t-1": "haidian", "t-2": "haidian"}, alert_for_s=0, alert_clear_s=0)
+    svc.on_status([_status("t-1", "online", clock.now, disk_pct=95.0, outbox={"depth": 9, "oldest_age_s": 7200},
+                           peripherals={"receipt_printer": "fault", "camera": "ok"}),
+                   _status("t-2", "offline", clock.now, "connection_lost")])
+    svc.sweep()
+    svc.sweep()
+    kinds = sorted(a["kind"] for a in svc.alerts())
+    assert kinds == ["disk_nearly_full", "outbox_backlog_old", "peripheral_failed", "terminal_offline"]
+    assert svc.metrics.peripherals.labels("haidian", "receipt_printer")._value.get() == 1
+    assert svc.metrics.terminals.labels("haidian", "offline")._value.get() == 1
+    svc.on_status([_status("t-1", "offline", clock.now, "shutdown")])
+    svc.sweep()
+    assert "office_offline" in {a["kind"] for a in svc.alerts()}
+    svc.close()
+
+
+def test_health_transitions_from_real_heartbeats_and_last_will(make_stack: Any) -> None:
+    st = make_stack(2, server_options={"health_sweep_s": 0.3})
+    assert st.server is not None
+    health = st.server.health
+    assert {h["state"] for h in health.terminals()} == {"missing"}
+    proc = st.agent_process("t-000", heartbeat_interval_s=1.0)
+    try:
+        wait_for(lambda: health.terminal("t-000")["state"] == "online", 20, what="t-000 online")  # type: ignore[index]
+        # frozen agent: the TCP session stays up, but heartbeats stop → stale, then offline
+        os.killpg(proc.pid, signal.SIGSTOP)
+        wait_for(lambda: health.terminal("t-000")["state"] == "stale", 20, what="t-000 stale")  # type: ignore[index]
+        wait_for(lambda: health.terminal("t-000")["state"] == "offline", 20, what="t-000 offline")  # type: ignore[index]
+        assert "no heartbeat" in health.terminal("t-000")["reason"]  # type: ignore[index]
+        os.killpg(proc.pid, signal.SIGCONT)
+        wait_for(lambda: health.terminal("t-000")["state"] == "online", 20, what="t-000 back online")  # type: ignore[index]
+        # killed: the broker publishes its Last Will
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        wait_for(lambda: health.terminal("t-000")["state"] == "offline", 20, what="Last Will")  # type: ignore[index]
+        doc = health.terminal("t-000")
+        assert doc is not None and "Last Will" in doc["reason"]
+        states = [t["to"] for t in reversed(doc["transitions"])]
+        assert states == ["online", "stale", "offline", "online", "offline"]
+        assert health.terminal("t-001")["state"] == "missing"  # type: ignore[index]
+        assert st.server.metrics_registry.get_sample_value(
+            "fleet_terminals", {"office": "dongcheng", "state": "offline"}) == 1
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
