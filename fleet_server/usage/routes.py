@@ -1,0 +1,174 @@
+"""HTTP for usage statistics: admins see every office, managers only their own (read-only)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import date, timedelta
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi.responses import Response
+
+from fleet_server.auth.deps import FleetDep, ReaderUser
+from fleet_server.auth.models import User
+from fleet_server.usage import charts
+from fleet_server.usage.schemas import BusyHours, HourTable, ItemTable, OfficeComparison, PeriodComparison
+from fleet_server.usage.service import BadQuery, UnknownOffice, UsageService
+
+DEFAULT_RANGE_DAYS = 7
+
+
+def get_usage(fleet: FleetDep) -> UsageService:
+    """The server's usage service (503 when this server runs without it)."""
+    usage = getattr(fleet, "usage", None)
+    if usage is None:
+        raise HTTPException(503, "usage statistics are not enabled on this server")
+    return usage  # type: ignore[no-any-return]
+
+
+UsageDep = Annotated[UsageService, Depends(get_usage)]
+OfficeQuery = Annotated[list[str] | None, Query(
+    alias="office", description="office id; repeat for several; default: every office you may see")]
+DateFrom = Annotated[date | None, Query(description="first office-local day (ISO), default: 6 days before date_to")]
+DateTo = Annotated[date | None, Query(description="last office-local day (ISO), inclusive; default: today")]
+Metric = Literal[tuple(charts.OFFICE_METRICS)]  # type: ignore[valid-type]
+
+
+@contextmanager
+def _domain_errors() -> Iterator[None]:
+    """Translate usage errors into HTTP answers (the one place this layer does so)."""
+    try:
+        yield
+    except UnknownOffice as err:
+        raise HTTPException(404, str(err)) from err
+    except BadQuery as err:
+        raise HTTPException(422, str(err)) from err
+
+
+def _offices(usage: UsageService, user: User, requested: list[str] | None) -> list[str] | None:
+    """Offices the query covers: unknown ones are 404, ones the user may not see are 403."""
+    if requested:
+        known = {o.id for o in usage.offices()}
+        unknown = [o for o in dict.fromkeys(requested) if o not in known]
+        if unknown:
+            raise HTTPException(404, str(UnknownOffice(unknown, sorted(known))))
+        hidden = [o for o in requested if not user.sees_office(o)]
+        if hidden:
+            raise HTTPException(403, f"user {user.name!r} may not see usage of office "
+                                     f"{', '.join(repr(o) for o in hidden)}; assigned: "
+                                     f"{', '.join(sorted(user.offices or ()))}")
+    return user.office_filter(requested or None)
+
+
+def _range(usage: UsageService, date_from: date | None, date_to: date | None) -> tuple[date, date]:
+    if date_to is None:
+        date_to = usage.default_range()[1] if date_from is None else max(date_from, usage.default_range()[1])
+    if date_from is None:
+        date_from = date_to - timedelta(days=DEFAULT_RANGE_DAYS - 1)
+    return date_from, date_to
+
+
+def build_usage_router() -> APIRouter:
+    """Routes under /api/v1/usage; every one needs the admin or manager role."""
+    router = APIRouter(prefix="/api/v1/usage", tags=["usage"])
+
+    @router.get("/items", response_model=ItemTable)
+    def items(user: ReaderUser, usage: UsageDep, office: OfficeQuery = None, date_from: DateFrom = None,
+              date_to: DateTo = None) -> ItemTable:
+        """Per office x service item: started, completed, abandoned, rates, median and p90 duration."""
+        offices = _offices(usage, user, office)
+        with _domain_errors():
+            return usage.item_table(offices, *_range(usage, date_from, date_to))
+
+    @router.get("/hourly", response_model=HourTable)
+    def hourly(user: ReaderUser, usage: UsageDep, office: OfficeQuery = None, date_from: DateFrom = None,
+               date_to: DateTo = None) -> HourTable:
+        """The stored hour buckets per office x day x hour x service item."""
+        offices = _offices(usage, user, office)
+        with _domain_errors():
+            return usage.hour_table(offices, *_range(usage, date_from, date_to))
+
+    @router.get("/busy-hours", response_model=BusyHours)
+    def busy_hours(user: ReaderUser, usage: UsageDep, office: OfficeQuery = None, date_from: DateFrom = None,
+                   date_to: DateTo = None) -> BusyHours:
+        """Share of sessions by office-local weekday x hour, and by hour of day."""
+        offices = _offices(usage, user, office)
+        with _domain_errors():
+            return usage.busy_hours(offices, *_range(usage, date_from, date_to))
+
+    @router.get("/offices", response_model=OfficeComparison)
+    def compare_offices(user: ReaderUser, usage: UsageDep, office: OfficeQuery = None,
+                        date_from: DateFrom = None, date_to: DateTo = None) -> OfficeComparison:
+        """Offices side by side: completion and abandon rates, durations, sessions per terminal-day."""
+        offices = _offices(usage, user, office)
+        with _domain_errors():
+            return usage.compare_offices(offices, *_range(usage, date_from, date_to))
+
+    @router.get("/periods", response_model=PeriodComparison)
+    def compare_periods(user: ReaderUser, usage: UsageDep,
+                        base_from: Annotated[date, Query(description="first day of the base period, e.g. the pilot")],
+                        base_to: Annotated[date, Query(description="last day of the base period")],
+                        office: OfficeQuery = None, date_from: DateFrom = None,
+                        date_to: DateTo = None) -> PeriodComparison:
+        """Each office in a base period (e.g. the pilot) next to another period, with the changes."""
+        offices = _offices(usage, user, office)
+        with _domain_errors():
+            return usage.compare_periods(offices, base_from, base_to, *_range(usage, date_from, date_to))
+
+    @router.get("/export.csv", response_class=Response,
+                responses={200: {"content": {"text/csv": {}}, "description": "UTF-8 CSV with BOM"}})
+    def export_csv(user: ReaderUser, usage: UsageDep, office: OfficeQuery = None, date_from: DateFrom = None,
+                   date_to: DateTo = None,
+                   granularity: Literal["total", "day", "hour"] = "total") -> Response:
+        """The rollups as CSV for Excel: one row per office x item (x day, x hour)."""
+        offices = _offices(usage, user, office)
+        first, last = _range(usage, date_from, date_to)
+        with _domain_errors():
+            text = usage.export_csv(offices, first, last, granularity)
+        filename = f"usage-{granularity}-{first}-{last}.csv"
+        return Response(text.encode("utf-8"), media_type="text/csv; charset=utf-8",
+                         headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+    @router.get("/charts/busy-hours.svg", response_class=Response)
+    def busy_hours_chart(user: ReaderUser, usage: UsageDep, office: OfficeQuery = None,
+                         date_from: DateFrom = None, date_to: DateTo = None) -> Response:
+        """Bar chart of the busy-hour profile."""
+        offices = _offices(usage, user, office)
+        with _domain_errors():
+            profile = usage.busy_hours(offices, *_range(usage, date_from, date_to))
+        title = "繁忙时段 busy hours · " + ", ".join(_office_names(usage, profile.offices))
+        return _svg(charts.busy_hours_svg(profile, title))
+
+    @router.get("/charts/items.svg", response_class=Response)
+    def items_chart(user: ReaderUser, usage: UsageDep,
+                    office: Annotated[str, Query(description="one office id")],
+                    date_from: DateFrom = None, date_to: DateTo = None) -> Response:
+        """Stacked completed / abandoned bars per service item of one office."""
+        offices = _offices(usage, user, [office])
+        with _domain_errors():
+            table = usage.item_table(offices, *_range(usage, date_from, date_to))
+        title = f"业务事项 service items · {_office_names(usage, [office])[0]} · {table.date_from} – {table.date_to}"
+        return _svg(charts.items_svg(table, title))
+
+    @router.get("/charts/offices.svg", response_class=Response)
+    def offices_chart(user: ReaderUser, usage: UsageDep, office: OfficeQuery = None,
+                      date_from: DateFrom = None, date_to: DateTo = None,
+                      metric: Metric = "completion_rate") -> Response:
+        """Bars comparing one figure across offices."""
+        offices = _offices(usage, user, office)
+        with _domain_errors():
+            comparison = usage.compare_offices(offices, *_range(usage, date_from, date_to))
+        return _svg(charts.offices_svg(comparison, metric, "网点对比 offices compared"))
+
+    return router
+
+
+def _office_names(usage: UsageService, office_ids: list[str]) -> list[str]:
+    names = {o.id: o.name for o in usage.offices()}
+    return [names.get(o, o) for o in office_ids]
+
+
+def _svg(text: str) -> Response:
+    return Response(text, media_type="image/svg+xml; charset=utf-8",
+                    headers={"Cache-Control": "private, max-age=60"})
