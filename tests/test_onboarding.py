@@ -1,0 +1,58 @@
+"""Onboarding one of the 12 non-pilot offices end to end, and revocation cutting a terminal off."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from fleet_server.app import create_app
+from fleet_server.devstack import service_events, wait_for
+from fleet_wire import topics
+from fleet_wire.topics import Channel
+from tests.mqtt_util import RawClient
+
+
+def test_onboard_non_pilot_office_terminals_report_and_revoked_one_is_cut_off(make_stack: Any) -> None:
+    st = make_stack(0, server_options={"health_sweep_s": 0.3})
+    assert st.server is not None
+    client = TestClient(create_app(st.settings, st.server))
+    admin = {"Authorization": f"Bearer {st.admin_token}"}
+    office = next(o for o in client.get("/api/v1/offices", headers=admin).json() if o["id"] == "fangshan")
+    assert office["pilot"] is False and office["name"] == "房山管理部"
+    body = {"terminals": [{"id": f"fangshan-{i:02d}", "office_id": "fangshan"} for i in (1, 2, 3)]}
+    r = client.post("/api/v1/offices/fangshan/onboard", json=body, headers=admin)
+    assert r.status_code == 201, r.text
+    creds = {t["id"]: t["mqtt_password"] for t in r.json()["terminals"]}
+    # the broker was reloaded with the new accounts: simulated terminals of the office connect
+    agents = []
+    for tid, password in creds.items():
+        st.passwords[tid], st.offices[tid] = password, "fangshan"
+        agent = st.agent(tid, heartbeat_interval_s=1.0)
+        st.tracked_agents.append(agent)
+        agent.start()
+        agent.post_events(list(service_events(20, tid)))
+        agents.append(agent)
+    wait_for(lambda: st.stored() == 60, 20, what="60 events from the new office")
+
+    def states() -> dict[str, str]:
+        return {h["terminal"]: h["state"] for h in
+                client.get("/api/v1/health/terminals?office=fangshan", headers=admin).json()}
+
+    wait_for(lambda: set(states().values()) == {"online"}, 20, what="new terminals online")
+    # revoke one: its connection is cut and it can no longer publish anything
+    assert client.delete("/api/v1/terminals/fangshan-03", headers=admin).status_code == 200
+    wait_for(lambda: not agents[2].link.connected, 15, what="revoked terminal disconnected")
+    agents[2].post_events(list(service_events(5, "after-revoke")))
+    spy = RawClient(st.port, st.settings.broker_username, st.server_password)
+    spy.subscribe(topics.topic("fangshan-03", Channel.EVENTS))
+    try:
+        assert spy.drain(wait_s=3.0) == []
+    finally:
+        spy.close()
+    assert st.stored("fangshan-03") == 20 and agents[2].outbox.depth == 5  # kept, not lost, not sent
+    assert agents[2].link.auth_failures >= 1
+    assert "fangshan-03" not in {t["terminal"] for t in client.get("/api/v1/health/terminals", headers=admin).json()}
+    # the other two carry on
+    agents[0].post_events(list(service_events(5, "still-here")))
+    wait_for(lambda: st.stored("fangshan-01") == 25, 10, what="fangshan-01 still reporting")
