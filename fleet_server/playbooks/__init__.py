@@ -1,0 +1,1 @@
+"""Playbook runs: Ansible content from playbooks/ run through ansible-runner, recorded per task."""
