@@ -1,4 +1,4 @@
-"""Device profiles: every shipped profile validates; a broken one is refused with file, line, field."""
+"""Device profiles: every shipped profile validates; a broken one is refused with file:line.
 
 from __future__ import annotations
 
@@ -55,8 +55,14 @@ def test_realistic_models_carry_the_peripherals_a_terminal_needs() -> None:
     assert len(real) >= 2
     for profile in real:
         kinds = {p.kind for p in profile.peripherals}
-        assert {"camera", "id_card_reader", "receipt_printer", "qr_scanner", "assistance_caller",
-                "touch_screen"} <= kinds, profile.id
+        assert {
+            "camera",
+            "id_card_reader",
+            "receipt_printer",
+            "qr_scanner",
+            "assistance_caller",
+            "touch_screen",
+        } <= kinds, profile.id
         # Every peripheral has at least one check with thresholds.
         for p in profile.peripherals:
             assert p.checks.model_dump(), (profile.id, p.id)
@@ -75,7 +81,9 @@ def test_thresholds_classify_in_the_right_direction() -> None:
 
 
 def test_syntax_error_names_file_and_line(tmp_path: Path) -> None:
-    path, text = _broken(tmp_path, "  cpu_temp_c: {warn: 70, fail: 85}", "  cpu_temp_c: {warn: 70, fail: 85")
+    path, text = _broken(
+        tmp_path, "  cpu_temp_c: {warn: 70, fail: 85}", "  cpu_temp_c: {warn: 70, fail: 85"
+    )
     err = _refused(path)
     assert err.file == str(path)
     assert err.line is not None and err.line >= _line_of(text, "cpu_temp_c")
@@ -102,8 +110,12 @@ def test_unknown_peripheral_kind_is_refused_and_lists_known_kinds(tmp_path: Path
 
 
 def test_missing_field_names_the_field(tmp_path: Path) -> None:
-    path, text = _broken(tmp_path, "      read_ms: {warn: 2000, fail: 5000}         # serial link: slower"
-                                   " photo transfer than USB\n", "")
+    path, text = _broken(
+        tmp_path,
+        "      read_ms: {warn: 2000, fail: 5000}         # serial link: slower"
+        " photo transfer than USB\n",
+        "",
+    )
     err = _refused(path)
     assert err.field == "peripherals[1].checks.read_ms"
     assert "missing" in err.reason
@@ -114,7 +126,11 @@ def test_missing_field_names_the_field(tmp_path: Path) -> None:
 
 
 def test_warn_beyond_fail_is_refused_for_higher_is_worse(tmp_path: Path) -> None:
-    path, text = _broken(tmp_path, "call_setup_ms: {warn: 3000, fail: 8000}", "call_setup_ms: {warn: 9000, fail: 8000}")
+    path, text = _broken(
+        tmp_path,
+        "call_setup_ms: {warn: 3000, fail: 8000}",
+        "call_setup_ms: {warn: 9000, fail: 8000}",
+    )
     err = _refused(path)
     assert err.field == "peripherals[4].checks.call_setup_ms"
     assert err.line == _line_of(text, "call_setup_ms")
@@ -122,7 +138,9 @@ def test_warn_beyond_fail_is_refused_for_higher_is_worse(tmp_path: Path) -> None
 
 
 def test_warn_beyond_fail_is_refused_for_lower_is_worse(tmp_path: Path) -> None:
-    path, text = _broken(tmp_path, "paper_left_pct: {warn: 20, fail: 3}", "paper_left_pct: {warn: 2, fail: 3}")
+    path, text = _broken(
+        tmp_path, "paper_left_pct: {warn: 20, fail: 3}", "paper_left_pct: {warn: 2, fail: 3}"
+    )
     err = _refused(path)
     assert err.field == "peripherals[2].checks.paper_left_pct"
     assert err.line == _line_of(text, "paper_left_pct")
@@ -130,7 +148,11 @@ def test_warn_beyond_fail_is_refused_for_lower_is_worse(tmp_path: Path) -> None:
 
 
 def test_duplicate_key_is_refused_with_both_lines(tmp_path: Path) -> None:
-    path, text = _broken(tmp_path, "heartbeat_interval_s: 30\n", "heartbeat_interval_s: 30\nheartbeat_interval_s: 60\n")
+    path, text = _broken(
+        tmp_path,
+        "heartbeat_interval_s: 30\n",
+        "heartbeat_interval_s: 30\nheartbeat_interval_s: 60\n",
+    )
     err = _refused(path)
     assert err.field == "heartbeat_interval_s"
     assert err.line == _line_of(text, "heartbeat_interval_s: 60")
@@ -138,15 +160,20 @@ def test_duplicate_key_is_refused_with_both_lines(tmp_path: Path) -> None:
 
 
 def test_duplicate_key_deep_inside_a_peripheral_is_refused(tmp_path: Path) -> None:
-    path, text = _broken(tmp_path, "      fps: {warn: 15, fail: 8}\n",
-                         "      fps: {warn: 15, fail: 8}\n      fps: {warn: 10, fail: 5}\n")
+    path, text = _broken(
+        tmp_path,
+        "      fps: {warn: 15, fail: 8}\n",
+        "      fps: {warn: 15, fail: 8}\n      fps: {warn: 10, fail: 5}\n",
+    )
     err = _refused(path)
     assert err.field == "peripherals[0].checks.fps"
     assert err.line == _line_of(text, "fps: {warn: 10")
 
 
 def test_unknown_field_is_refused_with_its_line(tmp_path: Path) -> None:
-    path, text = _broken(tmp_path, "    interface: serial\n", "    interface: serial\n    baud: 115200\n")
+    path, text = _broken(
+        tmp_path, "    interface: serial\n", "    interface: serial\n    baud: 115200\n"
+    )
     err = _refused(path)
     assert err.field == "peripherals[1].baud"
     assert err.line == _line_of(text, "baud: 115200")

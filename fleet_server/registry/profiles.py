@@ -35,8 +35,10 @@ class HigherIsWorse(_Strict):
     @model_validator(mode="after")
     def _ordered(self) -> Self:
         if self.warn > self.fail:
-            raise ValueError(f"warn ({self.warn:g}) must not be above fail ({self.fail:g}):"
-                             " higher values are worse for this check")
+            raise ValueError(
+                f"warn ({self.warn:g}) must not be above fail ({self.fail:g}):"
+                " higher values are worse for this check"
+            )
         return self
 
     def state(self, value: float) -> str:
@@ -53,8 +55,10 @@ class LowerIsWorse(_Strict):
     @model_validator(mode="after")
     def _ordered(self) -> Self:
         if self.warn < self.fail:
-            raise ValueError(f"warn ({self.warn:g}) must not be below fail ({self.fail:g}):"
-                             " lower values are worse for this check")
+            raise ValueError(
+                f"warn ({self.warn:g}) must not be below fail ({self.fail:g}):"
+                " lower values are worse for this check"
+            )
         return self
 
     def state(self, value: float) -> str:
@@ -77,8 +81,9 @@ class _Peripheral(_Strict):
 
     id: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
     model: str = Field(min_length=1, max_length=120)
-    interface: Literal["usb", "usb-hid", "usb-uvc", "usb-cdc", "serial", "ethernet", "hdmi", "edp",
-                       "vga", "sip"]
+    interface: Literal[
+        "usb", "usb-hid", "usb-uvc", "usb-cdc", "serial", "ethernet", "hdmi", "edp", "vga", "sip"
+    ]
     # A required peripheral failing takes the whole terminal out of service (no face login without
     # a camera); an optional one only disables the services that need it (A4 printouts).
     required: bool = True
@@ -106,13 +111,16 @@ class Camera(_Peripheral):
 
 
 class IdCardReaderParams(_Strict):
-    # 二代身份证 readers decode the chip through a SAM security module issued by the police authority.
+    # 二代身份证 readers decode the chip through a SAM security module issued by the police
+    # authority.
     standard: Literal["GA 467-2013"]
     sam: bool = True
     reads_photo: bool = True
-    # Foreigners' permanent residence cards and HK/Macau/Taiwan residence permits use the same reader.
-    other_cards: list[Literal["foreigner-permanent-residence", "hk-macao-taiwan-residence"]] = Field(
-        default_factory=list)
+    # Foreigners' permanent residence cards and HK/Macau/Taiwan residence permits use the same
+    # reader.
+    other_cards: list[Literal["foreigner-permanent-residence", "hk-macao-taiwan-residence"]] = (
+        Field(default_factory=list)
+    )
 
 
 class IdCardReaderChecks(_Strict):
@@ -167,7 +175,9 @@ class DocumentPrinter(_Peripheral):
 
 
 class QrScannerParams(_Strict):
-    symbologies: list[Literal["qr", "pdf417", "datamatrix", "code128", "ean13"]] = Field(min_length=1)
+    symbologies: list[Literal["qr", "pdf417", "datamatrix", "code128", "ean13"]] = Field(
+        min_length=1
+    )
     # Citizens show the 公积金 app's QR code on a phone screen, so the scanner must read screens.
     reads_screens: bool = True
 
@@ -223,12 +233,24 @@ class TouchScreen(_Peripheral):
 
 
 Peripheral = Annotated[
-    Camera | IdCardReader | ReceiptPrinter | DocumentPrinter | QrScanner | AssistanceCaller
+    Camera
+    | IdCardReader
+    | ReceiptPrinter
+    | DocumentPrinter
+    | QrScanner
+    | AssistanceCaller
     | TouchScreen,
     Field(discriminator="kind"),
 ]
-PERIPHERAL_KINDS = ("camera", "id_card_reader", "receipt_printer", "document_printer", "qr_scanner",
-                    "assistance_caller", "touch_screen")
+PERIPHERAL_KINDS = (
+    "camera",
+    "id_card_reader",
+    "receipt_printer",
+    "document_printer",
+    "qr_scanner",
+    "assistance_caller",
+    "touch_screen",
+)
 
 # -- the profile -----------------------------------------------------------------------------------
 
@@ -298,7 +320,12 @@ class ProfileError(ValueError):
     def __init__(self, problems: list[ProfileProblem]) -> None:
         self.problems = problems
         first = problems[0]
-        self.file, self.line, self.field, self.reason = first.file, first.line, first.field, first.reason
+        self.file, self.line, self.field, self.reason = (
+            first.file,
+            first.line,
+            first.field,
+            first.reason,
+        )
         super().__init__("\n".join(str(p) for p in problems))
 
 
@@ -308,7 +335,7 @@ class _DuplicateKey(Exception):
 
 
 def _check_duplicates(node: yaml.Node, path: str = "") -> None:
-    """PyYAML keeps the last of two equal keys silently; a profile must not (which one is meant?)."""
+    """Refuse duplicate keys: PyYAML silently keeps the last, and which one was meant is unknown."""
     if isinstance(node, yaml.MappingNode):
         seen: dict[str, int] = {}
         for key_node, value_node in node.value:
@@ -341,7 +368,11 @@ def _locate(root: yaml.Node, loc: tuple[int | str, ...]) -> tuple[int | None, st
                 if str(key_node.value) == part:
                     child, key_line = value_node, key_node.start_mark.line + 1
                     break
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+        elif (
+            isinstance(node, yaml.SequenceNode)
+            and isinstance(part, int)
+            and 0 <= part < len(node.value)
+        ):
             child = node.value[part]
         if child is None:
             if i == len(loc) - 1:
@@ -350,8 +381,11 @@ def _locate(root: yaml.Node, loc: tuple[int | str, ...]) -> tuple[int | None, st
         parts.append(f".{part}" if isinstance(part, str) else f"[{part}]")
         node = child
         # A scalar's own line; for a block mapping or list, the line of the key that opens it.
-        line = key_line if key_line is not None and not isinstance(child, yaml.ScalarNode) else (
-            child.start_mark.line + 1)
+        line = (
+            key_line
+            if key_line is not None and not isinstance(child, yaml.ScalarNode)
+            else (child.start_mark.line + 1)
+        )
     return line, "".join(parts).lstrip(".")
 
 
@@ -360,7 +394,8 @@ def _reason(err: dict[str, Any]) -> str:
     if err["type"] == "extra_forbidden":
         return "unknown field (not part of the profile schema; check the spelling)"
     if err["type"] == "union_tag_invalid":
-        return f"unknown peripheral kind {err['input'].get('kind')!r}; known kinds: {', '.join(PERIPHERAL_KINDS)}"
+        kind = err["input"].get("kind")
+        return f"unknown peripheral kind {kind!r}; known kinds: {', '.join(PERIPHERAL_KINDS)}"
     if err["type"] == "union_tag_not_found":
         return f"peripheral has no 'kind'; known kinds: {', '.join(PERIPHERAL_KINDS)}"
     if err["type"] == "missing":
@@ -386,12 +421,24 @@ def parse_profile(text: str, source: str) -> DeviceProfile:
         reason = " ".join(str(x) for x in (err.context, err.problem) if x)
         raise ProfileError([ProfileProblem(source, line, "", f"not valid YAML: {reason}")]) from err
     except _DuplicateKey as err:
-        raise ProfileError([ProfileProblem(
-            source, err.line, err.path,
-            f"duplicate key {err.key!r} (first at line {err.first_line})")]) from None
+        raise ProfileError(
+            [
+                ProfileProblem(
+                    source,
+                    err.line,
+                    err.path,
+                    f"duplicate key {err.key!r} (first at line {err.first_line})",
+                )
+            ]
+        ) from None
     if not isinstance(data, dict):
-        raise ProfileError([ProfileProblem(source, root.start_mark.line + 1, "",
-                                           "a profile must be a mapping of fields")])
+        raise ProfileError(
+            [
+                ProfileProblem(
+                    source, root.start_mark.line + 1, "", "a profile must be a mapping of fields"
+                )
+            ]
+        )
     try:
         return DeviceProfile.model_validate(data)
     except ValidationError as err:
@@ -411,12 +458,22 @@ def load_profile(path: Path | str) -> DeviceProfile:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise ProfileError([ProfileProblem(str(path), None, "", f"cannot read the file: {err}")]) from err
+        raise ProfileError(
+            [ProfileProblem(str(path), None, "", f"cannot read the file: {err}")]
+        ) from err
     profile = parse_profile(text, str(path))
     if profile.id != path.stem:
         line, _ = _locate(yaml.compose(text), ("id",))
-        raise ProfileError([ProfileProblem(str(path), line, "id",
-                                           f"id {profile.id!r} must equal the file name {path.stem!r}")])
+        raise ProfileError(
+            [
+                ProfileProblem(
+                    str(path),
+                    line,
+                    "id",
+                    f"id {profile.id!r} must equal the file name {path.stem!r}",
+                )
+            ]
+        )
     return profile
 
 
@@ -426,8 +483,14 @@ def load_profiles(directory: Path | str) -> dict[str, DeviceProfile]:
     profiles: dict[str, DeviceProfile] = {}
     for path in _profile_files(Path(directory)):
         if path.stem in profiles:
-            problems.append(ProfileProblem(str(path), None, "id", f"a profile {path.stem!r} is already defined"
-                                           " by another file of the same name"))
+            problems.append(
+                ProfileProblem(
+                    str(path),
+                    None,
+                    "id",
+                    f"a profile {path.stem!r} is already defined by another file of the same name",
+                )
+            )
             continue
         try:
             profiles[path.stem] = load_profile(path)
@@ -441,4 +504,6 @@ def load_profiles(directory: Path | str) -> dict[str, DeviceProfile]:
 def _profile_files(directory: Path) -> Iterator[Path]:
     if not directory.is_dir():
         raise ProfileError([ProfileProblem(str(directory), None, "", "no such profile directory")])
-    yield from sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    yield from sorted(
+        p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file()
+    )
