@@ -1,4 +1,4 @@
-"""Device profiles: every shipped profile validates; a broken one is refused with file:line.
+"""Device profiles: every shipped profile validates; a broken one is refused with file:line."""
 
 from __future__ import annotations
 
