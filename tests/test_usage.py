@@ -58,13 +58,13 @@ class EventWriter:
         self.seq = 0
 
     def add(self, office: str, etype: str, ts: str, code: str, *, face: bool = False,
-            duration: float | None = None, terminal: str = "t-1") -> tuple[Any, ...]:
+            duration: float | None = None, terminal: str = "t-1",
+            received: str = "2026-11-27T00:00:00.000Z") -> tuple[Any, ...]:
         self.seq += 1
         body: dict[str, Any] = {"session": f"s{self.seq}", "service_code": code, "face_login": face}
         if duration is not None:
             body["duration_s"] = duration
-        row = (terminal, "e1", self.seq, uuid.uuid4().hex, etype, ts, "2026-11-27T00:00:00.000Z", office,
-               json.dumps(body))
+        row = (terminal, "e1", self.seq, uuid.uuid4().hex, etype, ts, received, office, json.dumps(body))
         self.conn.execute("INSERT INTO events VALUES (?,?,?,?,?,?,?,?,?)", row)
         return row
 
@@ -190,6 +190,24 @@ def test_tick_catches_up_events_that_were_never_marked(usage_db: Any) -> None:
         w.add("miyun", "service.started", f"2026-11-24T0{i}:00:00.000Z", "DK01")
     assert usage.tick() == 1
     assert usage.item_table(["miyun"], MONDAY, MONDAY + timedelta(days=1)).rows[0].started == 3
+
+
+def test_restart_catches_up_only_events_received_near_or_after_the_watermark(usage_db: Any) -> None:
+    conn, usage, _ = usage_db
+    w = EventWriter(conn)
+    w.add("miyun", "service.started", "2026-11-09T02:00:00.000Z", "DK01", received="2026-11-10T00:00:00.000Z")
+    usage.mark_dirty([w.add("miyun", "service.started", "2026-11-19T02:00:00.000Z", "DK01",
+                            received="2026-11-20T00:00:00.000Z")])
+    # stored, then the server died before its hook ran
+    w.add("miyun", "service.started", "2026-11-18T02:00:00.000Z", "DK01", received="2026-11-20T00:05:00.000Z")
+    restarted = UsageService(usage._db_path, CollectorRegistry())
+    try:
+        assert restarted.catch_up() == 2  # Nov 18 and (again) Nov 19, not the old Nov 9
+        assert restarted.tick() == 2
+        days = restarted.compare_offices(["miyun"], date(2026, 11, 1), date(2026, 11, 30)).offices[0]
+        assert days.started == 2
+    finally:
+        restarted.close()
 
 
 def test_figure_definitions() -> None:

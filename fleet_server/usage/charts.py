@@ -59,7 +59,8 @@ def busy_hours_svg(profile: BusyHours, title: str) -> str:
     parts = []
     for i in range(5):
         y = top + plot_h * (1 - i / 4)
-        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" stroke="{GRID_COLOUR}"/>')
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}"'
+                     f' stroke="{GRID_COLOUR}"/>')
         parts.append(_text(left - 6, y + 4, f"{peak * i / 4 * 100:.0f}%", size=10, anchor="end"))
     for h in profile.by_hour:
         bar_h = plot_h * h.share / peak
@@ -68,7 +69,8 @@ def busy_hours_svg(profile: BusyHours, title: str) -> str:
                            f"{h.hour:02d}:00–{h.hour:02d}:59 · {h.started} · {h.share * 100:.1f}%"))
         parts.append(_text(x + slot / 2, top + plot_h + 14, f"{h.hour}", size=10, anchor="middle"))
     parts.append(_text(left + plot_w / 2, height - 8,
-                       f"时段 hour of day · {profile.date_from} – {profile.date_to} · {profile.started} sessions",
+                       f"时段 hour of day · {profile.date_from} – {profile.date_to}"
+                       f" · {profile.started} sessions",
                        size=11, anchor="middle"))
     return _svg(width, height, title, parts)
 
@@ -76,13 +78,15 @@ def busy_hours_svg(profile: BusyHours, title: str) -> str:
 def items_svg(table: ItemTable, title: str, limit: int = 40) -> str:
     """Horizontal stacked bars per service item: completed and abandoned sessions."""
     rows = sorted(table.rows, key=lambda r: (-(r.completed + r.abandoned), r.service_code))[:limit]
-    row_h, left, top, right = 22, 230, 56, 90
+    row_h, left, top, right = 22, 230, 56, 120
     width = 860
     height = top + row_h * max(len(rows), 1) + 30
     plot_w = width - left - right
     peak = max((r.completed + r.abandoned for r in rows), default=0) or 1
-    parts = [_rect(left, 32, 12, 12, COMPLETED_COLOUR), _text(left + 16, 43, "办结 completed", size=11),
-             _rect(left + 140, 32, 12, 12, ABANDONED_COLOUR), _text(left + 156, 43, "放弃 abandoned", size=11)]
+    parts = [_rect(left, 32, 12, 12, COMPLETED_COLOUR),
+             _text(left + 16, 43, "办结 completed", size=11),
+             _rect(left + 140, 32, 12, 12, ABANDONED_COLOUR),
+             _text(left + 156, 43, "放弃 abandoned", size=11)]
     if not rows:
         parts.append(_text(left, top + 14, "no sessions in this range", size=12, colour="#757575"))
     for i, r in enumerate(rows):
@@ -95,7 +99,8 @@ def items_svg(table: ItemTable, title: str, limit: int = 40) -> str:
         parts.append(_rect(left + done_w, y + 3, gave_up_w, row_h - 6, ABANDONED_COLOUR,
                            f"{r.name}: {r.abandoned} abandoned"))
         rate = _fmt(r.abandon_rate, True)
-        parts.append(_text(left + done_w + gave_up_w + 6, y + 15, f"{r.completed + r.abandoned} · {rate}",
+        parts.append(_text(left + done_w + gave_up_w + 6, y + 15,
+                           f"{r.completed + r.abandoned} · 放弃 {rate}",
                            size=11, colour="#616161"))
     return _svg(width, height, title, parts)
 
@@ -118,6 +123,6 @@ def offices_svg(comparison: OfficeComparison, metric: str, title: str) -> str:
         w = plot_w * (v or 0) / peak
         parts.append(_rect(left, y + 4, w, row_h - 8, BAR_COLOUR, f"{o.name}: {_fmt(v, share)}"))
         parts.append(_text(left + w + 6, y + 16, _fmt(v, share), size=11, colour="#616161"))
-    parts.append(_text(left, height - 10, f"{label} · {comparison.date_from} – {comparison.date_to} · ★ 试点 pilot",
-                       size=11))
+    parts.append(_text(left, height - 10, f"{label} · {comparison.date_from} – {comparison.date_to}"
+                                          " · ★ 试点 pilot", size=11))
     return _svg(width, height, title, parts)

@@ -30,7 +30,8 @@ def get_usage(fleet: FleetDep) -> UsageService:
 UsageDep = Annotated[UsageService, Depends(get_usage)]
 OfficeQuery = Annotated[list[str] | None, Query(
     alias="office", description="office id; repeat for several; default: every office you may see")]
-DateFrom = Annotated[date | None, Query(description="first office-local day (ISO), default: 6 days before date_to")]
+DateFrom = Annotated[date | None, Query(
+    description="first office-local day (ISO), default: 6 days before date_to")]
 DateTo = Annotated[date | None, Query(description="last office-local day (ISO), inclusive; default: today")]
 Metric = Literal[tuple(charts.OFFICE_METRICS)]  # type: ignore[valid-type]
 
@@ -107,7 +108,8 @@ def build_usage_router() -> APIRouter:
 
     @router.get("/periods", response_model=PeriodComparison)
     def compare_periods(user: ReaderUser, usage: UsageDep,
-                        base_from: Annotated[date, Query(description="first day of the base period, e.g. the pilot")],
+                        base_from: Annotated[date, Query(
+                            description="first day of the base period, e.g. the pilot")],
                         base_to: Annotated[date, Query(description="last day of the base period")],
                         office: OfficeQuery = None, date_from: DateFrom = None,
                         date_to: DateTo = None) -> PeriodComparison:
@@ -148,7 +150,8 @@ def build_usage_router() -> APIRouter:
         offices = _offices(usage, user, [office])
         with _domain_errors():
             table = usage.item_table(offices, *_range(usage, date_from, date_to))
-        title = f"业务事项 service items · {_office_names(usage, [office])[0]} · {table.date_from} – {table.date_to}"
+        title = (f"业务事项 service items · {_office_names(usage, [office])[0]}"
+                 f" · {table.date_from} – {table.date_to}")
         return _svg(charts.items_svg(table, title))
 
     @router.get("/charts/offices.svg", response_class=Response)

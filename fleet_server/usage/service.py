@@ -124,19 +124,22 @@ class UsageService:
         """IngestService.on_commit hook: count the newly stored service events, mark their office-days."""
         pairs: set[tuple[str, str]] = set()
         counts: dict[tuple[str, str], int] = {}
+        received_upto = ""
         with self._hook_lock:
             for row in rows:
                 outcome = fig.SERVICE_TYPES.get(row[4])
                 if outcome is None:
                     continue
                 office, ts = row[7], row[5]
+                received_upto = max(received_upto, row[6])
                 counts[(office, outcome)] = counts.get((office, outcome), 0) + 1
                 tz = self._office_tz(office, self._hook_conn)
                 pairs.add((office, fig.local_day(ts, tz).isoformat()))
             if not pairs:
                 return
             store = UsageStore(self._hook_conn)
-            store.mark_dirty(sorted(pairs), self._now())
+            # the watermark says up to where catch_up() need not look again after a restart
+            store.mark_dirty(sorted(pairs), self._now(), received_upto)
             self.metrics.dirty.set(store.dirty_count())
         # counted after the mark is durable: the counter follows what the rollups will contain
         for (office, outcome), n in counts.items():
@@ -145,6 +148,8 @@ class UsageService:
     def mark_all(self) -> int:
         """Mark every office-day with events or rollups for a rebuild (e.g. after a timezone change)."""
         with self._work_lock:
+            with self._tz_lock:
+                self._tz.clear()
             return self._mark_received_since("", include_rolled_up=True)
 
     def catch_up(self) -> int:
@@ -204,13 +209,7 @@ class UsageService:
             if not self._caught_up:
                 self.catch_up()
                 self._caught_up = True
-            with self._work_lock:
-                watermark = UsageStore(self._work_conn).max_received_at()
-            done = self.recompute()
-            if watermark:
-                with self._work_lock:
-                    UsageStore(self._work_conn).set_state("watermark", watermark)
-            return done
+            return self.recompute()
         except Exception:  # noqa: BLE001 - the scheduler thread keeps running; next tick retries
             self.errors += 1
             self.metrics.errors.inc()

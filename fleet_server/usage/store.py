@@ -86,13 +86,18 @@ class UsageStore:
 
     # -- dirty marks -------------------------------------------------------------------------------
 
-    def mark_dirty(self, pairs: Iterable[tuple[str, str]], now: str) -> None:
+    def mark_dirty(self, pairs: Iterable[tuple[str, str]], now: str, received_upto: str | None = None) -> None:
+        """Mark office-days; with `received_upto`, move the watermark forward in the same transaction."""
         self._db.execute("BEGIN IMMEDIATE")
         try:
             self._db.executemany(
                 "INSERT INTO usage_dirty (office_id, day, version, marked_at) VALUES (?,?,1,?)"
                 " ON CONFLICT(office_id, day) DO UPDATE SET version=version+1, marked_at=excluded.marked_at",
                 [(o, d, now) for o, d in pairs])
+            if received_upto is not None:
+                self._db.execute(
+                    "INSERT INTO usage_state (key, value) VALUES ('watermark', ?) ON CONFLICT(key)"
+                    " DO UPDATE SET value=max(value, excluded.value)", (received_upto,))
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -114,10 +119,6 @@ class UsageStore:
             "SELECT terminal, type, ts, body FROM events WHERE office_id=? AND ts>=? AND ts<?"
             " AND type IN ('service.started','service.completed','service.abandoned')",
             (office_id, ts_from, ts_to)))
-
-    def max_received_at(self) -> str | None:
-        row = self._db.execute("SELECT max(received_at) FROM events").fetchone()
-        return row[0] if row else None
 
     def received_since(self, received_at: str) -> list[tuple[str, str]]:
         """(office, UTC hour prefix of ts) of service events received at or after `received_at`."""
@@ -164,9 +165,6 @@ class UsageStore:
         row = self._db.execute("SELECT value FROM usage_state WHERE key=?", (key,)).fetchone()
         return row[0] if row else None
 
-    def set_state(self, key: str, value: str) -> None:
-        self._db.execute("INSERT INTO usage_state (key, value) VALUES (?,?)"
-                         " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
 
     # -- rollup reads ------------------------------------------------------------------------------
 
