@@ -34,6 +34,9 @@ from fleet_server.registry.routes import build_registry_router, registry_error_s
 from fleet_server.registry.schemas import TerminalCreate, TerminalPublic
 from fleet_server.registry.service import RegistryService
 from fleet_server.registry.store import RegistryError
+from fleet_server.usage.routes import build_usage_router
+from fleet_server.usage.service import UsageService
+from fleet_server.usage.store import migrations as usage_migrations
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ class FleetServer:
                  health_sweep_s: float = HEALTH_SWEEP_S) -> None:
         self.settings = settings
         self.metrics_registry = registry or CollectorRegistry()
-        migrate(settings.db_path, health_service.migrations)
+        migrate(settings.db_path, health_service.migrations, usage_migrations)
         self._conn = connect(settings.db_path)
         # One shared writer connection for admin changes; this lock keeps two request threads from
         # interleaving statements inside each other's transaction. Readers open their own.
@@ -67,12 +70,15 @@ class FleetServer:
         self.health = HealthService(str(settings.db_path), self._enabled_terminals, self._office_infos,
                                     self.metrics_registry, alert_for_s=alert_for_s, alert_clear_s=alert_clear_s)
         self.ingest.on_status.append(self.health.on_status)
+        self.usage = UsageService(settings.db_path, self.metrics_registry)
+        self.ingest.on_commit.append(self.usage.mark_dirty)
         self.link = ServerLink(ServerLinkSettings(
             settings.broker_host, settings.broker_port, settings.broker_username,
             settings.broker_password, settings.broker_client_id, settings.tls_ca), self.ingest)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.scheduler.add_job(self._safe(self.health.sweep), "interval", seconds=health_sweep_s,
                                id="health-sweep", max_instances=1, coalesce=True)
+        self.usage.schedule(self.scheduler)
         self.extra_routers: list[APIRouter] = []
         self._running = False
 
@@ -96,6 +102,7 @@ class FleetServer:
 
     def close(self) -> None:
         self.stop()
+        self.usage.close()
         self.health.close()
         self._conn.close()
 
@@ -264,6 +271,7 @@ def create_app(settings: ServerSettings, server: FleetServer | None = None) -> F
     app.include_router(build_registry_router())
     app.include_router(build_health_router())
     app.include_router(build_auth_router())
+    app.include_router(build_usage_router())
     for router in fleet.extra_routers:
         app.include_router(router)
     return app

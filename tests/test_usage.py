@@ -258,10 +258,9 @@ def _session_events(model: TrafficModel, tid: str, starts: list[datetime]) -> li
 
 def test_rollups_from_simulated_traffic_with_late_and_resent_events_equal_raw_figures(make_stack: Any) -> None:
     st = make_stack(7)  # t-000 and t-006 are both at dongcheng
-    registry = CollectorRegistry()
-    migrate(st.settings.db_path, usage_migrations)
-    usage = UsageService(st.settings.db_path, registry)
-    st.server.ingest.on_commit.append(usage.mark_dirty)
+    # the server's own usage service (wired to the ingest hook and its scheduler)
+    usage = st.server.usage
+    registry = st.server.metrics_registry
     try:
         # t-006 is offline all morning: its citizens were served, the events wait in its outbox
         offline = st.agent("t-006")
@@ -323,8 +322,7 @@ def test_rollups_from_simulated_traffic_with_late_and_resent_events_equal_raw_fi
         assert busy.started == sum(n for (_, kind), n in outcomes.items() if kind == "started")
         assert usage.errors == 0
     finally:
-        st.server.ingest.on_commit.remove(usage.mark_dirty)
-        usage.close()
+        pass
 
 
 # -- (c, d, e) HTTP: roles, CSV, charts, bad input -----------------------------------------------------
@@ -336,9 +334,7 @@ ADMIN_TOKEN = "usage-admin-token-" + "x" * 20
 def api(tmp_path: Path) -> Iterator[tuple[TestClient, FleetServer, UsageService]]:
     settings = ServerSettings(environment="development", db_path=tmp_path / "fleet.db", admin_token=ADMIN_TOKEN)
     server = FleetServer(settings, CollectorRegistry())
-    migrate(settings.db_path, usage_migrations)
-    usage = UsageService(settings.db_path, CollectorRegistry())
-    server.usage = usage  # type: ignore[attr-defined]
+    usage = server.usage
     conn = connect(settings.db_path)
     w = EventWriter(conn)
     rng = random.Random(5)

@@ -219,30 +219,39 @@ class HealthService:
         return transitions
 
     def _conditions(self, healths: list[TerminalHealth], now: float) -> dict[tuple[str, str], tuple[bool, str, str]]:
+        """Alert conditions worth looking at: every true one, plus every one with alert state.
+
+        A false condition with no pending or firing alert needs no bookkeeping; skipping those
+        keeps a sweep over 10,000 healthy terminals cheap.
+        """
         moment = datetime.fromtimestamp(now, UTC)
+        known = self._alerts
         out: dict[tuple[str, str], tuple[bool, str, str]] = {}
+
+        def put(key: tuple[str, str], cond: bool, office: str, message: Callable[[], str]) -> None:
+            if cond or key in known:
+                out[key] = (cond, office, message())
+
+        open_now: dict[str, bool] = {}
         by_office: dict[str, list[TerminalHealth]] = {}
         for h in healths:
             by_office.setdefault(h.office, []).append(h)
-            office = self._offices.get(h.office)
-            open_now = office is None or is_open(office.hours, office.timezone, moment)
-            out[("terminal_offline", h.terminal)] = (
-                h.state == State.OFFLINE and open_now, h.office,
-                f"terminal {h.terminal} is offline during opening hours: {h.reason}")
-            out[("disk_nearly_full", h.terminal)] = (
-                h.state != State.MISSING and h.disk_pct >= DISK_NEARLY_FULL_PCT, h.office,
-                f"terminal {h.terminal} disk is {h.disk_pct:.0f}% full")
-            out[("outbox_backlog_old", h.terminal)] = (
-                h.outbox_oldest_age_s >= OUTBOX_BACKLOG_OLD_S, h.office,
-                f"terminal {h.terminal} has events waiting for {h.outbox_oldest_age_s / 60:.0f} min")
+            if h.office not in open_now:
+                office = self._offices.get(h.office)
+                open_now[h.office] = office is None or is_open(office.hours, office.timezone, moment)
+            put(("terminal_offline", h.terminal), h.state == State.OFFLINE and open_now[h.office], h.office,
+                lambda h=h: f"terminal {h.terminal} is offline during opening hours: {h.reason}")
+            put(("disk_nearly_full", h.terminal), h.state != State.MISSING and h.disk_pct >= DISK_NEARLY_FULL_PCT,
+                h.office, lambda h=h: f"terminal {h.terminal} disk is {h.disk_pct:.0f}% full")
+            put(("outbox_backlog_old", h.terminal), h.outbox_oldest_age_s >= OUTBOX_BACKLOG_OLD_S, h.office,
+                lambda h=h: f"terminal {h.terminal} has events waiting for {h.outbox_oldest_age_s / 60:.0f} min")
             for name, pstate in h.peripherals.items():
-                out[("peripheral_failed", f"{h.terminal}:{name}")] = (
-                    pstate not in ("ok", "warn"), h.office, f"{name} on terminal {h.terminal}: {pstate}")
+                put(("peripheral_failed", f"{h.terminal}:{name}"), pstate not in ("ok", "warn"), h.office,
+                    lambda h=h, name=name, pstate=pstate: f"{name} on terminal {h.terminal}: {pstate}")
         for office_id, members in by_office.items():
             down = sum(1 for h in members if h.state == State.OFFLINE)
-            out[("office_offline", office_id)] = (
-                len(members) >= 2 and down / len(members) > OFFICE_MOSTLY_OFFLINE, office_id,
-                f"{down} of {len(members)} terminals of office {office_id} are offline")
+            put(("office_offline", office_id), len(members) >= 2 and down / len(members) > OFFICE_MOSTLY_OFFLINE,
+                office_id, lambda d=down, n=len(members), o=office_id: f"{d} of {n} terminals of office {o} are offline")
         return out
 
     def _persist(self, at: str, transitions: list[tuple[str, str, str, str]],

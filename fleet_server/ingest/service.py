@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 BATCH_MAX_MESSAGES = 500
 BATCH_WAIT_S = 0.02  # group commit: wait this long for more messages once one has arrived
+STATUS_BATCH_WAIT_S = 0.25  # …and this long while the batch holds only heartbeats (no receipt waits)
 QUEUE_MAX = 20_000  # paho's thread blocks past this, which pushes back on the broker
 STATUS_MAX_BYTES = 16 * 1024
 
@@ -140,8 +141,12 @@ class IngestService:
             if first is None:
                 break
             msgs = [first]
-            deadline = time.monotonic() + BATCH_WAIT_S
+            started = time.monotonic()
+            # Events wait for their receipt: commit them quickly. Heartbeats wait for nobody, so a
+            # batch of only heartbeats gathers longer and costs fewer commits.
+            has_events = first.topic.endswith("/events")
             while len(msgs) < BATCH_MAX_MESSAGES:
+                deadline = started + (BATCH_WAIT_S if has_events else STATUS_BATCH_WAIT_S)
                 remaining = deadline - time.monotonic()
                 try:
                     nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
@@ -151,6 +156,7 @@ class IngestService:
                     self._stop.set()
                     break
                 msgs.append(nxt)
+                has_events = has_events or nxt.topic.endswith("/events")
             self.metrics.queue_depth.set(self._queue.qsize())
             try:
                 self._process(msgs)
@@ -186,9 +192,10 @@ class IngestService:
                 self._take_status(b, now, ref.terminal_id, m)
         try:
             assert self._store is not None
-            self._store.write(b.events, b.dropped, b.rejects, list(b.streams.values()))
-            if b.status:
-                self._store.write_status(list(b.status.values()))
+            # one transaction (one fsync) for everything the batch holds, none when it holds nothing
+            if b.events or b.dropped or b.rejects or b.streams or b.status:
+                self._store.write(b.events, b.dropped, b.rejects, list(b.streams.values()),
+                                  list(b.status.values()))
         except sqlite3.Error as err:
             # Disk full, I/O error…: nothing of this batch is stored, no receipt goes out, the
             # terminals keep their rows and re-send after their receipt time-out.

@@ -44,8 +44,9 @@ class IngestStore:
         dropped: Sequence[tuple[str, str, int, str, str, int, str]],
         rejects: Sequence[tuple[str, str | None, str, str, str, str | None, int | None, int]],
         streams: Sequence[StreamRow],
+        status: Sequence[tuple[str, str, str, str, str, str]] = (),
     ) -> None:
-        """Store one ingest batch and the new stream marks in a single transaction."""
+        """Store one ingest batch, the new stream marks and status rows in a single transaction."""
         self._db.execute("BEGIN IMMEDIATE")
         try:
             if events:
@@ -70,24 +71,20 @@ class IngestStore:
                     " last_seen=excluded.last_seen",
                     [(s.terminal, s.epoch, s.seqs.upto, json.dumps(s.seqs.ranges), s.stored, s.dropped,
                       s.quarantined, s.duplicates, s.first_seen, s.last_seen) for s in streams])
+            if status:
+                self._upsert_status(status)
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
 
-    def write_status(self, rows: Sequence[tuple[str, str, str, str, str, str]]) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            self._db.executemany(
+    def _upsert_status(self, rows: Sequence[tuple[str, str, str, str, str, str]]) -> None:
+        self._db.executemany(
                 "INSERT INTO terminal_status (terminal, state, reason, since, last_seen, doc)"
                 " VALUES (?,?,?,?,?,?) ON CONFLICT(terminal) DO UPDATE SET"
                 " since=CASE WHEN terminal_status.state=excluded.state THEN terminal_status.since"
                 " ELSE excluded.since END, state=excluded.state, reason=excluded.reason,"
                 " last_seen=excluded.last_seen, doc=excluded.doc", rows)
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
 
     def trim_rejects(self) -> None:
         self._db.execute(
