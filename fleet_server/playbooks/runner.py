@@ -67,7 +67,7 @@ class PlaybookRunner:
             ident: str | None = None) -> RunOutcome:
         """Run `playbook` to the end, calling `on_event` for every task result."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        private = Path(tempfile.mkdtemp(prefix="run-", dir=self.work_dir))  # mode 0700
+        private = Path(tempfile.mkdtemp(prefix=f"run-{ident or 'x'}-", dir=self.work_dir))  # 0700
         (private / "tmp").mkdir()
         bin_dir = str(Path(sys.executable).parent)
         envvars = {
