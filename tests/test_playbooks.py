@@ -103,12 +103,12 @@ def onboarding(service: PlaybookService, work: Path) -> dict[str, Any]:
     return {"run_id": run_id, "terminals": terminals}
 
 
-def test_every_playbook_passes_syntax_check() -> None:
+def test_every_playbook_passes_syntax_check(tmp_path: Path) -> None:
     playbooks = sorted(str(p) for p in PLAYBOOKS_DIR.glob("*.yml"))
     assert {Path(p).stem for p in playbooks} >= {
         "provision_terminal", "onboard_office", "rotate_credentials", "collect_diagnostics"}
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "ANSIBLE_LOCALHOST_WARNING": "false", "ANSIBLE_LOCAL_TEMP": "/tmp/.ansible-syntax-check"}
+           "ANSIBLE_LOCALHOST_WARNING": "false", "ANSIBLE_LOCAL_TEMP": str(tmp_path)}
     done = subprocess.run(["ansible-playbook", "--syntax-check", "-i", "localhost,", *playbooks],
                           env=env, capture_output=True, text=True, cwd=PLAYBOOKS_DIR, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
