@@ -278,8 +278,15 @@ class HealthService:
         for (kind, subject), _, message in fired:
             self.metrics.alerts_raised.labels(kind).inc()
             log.warning("alert %s: %s", kind, message)
-        for t, a, b, r in transitions:
-            log.info("terminal %s: %s → %s (%s)", t, a, b, r)
+        if len(transitions) > 20:  # a broker restart moves thousands at once: one line, not thousands
+            moves: dict[tuple[str, str], int] = {}
+            for _, a, b, _ in transitions:
+                moves[(a, b)] = moves.get((a, b), 0) + 1
+            log.info("%d terminals changed state: %s", len(transitions),
+                     ", ".join(f"{n} {a}→{b}" for (a, b), n in sorted(moves.items())))
+        else:
+            for t, a, b, r in transitions:
+                log.info("terminal %s: %s → %s (%s)", t, a, b, r)
 
     def _export(self, healths: list[TerminalHealth], offices: dict[str, OfficeInfo]) -> None:
         counts: dict[tuple[str, str], int] = {(o, s.value): 0 for o in offices for s in State}

@@ -83,8 +83,11 @@ class ServerLink:
             return
         self.connects += 1
         self.last_error = ""
+        # Status at QoS 0: a heartbeat superseded 30 s later is not worth an acknowledgement
+        # round-trip each (it halved the server's CPU at 10k terminals), and the retained status
+        # of every terminal is re-delivered on each (re)subscription anyway. Events stay QoS 1.
         client.subscribe([(topics.subscription(Channel.EVENTS), 1),
-                          (topics.subscription(Channel.STATUS), 1),
+                          (topics.subscription(Channel.STATUS), 0),
                           (topics.subscription(Channel.CMD_ACK), 1)])
         self.connected.set()
         log.info("ingest connected (session present: %s)", flags.session_present)

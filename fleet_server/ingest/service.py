@@ -288,7 +288,7 @@ class IngestService:
             return
         reason = str(doc.get("reason", "heartbeat" if state == "online" else "unknown"))[:64]
         b.status[terminal] = (terminal, state, reason, now, now,
-                              json.dumps(doc, ensure_ascii=False)[:STATUS_MAX_BYTES])
+                              m.payload.decode("utf-8", "replace") if m.payload else json.dumps(doc))
         b.status_states[state] = b.status_states.get(state, 0) + 1
 
     def _stream(self, b: _Batch, terminal: str, epoch: str, now: str) -> StreamRow:
