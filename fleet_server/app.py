@@ -34,6 +34,9 @@ from fleet_server.registry.routes import build_registry_router, registry_error_s
 from fleet_server.registry.schemas import TerminalCreate, TerminalPublic
 from fleet_server.registry.service import RegistryService
 from fleet_server.registry.store import RegistryError
+from fleet_server.playbooks import store as playbook_store
+from fleet_server.playbooks.routes import build_playbooks_router
+from fleet_server.playbooks.service import PlaybookError, PlaybookService
 from fleet_server.usage.routes import build_usage_router
 from fleet_server.usage.service import UsageService
 from fleet_server.usage.store import migrations as usage_migrations
@@ -48,10 +51,11 @@ class FleetServer:
 
     def __init__(self, settings: ServerSettings, registry: CollectorRegistry | None = None, *,
                  alert_for_s: float = 120.0, alert_clear_s: float = 60.0,
-                 health_sweep_s: float = HEALTH_SWEEP_S) -> None:
+                 health_sweep_s: float = HEALTH_SWEEP_S,
+                 playbook_options: dict[str, Any] | None = None) -> None:
         self.settings = settings
         self.metrics_registry = registry or CollectorRegistry()
-        migrate(settings.db_path, health_service.migrations, usage_migrations)
+        migrate(settings.db_path, health_service.migrations, usage_migrations, playbook_store.migrations)
         self._conn = connect(settings.db_path)
         # One shared writer connection for admin changes; this lock keeps two request threads from
         # interleaving statements inside each other's transaction. Readers open their own.
@@ -79,6 +83,15 @@ class FleetServer:
         self.scheduler.add_job(self._safe(self.health.sweep), "interval", seconds=health_sweep_s,
                                id="health-sweep", max_instances=1, coalesce=True)
         self.usage.schedule(self.scheduler)
+        options = dict(playbook_options or {})
+        base = {"broker_host": settings.terminal_broker_host, "broker_port": settings.broker_port,
+                **({"agent_wheel": settings.agent_wheel} if settings.agent_wheel else {}),
+                **options.pop("base_extravars", {})}
+        self.playbooks = PlaybookService(settings.db_path, settings.playbooks_dir, registry=self.metrics_registry,
+                                         inventory=options.pop("inventory", settings.playbooks_inventory),
+                                         base_extravars=base, **options)
+        # Per-terminal variables for onboarding runs (address, connection… from the site survey).
+        self.onboard_terminal_vars: Callable[[TerminalPublic], dict[str, Any]] = lambda t: {}
         self.extra_routers: list[APIRouter] = []
         self._running = False
 
@@ -102,6 +115,7 @@ class FleetServer:
 
     def close(self) -> None:
         self.stop()
+        self.playbooks.close()
         self.usage.close()
         self.health.close()
         self._conn.close()
@@ -184,15 +198,26 @@ class FleetServer:
         result: dict[str, Any] = {"office": office_id,
                                   "terminals": [{"id": t.id, "mqtt_username": t.id, "mqtt_password": pw}
                                                 for t, pw in issued]}
-        runner = getattr(self, "playbooks", None)
-        if run_playbook and runner is not None:
-            result["playbook_run"] = self.start_onboard_playbook(office_id, issued, actor)
+        if run_playbook:
+            try:
+                result["playbook_run"] = {"id": self.start_onboard_playbook(office_id, issued, actor)}
+            except PlaybookError as err:  # enrolled all the same: provision later, or by hand
+                result["playbook_run"] = None
+                result["playbook_error"] = f"terminals enrolled, but provisioning did not start: {err}"
         return result
 
     def start_onboard_playbook(self, office_id: str, issued: list[tuple[TerminalPublic, str]],
-                               actor: User | str) -> Any:
-        """Hook for the playbook runner (wired when the runner is configured)."""
-        raise NotImplementedError
+                               actor: User | str) -> int:
+        """Provision every new terminal of an office with the onboard_office playbook."""
+        items = [{"terminal_id": t.id, "password": pw, "profile": t.profile, **self.onboard_terminal_vars(t)}
+                 for t, pw in issued]
+        run_id = self.playbooks.start_run("onboard_office", started_by=getattr(actor, "name", str(actor)),
+                                          target=office_id,
+                                          extravars={"office_id": office_id, "office_terminals": items})
+        with self.lock:
+            self.auth.audit(actor, "playbook.run", office_id, None,
+                            {"playbook": "onboard_office", "run_id": run_id, "terminals": [t.id for t, _ in issued]})
+        return run_id
 
 
 def create_app(settings: ServerSettings, server: FleetServer | None = None) -> FastAPI:
@@ -272,6 +297,7 @@ def create_app(settings: ServerSettings, server: FleetServer | None = None) -> F
     app.include_router(build_health_router())
     app.include_router(build_auth_router())
     app.include_router(build_usage_router())
+    app.include_router(build_playbooks_router())
     for router in fleet.extra_routers:
         app.include_router(router)
     return app

@@ -28,6 +28,13 @@ class ServerSettings(BaseSettings):
     # Bootstrap administrator's bearer token (user "admin"); more users via the API or fleetctl.
     admin_token: str = ""
     offices_file: Path = SEED_DIR / "offices.yaml"
+    # Onboarding by playbook: the Ansible content, an inventory of terminals (runs are refused
+    # without one, rather than falling back to the server itself) and the agent wheel to install.
+    playbooks_dir: Path = Path(__file__).resolve().parent.parent / "playbooks"
+    playbooks_inventory: str | None = None
+    agent_wheel: str | None = None
+    # the broker address terminals are given in their config (as they see it)
+    terminal_broker_host: str = "127.0.0.1"
 
     @model_validator(mode="after")
     def _safe_outside_development(self) -> "ServerSettings":

@@ -56,3 +56,56 @@ def test_onboard_non_pilot_office_terminals_report_and_revoked_one_is_cut_off(ma
     # the other two carry on
     agents[0].post_events(list(service_events(5, "still-here")))
     wait_for(lambda: st.stored("fangshan-01") == 25, 10, what="fangshan-01 still reporting")
+
+
+def test_onboard_office_by_playbook_then_terminals_run_from_the_config_it_wrote(make_stack: Any, tmp_path: Any) -> None:
+    import sys
+
+    from edge_agent.agent import Agent
+    from edge_agent.config import AgentSettings
+    from tests.playbooks_util import build_agent_wheel, local_inventory
+
+    wheel = build_agent_wheel(tmp_path / "dist")
+    options = {"inventory": local_inventory(), "envvars": {"ANSIBLE_REMOTE_TEMP": str(tmp_path / "ansible-tmp")},
+               "base_extravars": {"manage_services": False, "agent_wheel": str(wheel), "agent_install_deps": False,
+                                  "agent_venv_args": ["--system-site-packages", "--without-pip"],
+                                  "agent_heartbeat_interval_s": 1}}
+    st = make_stack(0, server_options={"health_sweep_s": 0.3, "playbook_options": options})
+    assert st.server is not None
+    roots = {}
+
+    def site_vars(t: Any) -> dict[str, Any]:
+        roots[t.id] = tmp_path / f"root-{t.id}"
+        return {"root_prefix": str(roots[t.id]), "connection": "local", "python": sys.executable}
+
+    st.server.onboard_terminal_vars = site_vars
+    client = TestClient(create_app(st.settings, st.server))
+    admin = {"Authorization": f"Bearer {st.admin_token}"}
+    body = {"terminals": [{"id": f"tongzhou-{i:02d}", "office_id": "tongzhou"} for i in (1, 2)],
+            "run_playbook": True}
+    r = client.post("/api/v1/offices/tongzhou/onboard", json=body, headers=admin)
+    assert r.status_code == 201, r.text
+    run_id = r.json()["playbook_run"]["id"]
+    run = st.server.playbooks.wait(run_id, timeout_s=240)
+    assert run.status == "successful", run
+    detail = client.get(f"/api/v1/playbooks/runs/{run_id}", headers=admin).json()
+    assert detail["status"] == "successful" and detail["events"]
+    agents = []
+    for tid, root in roots.items():
+        cfg = root / "etc" / "kiosk-agent" / "agent.yaml"
+        assert oct(cfg.stat().st_mode & 0o777) == "0o600"
+        settings = AgentSettings.from_file(cfg)  # production settings, as a real terminal reads them
+        assert settings.terminal_id == tid and settings.office_id == "tongzhou" and settings.broker_port == st.port
+        agent = Agent(settings)
+        st.tracked_agents.append(agent)
+        agent.start()
+        agent.post_events(list(service_events(10, tid)))
+        agents.append(agent)
+    wait_for(lambda: st.stored() == 20, 30, what="events from the provisioned terminals")
+
+    def states() -> set[str]:
+        return {h["state"] for h in client.get("/api/v1/health/terminals?office=tongzhou", headers=admin).json()}
+
+    wait_for(lambda: states() == {"online"}, 20, what="provisioned terminals online")
+    audit = client.get("/api/v1/audit", headers=admin).json()
+    assert {"office.onboard", "playbook.run"} <= {e["action"] for e in audit}
