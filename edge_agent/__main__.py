@@ -46,7 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         server = uvicorn.Server(config)
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         threading.Thread(target=server.run, name="local-api", daemon=True).start()
+    from edge_agent import systemd
+
+    systemd.notify("READY=1")
+    systemd.start_watchdog(agent.alive, stop)
     stop.wait()
+    systemd.notify("STOPPING=1")
     if server:
         server.should_exit = True
     agent.stop(graceful=True)

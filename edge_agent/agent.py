@@ -55,6 +55,7 @@ class Agent:
         self._stop = threading.Event()
         self._pump_thread: threading.Thread | None = None
         self.pump_errors = 0
+        self.last_pump_turn = time.monotonic()
         from edge_agent.metrics import build_registry
 
         # Other components (face, update…) register their metrics here too.
@@ -75,6 +76,11 @@ class Agent:
             self._pump_thread.join(5)
         self.link.stop(graceful=graceful)
         self.outbox.close()
+
+    def alive(self) -> bool:
+        """The pump turned recently (for the systemd watchdog)."""
+        thread = self._pump_thread
+        return thread is not None and thread.is_alive() and time.monotonic() - self.last_pump_turn < 30
 
     # -- the kiosk-facing side -----------------------------------------------------------------
 
@@ -141,6 +147,7 @@ class Agent:
         last_tick = last_expire = last_hb = 0.0
         last_telemetry = time.monotonic()
         while not self._stop.is_set():
+            self.last_pump_turn = time.monotonic()
             try:
                 event: LinkEvent | None = self._inbox.get(timeout=PUMP_TICK_S)
             except queue.Empty:

@@ -178,14 +178,18 @@ def usage(ctx: typer.Context, office: Annotated[str | None, typer.Option()] = No
           date_to: Annotated[str | None, typer.Option("--to", help="YYYY-MM-DD")] = None) -> None:
     """Usage per service item: sessions, completed, abandoned, durations."""
     params = {k: v for k, v in {"office": office, "date_from": date_from, "date_to": date_to}.items() if v}
-    rows = api(ctx).call("GET", "/api/v1/usage/items", params=params)
-    items = rows.get("items", rows) if isinstance(rows, dict) else rows
-    t = Table("office", "item", "started", "completed", "abandoned", "median s", "p90 s")
-    for r in items:
-        t.add_row(str(r.get("office", r.get("office_id", ""))), f"{r.get('service_code', '')} {r.get('name', '')}",
-                  str(r.get("started", "")), str(r.get("completed", "")), str(r.get("abandoned", "")),
-                  str(r.get("median_duration_s", "")), str(r.get("p90_duration_s", "")))
-    out.print(t)
+    doc = api(ctx).call("GET", "/api/v1/usage/items", params=params)
+    t = Table("office", "item", "started", "completed", "abandoned", "face login", "median s", "p90 s",
+              title=f"usage {doc['date_from']} – {doc['date_to']}")
+    for r in sorted(doc["rows"], key=lambda r: (r["office_id"], -r["started"])):
+        share = f"{r['face_login_share']:.0%}" if r.get("face_login_share") is not None else ""
+        t.add_row(r["office_id"], f"{r['service_code']} {r['name']}", str(r["started"]), str(r["completed"]),
+                  str(r["abandoned"]), share, _num(r.get("median_duration_s")), _num(r.get("p90_duration_s")))
+    out.print(t if doc["rows"] else "no sessions in this period")
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:.0f}"
 
 
 @app.command()

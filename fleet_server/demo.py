@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.state_dir).resolve()
     if root.exists():
         shutil.rmtree(root)
-    stack = DevStack(root)
+    stack = DevStack(root, server_options={"alert_for_s": 60.0, "alert_clear_s": 30.0})
     assert stack.server is not None
     pilots = [o for o in stack.server.registry.store.offices() if o.pilot]
     for office in pilots:
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     creds = root / "credentials.txt"
     fd = os.open(creds, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
+        fh.write(f"admin API token: {stack.admin_token}\n")
         fh.write(f"{stack.settings.broker_username} {stack.server_password}\n")
         fh.writelines(f"{tid} {pw}\n" for tid, pw in stack.passwords.items())
     stack.start_broker()
@@ -90,7 +91,10 @@ kiosk-fleet demo is running
   terminals      {len(agents)} simulated ({args.terminals_per_office} per pilot office), real agent code
   broker         mqtt://127.0.0.1:{stack.port}  (per-terminal accounts: {creds})
   overview       {url}/
-  API docs       {url}/docs     ingest summary: {url}/api/v1/ingest/summary
+  API docs       {url}/docs     (Authorize with the admin token below)
+  admin token    {stack.admin_token}
+  try            FLEETCTL_URL={url} FLEETCTL_TOKEN={stack.admin_token} .venv/bin/fleetctl terminals
+                 curl -H 'Authorization: Bearer {stack.admin_token}' {url}/api/v1/usage/charts/busy-hours.svg
   metrics        {url}/metrics
   state          {root}
   simulated day  starts {start:%Y-%m-%d %H:%M} Beijing time, {args.speed:g}x real time

@@ -50,6 +50,11 @@ def test_enrol_list_and_revoke_through_the_cli(server: Any) -> None:
     assert "丰台管理部" in run(url, st.admin_token, "offices").output
     assert run(url, st.admin_token, "revoke", "t-cli-1").exit_code == 0
     assert "admin (admin)" in run(url, st.admin_token, "whoami").output
+    r = run(url, st.admin_token, "usage", "--office", "haidian", "--from", "2026-11-01", "--to", "2026-11-07")
+    assert r.exit_code == 0, r.output
+    assert "no sessions in this period" in r.output
+    r = run(url, st.admin_token, "usage", "--from", "2026-13-01")
+    assert r.exit_code == EXIT_USAGE and "date_from" in r.output
 
 
 def test_cli_errors_are_plain_words_with_exit_codes(server: Any, tmp_path: Path) -> None:
