@@ -33,7 +33,8 @@ from fleet_server.ingest.service import IngestService
 from fleet_server.registry.routes import build_registry_router, registry_error_status
 from fleet_server.registry.schemas import TerminalCreate, TerminalPublic
 from fleet_server.registry.service import RegistryService
-from fleet_server.registry.store import RegistryError
+from fleet_server.registry.profiles import load_profiles
+from fleet_server.registry.store import RegistryError, UnknownProfile
 from fleet_server.playbooks import store as playbook_store
 from fleet_server.playbooks.routes import build_playbooks_router
 from fleet_server.playbooks.service import PlaybookError, PlaybookService
@@ -62,6 +63,8 @@ class FleetServer:
         self.lock = threading.RLock()
         self.registry = RegistryService(self._conn)
         self.registry.seed_offices(settings.offices_file)
+        # Terminal models: a broken profile stops the start with file, line, field and reason.
+        self.profiles = load_profiles(settings.profiles_dir) if settings.profiles_dir.is_dir() else {}
         self.auth = AuthService(self._conn)
         if settings.admin_token:
             self.auth.create_user("admin", Role.ADMIN, token=settings.admin_token)
@@ -150,8 +153,14 @@ class FleetServer:
             self.broker_apply(self.registry.broker_credentials(self.settings.broker_username,
                                                                self.settings.broker_password))
 
+    def _check_profile(self, body: TerminalCreate) -> None:
+        if self.profiles and body.profile not in self.profiles:
+            raise UnknownProfile(f"terminal {body.id}: device profile {body.profile!r} is unknown; "
+                                 f"known: {', '.join(sorted(self.profiles))}")
+
     def enrol_terminal(self, body: TerminalCreate, actor: User | str) -> tuple[TerminalPublic, str]:
         """Enrol one terminal; returns it and its broker password (shown once)."""
+        self._check_profile(body)
         with self.lock:
             terminal, password = self.registry.enrol(body)
             self.auth.audit(actor, "terminal.enrol", terminal.id, None, terminal.model_dump())
@@ -181,6 +190,8 @@ class FleetServer:
             if office_id not in {o.id for o in self.registry.store.offices()}:
                 from fleet_server.registry.store import UnknownOffice
                 raise UnknownOffice(f"office {office_id!r} is not in the registry")
+            for t in terminals:
+                self._check_profile(t)
             conn = self._conn
             conn.execute("SAVEPOINT onboard")
             issued: list[tuple[TerminalPublic, str]] = []

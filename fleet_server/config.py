@@ -31,6 +31,7 @@ class ServerSettings(BaseSettings):
     # Onboarding by playbook: the Ansible content, an inventory of terminals (runs are refused
     # without one, rather than falling back to the server itself) and the agent wheel to install.
     playbooks_dir: Path = Path(__file__).resolve().parent.parent / "playbooks"
+    profiles_dir: Path = Path(__file__).resolve().parent.parent / "device_profiles"
     playbooks_inventory: str | None = None
     agent_wheel: str | None = None
     # the broker address terminals are given in their config (as they see it)

@@ -102,10 +102,16 @@ def test_admin_changes_are_audited_with_before_and_after_and_no_secrets(api: Any
     ({"id": "T X", "office_id": "haidian"}, 422, "id"),
     ({"office_id": "haidian"}, 422, "id"),
     ({"id": "t-ok", "office_id": "haidian", "colour": "red"}, 422, "colour"),
+    ({"id": "t-ok", "office_id": "haidian", "profile": "toaster-3000"}, 422, "toaster-3000"),
 ])
 def test_bad_terminal_input_is_refused_clearly(api: Any, body: dict[str, Any], status: int, words: str) -> None:
     r = api.post("/api/v1/terminals", json=body, headers=api.h["admin"])
     assert r.status_code == status and words in r.json()["detail"]
+
+
+def test_device_profiles_are_listed_for_readers(api: Any) -> None:
+    ids = {p["id"] for p in api.get("/api/v1/profiles", headers=api.h["manager"]).json()}
+    assert {"generic", "lobby-floor-32", "wall-21"} <= ids
 
 
 def test_onboarding_with_one_bad_terminal_enrols_none(api: Any) -> None:

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fleet_server.auth.deps import AdminUser, FleetDep, ReaderUser
 from fleet_server.registry.schemas import Office, TerminalCreate
-from fleet_server.registry.store import DuplicateTerminal, UnknownOffice, UnknownTerminal
+from fleet_server.registry.store import DuplicateTerminal, UnknownOffice, UnknownProfile, UnknownTerminal
 
 
 class TerminalEnrolled(BaseModel):
@@ -44,6 +44,11 @@ def build_registry_router() -> APIRouter:
             fleet.auth.audit(user, "office.upsert", office.id, before, office.model_dump())
         fleet.health.refresh_registry()
         return office.model_dump()
+
+    @r.get("/profiles")
+    def profiles(user: ReaderUser, fleet: FleetDep) -> list[dict[str, Any]]:
+        """Terminal models (device profiles) with their peripherals and health thresholds."""
+        return [p.model_dump(mode="json") for p in fleet.profiles.values()]
 
     @r.get("/terminals")
     def terminals(user: ReaderUser, fleet: FleetDep, office: str | None = None) -> list[dict[str, Any]]:
@@ -83,4 +88,5 @@ def build_registry_router() -> APIRouter:
 
 
 def registry_error_status(err: Exception) -> int:
-    return {UnknownOffice: 404, UnknownTerminal: 404, DuplicateTerminal: 409}.get(type(err), 400)
+    return {UnknownOffice: 404, UnknownTerminal: 404, UnknownProfile: 422,
+            DuplicateTerminal: 409}.get(type(err), 400)

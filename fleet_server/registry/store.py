@@ -26,6 +26,10 @@ class UnknownTerminal(RegistryError):
     pass
 
 
+class UnknownProfile(RegistryError):
+    pass
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
