@@ -154,8 +154,10 @@ def main() -> None:
         except TimeoutError as err:
             print(f"  {err}")
         with sqlite3.connect(st.settings.db_path) as conn:
-            rows = conn.execute("SELECT count(*) FROM events").fetchone()[0]
-            distinct = conn.execute("SELECT count(DISTINCT json_extract(body,'$.session')) FROM events").fetchone()[0]
+            # business events only: agents also send their own telemetry samples (no session)
+            rows = conn.execute("SELECT count(*) FROM events WHERE type LIKE 'service.%'").fetchone()[0]
+            distinct = conn.execute("SELECT count(DISTINCT json_extract(body,'$.session')) FROM events"
+                                    " WHERE type LIKE 'service.%'").fetchone()[0]
         stored_sessions = sessions()
         for t in terms:
             t.kill()
