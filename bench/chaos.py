@@ -54,8 +54,11 @@ class Terminal:
             self.proc.wait()
 
     def post(self, session: str) -> str:
-        """'ok', 'refused' (the kiosk saw an error: nothing promised) or 'doubt' (no answer)."""
-        body = {"type": "service.completed",
+        """'ok', 'refused' (the kiosk saw an error: nothing promised) or 'doubt' (no answer).
+
+        The session id doubles as the idempotency key, so the kiosk may retry a doubtful post.
+        """
+        body = {"type": "service.completed", "key": f"kiosk-{session}",
                 "body": {"session": session, "service_code": "TQ02", "duration_s": 60.0}}
         try:
             r = self.client.post("/v1/events", json=body)
@@ -63,7 +66,7 @@ class Terminal:
             return "refused"
         except httpx.HTTPError:
             return "doubt"
-        return "ok" if r.status_code == 201 else "refused"
+        return "ok" if r.status_code in (200, 201) else "refused"
 
 
 def main() -> None:
@@ -105,6 +108,13 @@ def main() -> None:
                     session = f"c{worker}-{next(attempts)}"  # unique per attempt
                 t = terms[rng.randrange(n_term)]
                 outcome = t.post(session)
+                for _ in range(20):  # no answer (agent killed mid-request): retry with the same key
+                    if outcome != "doubt":
+                        break
+                    time.sleep(0.25)
+                    outcome = t.post(session)
+                    if outcome == "refused":  # agent still down: keep asking, the event may be stored
+                        outcome = "doubt"
                 with lock:
                     if outcome == "ok":
                         acked.add(session)

@@ -84,9 +84,10 @@ class Agent:
 
     # -- the kiosk-facing side -----------------------------------------------------------------
 
-    def post_event(self, event_type: str, body: Any, ts: datetime | None = None) -> OutboxItem:
+    def post_event(self, event_type: str, body: Any, ts: datetime | None = None,
+                   key: str | None = None) -> OutboxItem:
         """Store one event durably and wake the pump. Raises InvalidEvent or OutboxFull."""
-        item = self.outbox.enqueue(event_type, body, ts=ts)
+        item = self.outbox.enqueue(event_type, body, ts=ts, key=key)
         self._inbox.put(_WAKE)
         return item
 

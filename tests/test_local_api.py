@@ -35,7 +35,7 @@ GOOD = {"type": "service.completed",
 def test_posted_event_is_stored_and_numbered(client: Any, agent: Any) -> None:
     r = client.post("/v1/events", json=GOOD)
     assert r.status_code == 201, r.text
-    assert r.json() == {"seq": 1, "epoch": agent.outbox.epoch, "type": "service.completed"}
+    assert r.json() == {"seq": 1, "epoch": agent.outbox.epoch, "type": "service.completed", "replayed": False}
     assert agent.outbox.depth == 1
 
 
@@ -111,3 +111,33 @@ def test_terminal_disk_full_answers_507_in_plain_words_and_keeps_running(client:
     assert client.post("/v1/events", json=GOOD).status_code == 201
     held = agent.outbox.all_seqs()
     assert held == list(range(1, len(held) + 1))  # no holes: refused events took no seq
+
+
+def test_retry_with_the_same_idempotency_key_stores_nothing_new(client: Any, agent: Any) -> None:
+    keyed = {**GOOD, "key": "kiosk-7f3a-0001"}
+    first = client.post("/v1/events", json=keyed)
+    again = client.post("/v1/events", json=keyed)
+    assert first.status_code == 201 and again.status_code == 200
+    assert again.json()["seq"] == first.json()["seq"] and again.json()["replayed"] is True
+    by_header = client.post("/v1/events", json=GOOD, headers={"Idempotency-Key": "kiosk-7f3a-0002"})
+    assert by_header.status_code == 201
+    assert client.post("/v1/events", json=GOOD, headers={"Idempotency-Key": "kiosk-7f3a-0002"}).status_code == 200
+    assert agent.outbox.depth == 2
+    assert client.post("/v1/events", json={**GOOD, "key": "bad key!"}).status_code == 422
+
+
+def test_idempotency_keys_survive_restart_and_receipts(tmp_path: Path) -> None:
+    from edge_agent.outbox import Outbox
+    from fleet_wire.receipt import Receipt
+
+    box = Outbox(tmp_path / "o.db", "t-1")
+    body = GOOD["body"]
+    first = box.enqueue("service.completed", body, key="k-00000001")
+    box.confirm(Receipt("t-1", box.epoch, first.seq))  # stored at the centre and deleted here
+    box.close()
+    box = Outbox(tmp_path / "o.db", "t-1")  # the agent restarted meanwhile
+    again = box.enqueue("service.completed", body, key="k-00000001")
+    assert again.replayed and again.seq == first.seq and box.depth == 0
+    mixed = box.enqueue_many([("service.completed", body, None)] * 3, keys=["k-00000001", None, "k-00000002"])
+    assert [m.replayed for m in mixed] == [True, False, False] and box.depth == 2
+    box.close()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -27,12 +27,15 @@ class EventIn(BaseModel):
     type: str = Field(min_length=1, max_length=64, examples=["service.completed"])
     body: dict[str, Any] = Field(examples=[{"session": "s-1", "service_code": "TQ02", "duration_s": 142.5}])
     ts: AwareDatetime | None = None
+    key: str | None = Field(default=None, min_length=8, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$",
+                            description="idempotency key: a retry with the same key stores nothing new")
 
 
 class EventStored(BaseModel):
     seq: int
     epoch: str
     type: str
+    replayed: bool = False
 
 
 def error(status: int, code: str, detail: str, where: str | None = None) -> JSONResponse:
@@ -59,18 +62,26 @@ def create_api(agent: "Agent", extra_routers: list[APIRouter] | None = None) -> 
         return error(422, "invalid_request", str(first.get("msg")), where)
 
     @app.post("/v1/events", status_code=201, response_model=EventStored)
-    def post_event(event: EventIn) -> Any:
-        """Store one event durably; 201 means it is on disk and will reach the centre."""
+    def post_event(event: EventIn, response: Response,
+                   idempotency_key: Annotated[str | None, Header(max_length=128)] = None) -> Any:
+        """Store one event durably; 201 means it is on disk and will reach the centre.
+
+        Send a key (body `key` or header `Idempotency-Key`) and retry freely: a repeat of a stored
+        event answers 200 with the first event's seq and stores nothing.
+        """
         ts: datetime | None = event.ts
+        key = event.key or idempotency_key
         try:
-            item = agent.post_event(event.type, event.body, ts=ts)
+            item = agent.post_event(event.type, event.body, ts=ts, key=key)
         except InvalidEvent as err:
             return error(422, err.reason, str(err), "body" if err.reason == "bad_body" else "type")
         except OutboxFull as err:
             return error(507, "outbox_full", str(err))
         except OutboxStorageError as err:
             return error(507, "storage_failed", str(err))
-        return EventStored(seq=item.seq, epoch=agent.outbox.epoch, type=item.type)
+        if item.replayed:
+            response.status_code = 200
+        return EventStored(seq=item.seq, epoch=agent.outbox.epoch, type=item.type, replayed=item.replayed)
 
     @app.get("/v1/health")
     def health() -> dict[str, Any]:

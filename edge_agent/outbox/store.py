@@ -37,12 +37,16 @@ CREATE TABLE IF NOT EXISTS outbox (
     env     TEXT    NOT NULL,
     size    INTEGER NOT NULL
 );
+-- Idempotency keys the kiosk app sent with its events, kept a day after the event itself.
+CREATE TABLE IF NOT EXISTS keys (key TEXT PRIMARY KEY, seq INTEGER NOT NULL, type TEXT NOT NULL,
+                                 created REAL NOT NULL);
 -- No secondary index: it would cost every durable insert a second B-tree write, and the
 -- queries that would use it (eviction, TTL) run only when the outbox is full or once a minute.
 DROP INDEX IF EXISTS outbox_class;
 """
 
 
+KEY_TTL_S = 24 * 3600.0  # a kiosk retries within seconds; a day is generous
 _TOMBSTONE_SIZE_ESTIMATE = 300  # bytes of a tombstone envelope, for eviction arithmetic
 
 
@@ -90,6 +94,7 @@ class OutboxItem:
     event_class: int
     env: str  # complete envelope JSON
     size: int
+    replayed: bool = False  # the caller's idempotency key was seen before: nothing new was stored
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,12 +161,18 @@ class Outbox:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def enqueue(self, event_type: str, body: Any, *, ts: datetime | None = None) -> OutboxItem:
-        """Validate and durably store one event; returns once it is committed."""
-        return self.enqueue_many([(event_type, body, ts)])[0]
+    def enqueue(self, event_type: str, body: Any, *, ts: datetime | None = None,
+                key: str | None = None) -> OutboxItem:
+        """Validate and durably store one event; returns once it is committed.
+
+        With `key`, a retry of the same request (the kiosk never saw the first answer) returns the
+        first event's seq with `replayed=True` instead of storing the event a second time.
+        """
+        return self.enqueue_many([(event_type, body, ts)], keys=[key])[0]
 
     def enqueue_many(
-        self, events: Iterable[tuple[str, Any, datetime | None]]
+        self, events: Iterable[tuple[str, Any, datetime | None]],
+        keys: Sequence[str | None] | None = None,
     ) -> list[OutboxItem]:
         """Validate and durably store several events in one transaction (all or none)."""
         batch_ts = format_ts(datetime.now(UTC))
@@ -169,40 +180,66 @@ class Outbox:
         if not prepared:
             return []
         now = self._clock()
+        keys = list(keys) if keys is not None else [None] * len(prepared)
+        if len(keys) != len(prepared):
+            raise ValueError("one idempotency key (or None) per event")
         with self._lock:
-            self._make_room(prepared)
-            items: list[OutboxItem] = []
-            rows = []
-            seq = self._next_seq
-            prefix = f'{{"v":{SCHEMA_VERSION},"terminal":"{self.terminal_id}","epoch":"{self.epoch}","seq":'
-            for event_type, cls, head, body_json, expires_in in prepared:
-                env = f'{prefix}{seq},{head},"body":{body_json}}}'
-                size = len(env)
-                rows.append((seq, event_type, cls, now, None if expires_in is None else now + expires_in,
-                             env, size))
-                items.append(OutboxItem(seq, event_type, cls, env, size))
-                seq += 1
+            seen = self._seen_keys([k for k in keys if k])
+            if seen:
+                replays = {k: OutboxItem(seq, typ, 0, "", 0, replayed=True) for k, (seq, typ) in seen.items()}
+                fresh = [(p, k) for p, k in zip(prepared, keys) if not (k and k in replays)]
+                stored = self._store(now, [p for p, _ in fresh], [k for _, k in fresh]) if fresh else []
+                it = iter(stored)
+                return [replays[k] if k and k in replays else next(it) for k in keys]
+            return self._store(now, prepared, keys)
+
+    def _seen_keys(self, keys: list[str]) -> dict[str, tuple[int, str]]:
+        if not keys:
+            return {}
+        return {k: (seq, typ) for k, seq, typ in self._db.execute(
+            f"SELECT key, seq, type FROM keys WHERE key IN ({','.join('?' * len(keys))})", keys)}
+
+    def _store(self, now: float, prepared: list[tuple[str, int, str, str, float | None]],
+               keys: list[str | None]) -> list[OutboxItem]:
+        """Insert prepared events (caller holds the lock)."""
+        self._make_room(prepared)
+        items: list[OutboxItem] = []
+        rows = []
+        seq = self._next_seq
+        prefix = f'{{"v":{SCHEMA_VERSION},"terminal":"{self.terminal_id}","epoch":"{self.epoch}","seq":'
+        for event_type, cls, head, body_json, expires_in in prepared:
+            env = f'{prefix}{seq},{head},"body":{body_json}}}'
+            size = len(env)
+            rows.append((seq, event_type, cls, now, None if expires_in is None else now + expires_in,
+                         env, size))
+            items.append(OutboxItem(seq, event_type, cls, env, size))
+            seq += 1
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    self._db.executemany(
-                        "INSERT INTO outbox (seq, type, class, created, expires, env, size)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    if self._db.in_transaction:
-                        self._db.execute("ROLLBACK")
-                    raise
-            except sqlite3.DatabaseError as err:
-                self.counters.refused += len(rows)
-                raise OutboxStorageError(
-                    f"the terminal's disk refused the event ({err}); nothing was stored") from err
-            self._next_seq = seq
-            self._rows += len(items)
-            self._live += len(items)
-            self._bytes += sum(i.size for i in items)
-            self.counters.enqueued += len(items)
-            return items
+                self._db.executemany(
+                    "INSERT INTO outbox (seq, type, class, created, expires, env, size)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                key_rows = [(k, r[0], r[1], now) for k, r in zip(keys, rows) if k]
+                if key_rows:
+                    # the same key twice in one call: the first wins, like two retries would
+                    self._db.executemany("INSERT OR IGNORE INTO keys (key, seq, type, created)"
+                                         " VALUES (?, ?, ?, ?)", key_rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.DatabaseError as err:
+            self.counters.refused += len(rows)
+            raise OutboxStorageError(
+                f"the terminal's disk refused the event ({err}); nothing was stored") from err
+        self._next_seq = seq
+        self._rows += len(items)
+        self._live += len(items)
+        self._bytes += sum(i.size for i in items)
+        self.counters.enqueued += len(items)
+        return items
 
     def _prepare(
         self, event_type: str, body: Any, ts: datetime | None, default_ts: str
@@ -292,8 +329,9 @@ class Outbox:
         log.warning("outbox %s %d events (oldest seq %d)", reason, len(updates), min(seqs))
 
     def expire(self) -> int:
-        """Turn rows past their class TTL into tombstones; returns how many."""
+        """Turn rows past their class TTL into tombstones (and forget old keys); returns how many."""
         with self._lock:
+            self._db.execute("DELETE FROM keys WHERE created < ?", (self._clock() - KEY_TTL_S,))
             seqs = [r[0] for r in self._db.execute(
                 "SELECT seq FROM outbox WHERE expires IS NOT NULL AND expires <= ? AND type != ?",
                 (self._clock(), TOMBSTONE))]
