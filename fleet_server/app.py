@@ -26,7 +26,7 @@ from fleet_server.config import ServerSettings
 from fleet_server.db import connect, migrate
 from fleet_server.health import service as health_service
 from fleet_server.health.routes import build_health_router
-from fleet_server.health.service import HealthService, OfficeInfo
+from fleet_server.health.service import HealthLimits, HealthService, OfficeInfo
 from fleet_server.ingest.link import ServerLink, ServerLinkSettings
 from fleet_server.ingest.metrics import IngestMetrics
 from fleet_server.ingest.service import IngestService
@@ -75,7 +75,8 @@ class FleetServer:
         self.ingest = IngestService(str(settings.db_path), self.ingest_metrics,
                                     self._enabled_terminals)
         self.health = HealthService(str(settings.db_path), self._enabled_terminals, self._office_infos,
-                                    self.metrics_registry, alert_for_s=alert_for_s, alert_clear_s=alert_clear_s)
+                                    self.metrics_registry, alert_for_s=alert_for_s, alert_clear_s=alert_clear_s,
+                                    limits=self._health_limits)
         self.ingest.on_status.append(self.health.on_status)
         self.usage = UsageService(settings.db_path, self.metrics_registry)
         self.ingest.on_commit.append(self.usage.mark_dirty)
@@ -138,6 +139,17 @@ class FleetServer:
     def _enabled_terminals(self) -> dict[str, str]:
         with connect(self.settings.db_path, readonly=True) as conn:
             return dict(conn.execute("SELECT id, office_id FROM terminals WHERE enabled=1"))
+
+    def _health_limits(self) -> dict[str, HealthLimits]:
+        """How to judge each terminal, from its device profile's heartbeat and host thresholds."""
+        per_profile = {pid: HealthLimits(stale_after=p.stale_after_heartbeats,
+                                         offline_after=p.offline_after_heartbeats,
+                                         disk_fail_pct=p.host.disk_used_ratio.fail * 100,
+                                         peripherals=frozenset(x.id for x in p.peripherals) or None)
+                       for pid, p in self.profiles.items()}
+        with connect(self.settings.db_path, readonly=True) as conn:
+            return {tid: per_profile[profile] for tid, profile in
+                    conn.execute("SELECT id, profile FROM terminals WHERE enabled=1") if profile in per_profile}
 
     def _office_infos(self) -> list[OfficeInfo]:
         with connect(self.settings.db_path, readonly=True) as conn:

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     pilots = [o for o in stack.server.registry.store.offices() if o.pilot]
     for office in pilots:
         for i in range(1, args.terminals_per_office + 1):
-            stack.enrol(f"{office.id}-{i:02d}", office.id, profile="generic")
+            stack.enrol(f"{office.id}-{i:02d}", office.id, profile="lobby-floor-32" if i % 2 else "wall-21")
     creds = root / "credentials.txt"
     fd = os.open(creds, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:

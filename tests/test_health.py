@@ -148,3 +148,31 @@ def test_health_transitions_from_real_heartbeats_and_last_will(make_stack: Any) 
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+def test_device_profile_sets_the_limits_a_terminal_is_judged_by(tmp_path: Path) -> None:
+    from fleet_server.health.service import HealthLimits
+
+    clock = Clock(1_800_000_000.0)
+    db = tmp_path / "h.db"
+    migrate(db, health_service.migrations)
+    limits = {"t-kiosk": HealthLimits(stale_after=3, offline_after=10, disk_fail_pct=92,
+                                      peripherals=frozenset({"camera", "receipt_printer"}))}
+    svc = HealthService(str(db), lambda: {"t-kiosk": "haidian", "t-plain": "haidian"},
+                        lambda: [OfficeInfo("haidian", {"mon-sun": "00:00-23:59"}, "Asia/Shanghai")],
+                        CollectorRegistry(), clock=clock, alert_for_s=0, alert_clear_s=0, limits=lambda: limits)
+    periph = {"camera": "ok", "receipt_printer": "fault", "coffee_machine": "fault"}
+    svc.on_status([_status(t, "online", clock.now, disk_pct=91.0, peripherals=periph) for t in ("t-kiosk", "t-plain")])
+    clock.now += 7  # 3.5 intervals of 2 s: past the default offline limit (3), not the profile's (10)
+    svc.sweep()
+    states = {h["terminal"]: h["state"] for h in svc.terminals()}
+    assert states == {"t-kiosk": "stale", "t-plain": "offline"}
+    svc.sweep()
+    alerts = {(a["kind"], a["subject"]) for a in svc.alerts()}
+    # disk at 91%: over the default 90 %, under the model's 92 %
+    assert ("disk_nearly_full", "t-plain") in alerts and ("disk_nearly_full", "t-kiosk") not in alerts
+    # a peripheral the model does not have is not paged about
+    assert ("peripheral_failed", "t-kiosk:receipt_printer") in alerts
+    assert ("peripheral_failed", "t-kiosk:coffee_machine") not in alerts
+    assert ("peripheral_failed", "t-plain:coffee_machine") in alerts
+    svc.close()

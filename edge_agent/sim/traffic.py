@@ -136,7 +136,7 @@ class TrafficModel:
         peripheral, code, message = self.rng.choice([
             ("receipt_printer", "paper_out", "receipt paper roll is empty"),
             ("a4_printer", "paper_jam", "paper jam in tray 1"),
-            ("id_card_reader", "read_timeout", "ID card chip did not answer in 3 s"),
+            ("id_reader", "read_timeout", "ID card chip did not answer in 3 s"),
             ("camera", "frame_timeout", "no frame from camera for 5 s"),
         ])
         fixed = start + timedelta(minutes=self.rng.uniform(3, 40))

@@ -26,8 +26,9 @@ class Verdict:
 
 
 def judge(last_seen_s: float | None, reported: str | None, reported_reason: str, hb_interval_s: float,
-          now_s: float) -> Verdict:
-    """The state of one terminal from what it last said and when."""
+          now_s: float, stale_after: float = STALE_AFTER_INTERVALS,
+          offline_after: float = OFFLINE_AFTER_INTERVALS) -> Verdict:
+    """The state of one terminal from what it last said and when (limits in heartbeat intervals)."""
     if last_seen_s is None:
         return Verdict(State.MISSING, "never connected since enrolment")
     if reported == "offline":
@@ -35,9 +36,9 @@ def judge(last_seen_s: float | None, reported: str | None, reported_reason: str,
             reported_reason, reported_reason or "reported offline")
         return Verdict(State.OFFLINE, why)
     silent = now_s - last_seen_s
-    if silent >= OFFLINE_AFTER_INTERVALS * hb_interval_s:
+    if silent >= offline_after * hb_interval_s:
         return Verdict(State.OFFLINE, f"no heartbeat for {silent:.0f} s (expected every {hb_interval_s:g} s)")
-    if silent >= STALE_AFTER_INTERVALS * hb_interval_s:
+    if silent >= stale_after * hb_interval_s:
         return Verdict(State.STALE, f"heartbeat {silent:.0f} s late (expected every {hb_interval_s:g} s)")
     return Verdict(State.ONLINE, "heartbeat on time")
 

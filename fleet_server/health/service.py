@@ -15,7 +15,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlite_utils.migrations import Migrations
 
 from fleet_server.db import connect
-from fleet_server.health.rules import Hysteresis, State, is_open, judge
+from fleet_server.health.rules import (
+    OFFLINE_AFTER_INTERVALS, STALE_AFTER_INTERVALS, Hysteresis, State, is_open, judge,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class TerminalHealth:
     office: str
     state: State = State.MISSING
     reason: str = "never connected since enrolment"
+    limits: HealthLimits = field(default_factory=lambda: HealthLimits())
     since: float = 0.0
     last_seen: float | None = None
     reported: str | None = None
@@ -75,6 +78,16 @@ class TerminalHealth:
                 "heartbeat_interval_s": self.hb_interval_s, "agent_version": self.version,
                 "outbox": {"depth": self.outbox_depth, "oldest_age_s": self.outbox_oldest_age_s},
                 "disk_pct": self.disk_pct, "peripherals": dict(self.peripherals)}
+
+
+@dataclass(frozen=True, slots=True)
+class HealthLimits:
+    """What a terminal model's profile says about judging it (defaults when it has none)."""
+
+    stale_after: float = STALE_AFTER_INTERVALS
+    offline_after: float = OFFLINE_AFTER_INTERVALS
+    disk_fail_pct: float = DISK_NEARLY_FULL_PCT
+    peripherals: frozenset[str] | None = None  # None (or a model listing none): judge what is reported
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,9 +116,12 @@ class HealthService:
     def __init__(self, db_path: str, terminals: Callable[[], dict[str, str]],
                  offices: Callable[[], list[OfficeInfo]], registry: CollectorRegistry, *,
                  clock: Callable[[], float] = time.time, alert_for_s: float = 120.0,
-                 alert_clear_s: float = 60.0) -> None:
+                 alert_clear_s: float = 60.0,
+                 limits: Callable[[], dict[str, HealthLimits]] | None = None) -> None:
         self._db_path = db_path
         self._terminals_source = terminals
+        # terminal id → the limits of its model (from its device profile), read with the registry
+        self._limits_source = limits or (lambda: {})
         self._offices_source = offices
         self.metrics = HealthMetrics(registry)
         self._clock = clock
@@ -141,6 +157,7 @@ class HealthService:
     def refresh_registry(self) -> None:
         """Pick up enrolled / revoked terminals and office hours."""
         terminals = self._terminals_source()
+        limits = self._limits_source()
         offices = {o.id: o for o in self._offices_source()}
         now = self._clock()
         with self._lock:
@@ -150,6 +167,7 @@ class HealthService:
                     self._health[tid] = TerminalHealth(tid, office, since=now)
                 else:
                     self._health[tid].office = office
+                self._health[tid].limits = limits.get(tid) or HealthLimits()
             for tid in list(self._health):
                 if tid not in terminals:
                     del self._health[tid]
@@ -194,7 +212,8 @@ class HealthService:
         with self._lock:
             healths = list(self._health.values())
             for h in healths:
-                v = judge(h.last_seen, h.reported, h.reported_reason, h.hb_interval_s, now)
+                v = judge(h.last_seen, h.reported, h.reported_reason, h.hb_interval_s, now,
+                          h.limits.stale_after, h.limits.offline_after)
                 if v.state != h.state:
                     transitions.append((h.terminal, h.state.value, v.state.value, v.reason))
                     h.state, h.since = v.state, now
@@ -241,11 +260,13 @@ class HealthService:
                 open_now[h.office] = office is None or is_open(office.hours, office.timezone, moment)
             put(("terminal_offline", h.terminal), h.state == State.OFFLINE and open_now[h.office], h.office,
                 lambda h=h: f"terminal {h.terminal} is offline during opening hours: {h.reason}")
-            put(("disk_nearly_full", h.terminal), h.state != State.MISSING and h.disk_pct >= DISK_NEARLY_FULL_PCT,
+            put(("disk_nearly_full", h.terminal), h.state != State.MISSING and h.disk_pct >= h.limits.disk_fail_pct,
                 h.office, lambda h=h: f"terminal {h.terminal} disk is {h.disk_pct:.0f}% full")
             put(("outbox_backlog_old", h.terminal), h.outbox_oldest_age_s >= OUTBOX_BACKLOG_OLD_S, h.office,
                 lambda h=h: f"terminal {h.terminal} has events waiting for {h.outbox_oldest_age_s / 60:.0f} min")
             for name, pstate in h.peripherals.items():
+                if h.limits.peripherals is not None and name not in h.limits.peripherals:
+                    continue  # not part of this model: nothing to page anyone about
                 put(("peripheral_failed", f"{h.terminal}:{name}"), pstate not in ("ok", "warn"), h.office,
                     lambda h=h, name=name, pstate=pstate: f"{name} on terminal {h.terminal}: {pstate}")
         for office_id, members in by_office.items():
