@@ -139,7 +139,10 @@ def build_usage_router() -> APIRouter:
         offices = _offices(usage, user, office)
         with _domain_errors():
             profile = usage.busy_hours(offices, *_range(usage, date_from, date_to))
-        title = "繁忙时段 busy hours · " + ", ".join(_office_names(usage, profile.offices))
+        names = _office_names(usage, profile.offices)
+        # a title line holds three names; beyond that, say how many offices are pooled
+        label = ", ".join(names) if len(names) <= 3 else f"{len(names)} 个办事处 offices"
+        title = "繁忙时段 busy hours · " + label
         return _svg(charts.busy_hours_svg(profile, title))
 
     @router.get("/charts/items.svg", response_class=Response)
