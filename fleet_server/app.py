@@ -277,7 +277,7 @@ def create_app(settings: ServerSettings, server: FleetServer | None = None) -> F
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, Any]:
         return {"ok": fleet.link.connected.is_set(), "broker_connected": fleet.link.connected.is_set(),
-                "ingest_queue": fleet.ingest._queue.qsize(), "version": __version__}
+                "ingest_queue": fleet.ingest.backlog, "version": __version__}
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
