@@ -20,7 +20,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 from _common import emit, machine
@@ -44,7 +43,7 @@ class Terminal:
         env = {**os.environ}
         for key, value in self.st.agent_settings(self.tid, **env_over).items():
             env[f"EDGE_{key.upper()}"] = str(value)
-        log = open(self.st.root / f"agent-{self.tid}.log", "ab")
+        log = open(self.st.root / f"agent-{self.tid}.log", "ab")  # noqa: SIM115 - the child process owns it
         self.proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "run"], env=env, stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -29,7 +29,7 @@ def raw_rate(path: Path, n: int, batch: int, sync: str) -> float:
     env = '{"v":1,"terminal":"t-1","epoch":"' + "a" * 32 + '","seq":1,"id":"' + "b" * 32 + \
           '","ts":"2026-11-27T10:00:00.000Z","type":"service.completed","body":' + body + "}"
     t0 = time.perf_counter()
-    for i in range(0, n, batch):
+    for _ in range(0, n, batch):
         conn.execute("BEGIN")
         conn.executemany("INSERT INTO t (type, class, created, expires, env, size) VALUES (?,?,?,?,?,?)",
                          [("service.completed", 2, time.time(), None, env, len(env))] * batch)

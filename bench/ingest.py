@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _common import emit, machine
-
 import paho.mqtt.client as paho
+from _common import emit, machine
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from fleet_server.broker.mosquitto import free_port, hash_password

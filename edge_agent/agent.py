@@ -12,16 +12,15 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from fleet_wire import topics
-from fleet_wire.errors import WireError
-from fleet_wire.receipt import Receipt
-from fleet_wire.topics import Channel
-
 from edge_agent import __version__
 from edge_agent.config import AgentSettings
 from edge_agent.link import LinkEvent, LinkSettings, MqttLink
 from edge_agent.outbox import Outbox, OutboxItem, OutboxLimits, SendWindow
 from edge_agent.outbox.store import InvalidEvent, OutboxFull
+from fleet_wire import topics
+from fleet_wire.errors import WireError
+from fleet_wire.receipt import Receipt
+from fleet_wire.topics import Channel
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +178,7 @@ class Agent:
                 if now - last_telemetry >= self.settings.telemetry_interval_s:
                     last_telemetry = now
                     self._sample_telemetry()
-            except Exception:  # noqa: BLE001 - an unattended agent never dies from one bad turn
+            except Exception:
                 self.pump_errors += 1
                 log.exception("pump turn failed; continuing")
                 self._stop.wait(PUMP_TICK_S)

@@ -29,7 +29,8 @@ class AgentCollector(Collector):
                                 a.window.in_flight)
         yield CounterMetricFamily("edge_outbox_enqueued", "Events stored in the outbox", c.enqueued)
         yield CounterMetricFamily("edge_outbox_sent", "Events published for the first time", w.sent_events)
-        yield CounterMetricFamily("edge_outbox_resent", "Events published again (no receipt in time, reconnect, restart)",
+        yield CounterMetricFamily("edge_outbox_resent",
+                                  "Events published again (no receipt in time, reconnect, restart)",
                                   w.resent_events)
         yield CounterMetricFamily("edge_outbox_confirmed", "Rows deleted after the server's receipt", c.confirmed)
         dropped = CounterMetricFamily("edge_outbox_dropped", "Events replaced by tombstones by policy",

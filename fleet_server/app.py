@@ -30,14 +30,14 @@ from fleet_server.health.service import HealthLimits, HealthService, OfficeInfo
 from fleet_server.ingest.link import ServerLink, ServerLinkSettings
 from fleet_server.ingest.metrics import IngestMetrics
 from fleet_server.ingest.service import IngestService
-from fleet_server.registry.routes import build_registry_router, registry_error_status
-from fleet_server.registry.schemas import TerminalCreate, TerminalPublic
-from fleet_server.registry.service import RegistryService
-from fleet_server.registry.profiles import load_profiles
-from fleet_server.registry.store import RegistryError, UnknownProfile
 from fleet_server.playbooks import store as playbook_store
 from fleet_server.playbooks.routes import build_playbooks_router
 from fleet_server.playbooks.service import PlaybookError, PlaybookService
+from fleet_server.registry.profiles import load_profiles
+from fleet_server.registry.routes import build_registry_router, registry_error_status
+from fleet_server.registry.schemas import TerminalCreate, TerminalPublic
+from fleet_server.registry.service import RegistryService
+from fleet_server.registry.store import RegistryError, UnknownProfile
 from fleet_server.usage.routes import build_usage_router
 from fleet_server.usage.service import UsageService
 from fleet_server.usage.store import migrations as usage_migrations
@@ -132,7 +132,7 @@ class FleetServer:
         def run() -> None:
             try:
                 job()
-            except Exception:  # noqa: BLE001 - a scheduled job never takes the scheduler down
+            except Exception:
                 log.exception("scheduled job %s failed", getattr(job, "__name__", job))
         return run
 

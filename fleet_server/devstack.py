@@ -102,7 +102,7 @@ class DevStack:
                "FLEET_BROKER_PORT": str(self.port), "FLEET_BROKER_PASSWORD": self.server_password,
                "FLEET_ADMIN_TOKEN": self.admin_token,
                "FLEET_HTTP_PORT": str(http_port or free_port())}
-        log = open(self.root / "server.log", "ab")
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 - the child process owns it
         return subprocess.Popen([sys.executable, "-m", "fleet_server", "run"], env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -139,7 +139,7 @@ class DevStack:
         env = {**os.environ}
         for key, value in self.agent_settings(terminal_id, **overrides).items():
             env[f"EDGE_{key.upper()}"] = str(value)
-        log = open(self.root / f"agent-{terminal_id}.log", "ab")
+        log = open(self.root / f"agent-{terminal_id}.log", "ab")  # noqa: SIM115 - the child process owns it
         return subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--no-api"], env=env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 

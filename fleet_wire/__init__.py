@@ -1,5 +1,5 @@
 """The wire contract shared by the edge agent and the fleet server: topics, envelopes, receipts."""
 
-from fleet_wire.errors import WireError, TopicError, EnvelopeInvalid
+from fleet_wire.errors import EnvelopeInvalid, TopicError, WireError
 
-__all__ = ["WireError", "TopicError", "EnvelopeInvalid"]
+__all__ = ["EnvelopeInvalid", "TopicError", "WireError"]

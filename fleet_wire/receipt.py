@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import bisect
 import json
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from fleet_wire import limits
 from fleet_wire.envelope import EPOCH_PATTERN, SCHEMA_VERSION
 from fleet_wire.errors import EnvelopeInvalid
-
-import re
 
 _EPOCH_RE = re.compile(EPOCH_PATTERN)
 
@@ -23,7 +23,7 @@ _EPOCH_RE = re.compile(EPOCH_PATTERN)
 class SeqSet:
     """A set of positive seqs kept as a contiguous mark plus sorted disjoint ranges above it."""
 
-    __slots__ = ("_upto", "_starts", "_ends")
+    __slots__ = ("_ends", "_starts", "_upto")
 
     def __init__(self, upto: int = 0, ranges: Iterable[tuple[int, int]] = ()) -> None:
         self._upto = upto

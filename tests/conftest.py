@@ -50,7 +50,7 @@ def make_stack(tmp_path: Path) -> Iterator[Callable[..., DevStack]]:
     for a in agents:
         try:
             a.stop(graceful=False)
-        except Exception:  # noqa: BLE001 - already stopped in the test
+        except Exception:
             pass
     for st in stacks:
         st.close()

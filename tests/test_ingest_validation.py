@@ -44,7 +44,8 @@ def test_malformed_messages_are_rejected_with_reasons_and_later_events_still_sto
             _env("t-000", 2, epoch, body={"session": "x", "service_code": "not-a-code"})]}))
         bad.publish(own, json.dumps({"v": 1, "events": [_env("t-000", 3, epoch, ts="2026-11-27T10:00:00+08:00")]}))
         bad.publish(topics.topic("t-000", Channel.STATUS), b"\xff\xfe")
-        admin.publish(topics.topic("ghost-1", Channel.EVENTS), json.dumps({"v": 1, "events": [_env("ghost-1", 1, epoch)]}))
+        ghost = json.dumps({"v": 1, "events": [_env("ghost-1", 1, epoch)]})
+        admin.publish(topics.topic("ghost-1", Channel.EVENTS), ghost)
         admin.publish("fleet/v1/t/Not_An_Id/events", b"{}")
         # a valid event in the same stream still goes through
         bad.publish(own, json.dumps({"v": 1, "events": [_env("t-000", 4, epoch)]}))

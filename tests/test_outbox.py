@@ -151,7 +151,8 @@ def test_tombstones_reach_the_server_and_are_counted_not_lost(make_stack: Any) -
         "fleet_events_dropped_by_terminal_total", {"reason": "evicted"}) == 5
 
 
-def test_window_requeues_what_the_client_did_not_keep_and_everything_after_a_sessionless_reconnect(tmp_path: Path) -> None:
+def test_window_requeues_what_the_client_did_not_keep_and_everything_after_a_sessionless_reconnect(
+        tmp_path: Path) -> None:
     from edge_agent.outbox import SendWindow
 
     box = Outbox(tmp_path / "o.db", "t-1")

@@ -209,7 +209,7 @@ def test_rotate_credentials_changes_only_the_password_line(rotated: dict[str, An
 class _HealthHandler(BaseHTTPRequestHandler):
     """Stands in for the agent's local API: answers /v1/health like the agent does."""
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         body = json.dumps({"terminal": "hd-01", "ok": True, "outbox": {"depth": 1}}).encode()
         self.send_response(200 if self.path == "/v1/health" else 404)
         self.send_header("Content-Type", "application/json")

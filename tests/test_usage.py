@@ -33,15 +33,15 @@ from edge_agent.sim import SimClock, SimulatedFleet, TrafficModel, load_catalogu
 from edge_agent.sim.traffic import BEIJING
 from fleet_server.app import FleetServer, create_app
 from fleet_server.auth.models import Role
-from fleet_server.config import ServerSettings
+from fleet_server.config import SEED_DIR, ServerSettings
 from fleet_server.db import connect, migrate
 from fleet_server.devstack import wait_for
 from fleet_server.registry.service import RegistryService
-from fleet_server.config import SEED_DIR
 from fleet_server.usage import figures
 from fleet_server.usage.routes import build_usage_router
 from fleet_server.usage.service import UsageService
-from fleet_server.usage.store import UsageStore, migrations as usage_migrations
+from fleet_server.usage.store import UsageStore
+from fleet_server.usage.store import migrations as usage_migrations
 
 SERVICE_TYPES = ("service.started", "service.completed", "service.abandoned")
 MONDAY = date(2026, 11, 23)
@@ -252,7 +252,8 @@ def _assert_same(row: Any, expected: dict[str, Any], where: Any) -> None:
     assert got == pytest.approx(want), f"{where}: rollup {got} != raw {want}"
 
 
-def _session_events(model: TrafficModel, tid: str, starts: list[datetime]) -> list[tuple[str, dict[str, Any], datetime]]:
+def _session_events(model: TrafficModel, tid: str,
+                    starts: list[datetime]) -> list[tuple[str, dict[str, Any], datetime]]:
     return [(ev.type, ev.body, ev.at.astimezone(UTC)) for s in starts for ev in model.session(tid, s)]
 
 
@@ -406,7 +407,7 @@ def test_csv_export_parses_and_matches_the_rollups(api: Any) -> None:
                       headers=_auth(ADMIN_TOKEN))
     assert resp.status_code == 200
     assert resp.headers["content-type"].startswith("text/csv")
-    assert 'attachment; filename="usage-total-2026-11-23-2026-11-25.csv"' == resp.headers["content-disposition"]
+    assert resp.headers["content-disposition"] == 'attachment; filename="usage-total-2026-11-23-2026-11-25.csv"'
     assert resp.content.startswith(b"\xef\xbb\xbf")  # BOM: Excel then reads UTF-8
     rows = list(csv.DictReader(io.StringIO(resp.content.decode("utf-8-sig"))))
     table = usage.item_table(["haidian", "miyun"], date(2026, 11, 23), date(2026, 11, 25))

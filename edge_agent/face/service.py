@@ -381,7 +381,7 @@ class FaceService:
             return
         try:
             self._post_event(EVENT_TYPE, outcome.event_body())
-        except Exception as err:  # noqa: BLE001 - a full outbox must not fail the citizen's login
+        except Exception as err:
             self.metrics.events_unsaved.inc()
             log.warning("face.decision event not stored: %s", err)
 

@@ -15,10 +15,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge_agent.link.backoff import Backoff
 from fleet_wire import topics
 from fleet_wire.topics import Channel
-
-from edge_agent.link.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +103,7 @@ class MqttLink:
         self._stop.set()
         try:
             self._client.disconnect()
-        except Exception:  # noqa: BLE001 - best effort on shutdown
+        except Exception:
             pass
         if self._thread:
             self._thread.join(timeout_s)
@@ -180,7 +179,7 @@ class MqttLink:
     def _emit(self, event: LinkEvent) -> None:
         try:
             self._on_event(event)
-        except Exception:  # noqa: BLE001 - an unattended agent never dies from a callback
+        except Exception:
             log.exception("link event handler failed for %s", event.kind)
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,

@@ -1,11 +1,26 @@
 """The durable outbox: every event is on disk before anyone is told "ok"."""
 
 from edge_agent.outbox.store import (
-    Outbox, OutboxError, OutboxFull, OutboxStorageError, OutboxItem, OutboxLimits, OutboxStats, InvalidEvent,
+    InvalidEvent,
+    Outbox,
+    OutboxError,
+    OutboxFull,
+    OutboxItem,
+    OutboxLimits,
+    OutboxStats,
+    OutboxStorageError,
 )
-from edge_agent.outbox.window import SendWindow, Batch
+from edge_agent.outbox.window import Batch, SendWindow
 
 __all__ = [
-    "Outbox", "OutboxError", "OutboxFull", "OutboxStorageError", "OutboxItem", "OutboxLimits", "OutboxStats",
-    "InvalidEvent", "SendWindow", "Batch",
+    "Batch",
+    "InvalidEvent",
+    "Outbox",
+    "OutboxError",
+    "OutboxFull",
+    "OutboxItem",
+    "OutboxLimits",
+    "OutboxStats",
+    "OutboxStorageError",
+    "SendWindow",
 ]

@@ -150,7 +150,7 @@ class Outbox:
         self._rows = 0
         self._live = 0
         self._bytes = 0
-        for cls, typ_is_tomb, n, size in self._db.execute(
+        for _cls, typ_is_tomb, n, size in self._db.execute(
             "SELECT class, type = ?, count(*), coalesce(sum(size), 0) FROM outbox GROUP BY 1, 2",
             (TOMBSTONE,),
         ):

@@ -14,10 +14,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from edge_agent.outbox.store import Outbox
 from fleet_wire.envelope import SCHEMA_VERSION
 from fleet_wire.receipt import Receipt
-
-from edge_agent.outbox.store import Outbox
 
 RECEIPT_TIMEOUT_S = 10.0  # PUBACKed but no receipt this long: the broker or server lost it
 RECEIPT_TIMEOUT_MAX_S = 120.0  # back-off ceiling while the server stays silent
@@ -161,10 +160,11 @@ class SendWindow:
         moved = 0
         timed_out = False
         for token, batch in list(self._flights.items()):
-            if batch.acked_at is not None and now - batch.acked_at >= self._timeout_s:
-                moved += self._requeue(token)
-                timed_out = True
-            elif batch.acked_at is None and now - batch.sent_at >= max(PUBACK_TIMEOUT_S, self._timeout_s):
+            if batch.acked_at is not None:
+                overdue = now - batch.acked_at >= self._timeout_s  # PUBACKed, no receipt
+            else:
+                overdue = now - batch.sent_at >= max(PUBACK_TIMEOUT_S, self._timeout_s)  # no PUBACK
+            if overdue:
                 moved += self._requeue(token)
                 timed_out = True
         if timed_out:

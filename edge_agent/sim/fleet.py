@@ -99,7 +99,7 @@ class SimulatedFleet:
             now = time.monotonic()
             try:
                 self.step(time.time(), now - last)
-            except Exception:  # noqa: BLE001 - the simulator keeps playing
+            except Exception:
                 log.exception("simulation step failed")
             last = now
 

@@ -16,7 +16,12 @@ from sqlite_utils.migrations import Migrations
 
 from fleet_server.db import connect
 from fleet_server.health.rules import (
-    OFFLINE_AFTER_INTERVALS, STALE_AFTER_INTERVALS, Hysteresis, State, is_open, judge,
+    OFFLINE_AFTER_INTERVALS,
+    STALE_AFTER_INTERVALS,
+    Hysteresis,
+    State,
+    is_open,
+    judge,
 )
 
 log = logging.getLogger(__name__)
@@ -272,7 +277,8 @@ class HealthService:
         for office_id, members in by_office.items():
             down = sum(1 for h in members if h.state == State.OFFLINE)
             put(("office_offline", office_id), len(members) >= 2 and down / len(members) > OFFICE_MOSTLY_OFFLINE,
-                office_id, lambda d=down, n=len(members), o=office_id: f"{d} of {n} terminals of office {o} are offline")
+                office_id,
+                lambda d=down, n=len(members), o=office_id: f"{d} of {n} terminals of office {o} are offline")
         return out
 
     def _persist(self, at: str, transitions: list[tuple[str, str, str, str]],
@@ -296,7 +302,7 @@ class HealthService:
         except BaseException:
             c.execute("ROLLBACK")
             raise
-        for (kind, subject), _, message in fired:
+        for (kind, _subject), _, message in fired:
             self.metrics.alerts_raised.labels(kind).inc()
             log.warning("alert %s: %s", kind, message)
         if len(transitions) > 20:  # a broker restart moves thousands at once: one line, not thousands
@@ -367,7 +373,8 @@ class HealthService:
                 s[h.state.value] += 1
         return sorted(summary.values(), key=lambda s: s["office"])
 
-    def alerts(self, active_only: bool = True, offices: list[str] | None = None, limit: int = 200) -> list[dict[str, Any]]:
+    def alerts(self, active_only: bool = True, offices: list[str] | None = None,
+               limit: int = 200) -> list[dict[str, Any]]:
         sql = "SELECT id, kind, subject, office_id, severity, state, message, fired_at, resolved_at FROM alerts"
         sql += " WHERE state='firing'" if active_only else ""
         sql += " ORDER BY id DESC LIMIT ?"

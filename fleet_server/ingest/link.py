@@ -15,10 +15,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from fleet_server.ingest.service import Inbound, IngestService
 from fleet_wire import topics
 from fleet_wire.topics import Channel
-
-from fleet_server.ingest.service import Inbound, IngestService
 
 log = logging.getLogger(__name__)
 
@@ -100,5 +99,5 @@ class ServerLink:
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         try:
             self.ingest.submit(Inbound(message.topic, bytes(message.payload), message.mid, message.qos))
-        except Exception:  # noqa: BLE001 - never let paho's thread die
+        except Exception:
             log.exception("could not queue message from %s", message.topic)

@@ -12,23 +12,22 @@ import json
 import logging
 import sqlite3
 import threading
-from collections import deque
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from fleet_server.db import connect
+from fleet_server.ingest.metrics import IngestMetrics
+from fleet_server.ingest.store import IngestStore, StreamRow
 from fleet_wire import topics
 from fleet_wire.envelope import decode_batch, format_ts
 from fleet_wire.errors import TopicError
 from fleet_wire.events import TOMBSTONE
 from fleet_wire.receipt import Receipt, SeqSet
 from fleet_wire.topics import Channel
-
-from fleet_server.db import connect
-from fleet_server.ingest.metrics import IngestMetrics
-from fleet_server.ingest.store import IngestStore, StreamRow
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +168,7 @@ class IngestService:
             self.metrics.queue_depth.set(len(self._pending))
             try:
                 self._process(msgs)
-            except Exception:  # noqa: BLE001 - the ingest never dies from one batch
+            except Exception:
                 self.errors += 1
                 log.exception("ingest batch of %d messages failed; terminals will re-send", len(msgs))
                 for m in msgs:
@@ -219,13 +218,13 @@ class IngestService:
             if b.events:
                 try:
                     hook(b.events)
-                except Exception:  # noqa: BLE001 - a listener never breaks the ingest
+                except Exception:
                     log.exception("on_commit listener failed")
         for status_hook in self.on_status:
             if b.status:
                 try:
                     status_hook(list(b.status.values()))
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.exception("on_status listener failed")
         for t, n in b.ingested_types.items():
             self.metrics.ingested.labels(t).inc(n)
@@ -242,7 +241,7 @@ class IngestService:
             try:
                 self.publish(topics.topic(terminal, Channel.RECEIPT), receipt.encode())
                 self.metrics.receipts.inc()
-            except Exception:  # noqa: BLE001 - the terminal re-sends and gets a receipt then
+            except Exception:
                 log.exception("could not publish receipt to %s", terminal)
         for mid, qos in b.acks:
             self._safe_ack(mid, qos)
@@ -326,7 +325,7 @@ class IngestService:
             return
         try:
             self.ack(mid, qos)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("manual ack of mid %d failed", mid)
 
     def _update_gap_gauge(self, touched: dict[tuple[str, str], StreamRow] | None = None) -> None:

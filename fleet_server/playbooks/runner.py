@@ -96,7 +96,7 @@ class PlaybookRunner:
                 extravars=dict(extravars), envvars=envvars, limit=limit, ident=ident,
                 event_handler=handle, quiet=True, timeout=self.timeout_s)
             return RunOutcome(str(result.status), int(result.rc if result.rc is not None else -1))
-        except Exception as err:  # noqa: BLE001 - a run that cannot start is a failed run, recorded
+        except Exception as err:
             return RunOutcome("failed", -1, f"{type(err).__name__}: {err}")
         finally:
             if not self.keep_artifacts:

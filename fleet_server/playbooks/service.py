@@ -128,7 +128,7 @@ class PlaybookService:
                 status = "successful"
             elif not error:
                 error = f"ansible-runner ended with status {outcome.status!r}, rc {outcome.rc}"
-        except Exception as err:  # noqa: BLE001 - a worker never dies silently: the run says why
+        except Exception as err:
             log.exception("playbook run %d (%s) crashed", run_id, name)
             error = f"{type(err).__name__}: {err}"
         finally:

@@ -57,7 +57,8 @@ class RegistryStore:
 
     def offices(self) -> list[Office]:
         cur = self._db.execute(
-            "SELECT id, name, name_en, district, pilot, timezone, hours, maintenance FROM offices ORDER BY pilot DESC, id")
+            "SELECT id, name, name_en, district, pilot, timezone, hours, maintenance FROM offices"
+            " ORDER BY pilot DESC, id")
         return [Office(id=r[0], name=r[1], name_en=r[2], district=r[3], pilot=bool(r[4]),
                        timezone=r[5], hours=json.loads(r[6]), maintenance=r[7]) for r in cur]
 

@@ -30,8 +30,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from fleet_server.db import connect
 from fleet_server.usage import figures as fig
 from fleet_server.usage.schemas import (
-    BusyCell, BusyHour, BusyHours, Figures, HourRow, HourTable, ItemRow, ItemTable, OfficeComparison,
-    OfficeFigures, PeriodComparison, PeriodFigures,
+    BusyCell,
+    BusyHour,
+    BusyHours,
+    Figures,
+    HourRow,
+    HourTable,
+    ItemRow,
+    ItemTable,
+    OfficeComparison,
+    OfficeFigures,
+    PeriodComparison,
+    PeriodFigures,
 )
 from fleet_server.usage.store import BucketRow, OfficeRow, UsageStore
 
@@ -189,7 +199,7 @@ class UsageService:
             for office, day, version in store.dirty_batch(limit):
                 try:
                     self._rebuild(store, office, date.fromisoformat(day), version)
-                except Exception:  # noqa: BLE001 - one bad office-day never stops the others
+                except Exception:
                     self.errors += 1
                     self.metrics.errors.inc()
                     log.exception("usage rebuild of %s %s failed; retried on the next tick", office, day)
@@ -210,7 +220,7 @@ class UsageService:
                 self.catch_up()
                 self._caught_up = True
             return self.recompute()
-        except Exception:  # noqa: BLE001 - the scheduler thread keeps running; next tick retries
+        except Exception:
             self.errors += 1
             self.metrics.errors.inc()
             log.exception("usage tick failed")

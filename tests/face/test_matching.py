@@ -90,7 +90,7 @@ def test_identify_returns_top_k_with_the_right_person_first(
     face_service.enrol("astronaut", frames.astronaut)
     out = face_service.identify(frames.obama_live, top_k=3)
     assert out.decision == "match"
-    assert [c.citizen_id for c in out.candidates][0] == "obama"
+    assert out.candidates[0].citizen_id == "obama"
     assert len(out.candidates) == 3
     assert out.candidates == sorted(out.candidates, key=lambda c: c.distance)
     assert out.score == pytest.approx(out.candidates[0].distance, abs=1e-3)

@@ -101,7 +101,7 @@ def test_broker_sees_no_image_template_or_citizen_id(
                 assert client.post(path, json=body).status_code == 200, path
             tid = svc.store.template_id(CITIZEN)
         vectors = [
-            engine.analyse(svc_rgb, svc._live, 320).vector  # noqa: SLF001 - same limits as the service
+            engine.analyse(svc_rgb, svc._live, 320).vector
             for svc_rgb in [_decode(i) for i in images]
         ]
         wait_for(
