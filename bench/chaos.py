@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 from _common import emit, machine
 
-from fleet_server.broker.mosquitto import free_port
+from fleet_server.broker.mosquitto import die_with_parent, free_port
 from fleet_server.devstack import DevStack, wait_for
 
 OFFICES = ["dongcheng", "haidian", "chaoyang", "mentougou", "miyun", "loan-centre"]
@@ -45,7 +45,8 @@ class Terminal:
             env[f"EDGE_{key.upper()}"] = str(value)
         log = open(self.st.root / f"agent-{self.tid}.log", "ab")  # noqa: SIM115 - the child process owns it
         self.proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "run"], env=env, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=die_with_parent)
 
     def kill(self) -> None:
         if self.proc:

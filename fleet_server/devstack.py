@@ -16,7 +16,14 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from fleet_server.app import FleetServer
-from fleet_server.broker.mosquitto import BrokerConfig, Mosquitto, free_port, new_password, write_broker_files
+from fleet_server.broker.mosquitto import (
+    BrokerConfig,
+    Mosquitto,
+    die_with_parent,
+    free_port,
+    new_password,
+    write_broker_files,
+)
 from fleet_server.config import ServerSettings
 from fleet_server.registry.schemas import TerminalCreate
 
@@ -104,7 +111,7 @@ class DevStack:
                "FLEET_HTTP_PORT": str(http_port or free_port())}
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 - the child process owns it
         return subprocess.Popen([sys.executable, "-m", "fleet_server", "run"], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
 
     def stop_server(self) -> None:
         """Stop the in-process server (its broker session keeps queueing for it)."""
@@ -141,7 +148,8 @@ class DevStack:
             env[f"EDGE_{key.upper()}"] = str(value)
         log = open(self.root / f"agent-{terminal_id}.log", "ab")  # noqa: SIM115 - the child process owns it
         return subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--no-api"], env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=die_with_parent)
 
     # -- reading back -----------------------------------------------------------------------------
 

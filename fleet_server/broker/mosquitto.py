@@ -127,6 +127,20 @@ def _atomic_write(path: Path, text: str, mode: int) -> None:
     os.replace(tmp, path)
 
 
+def die_with_parent() -> None:
+    """In a child before exec: get SIGTERM when the process that started us dies (Linux).
+
+    A test run, benchmark or demo that is killed must not leave a broker or an agent behind.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on `host` right now."""
     with socket.socket() as sock:
@@ -154,7 +168,8 @@ class Mosquitto:
             return
         self.proc = subprocess.Popen(
             [self.binary, "-c", str(self.config.conf_path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
