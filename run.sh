@@ -43,8 +43,13 @@ ensure_venv() {
     want=$(sha256sum pyproject.toml | cut -c1-16)
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         echo "installing Python dependencies into $VENV ($extras)"
-        "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-        "$VENV/bin/python" -m pip install -q -e ".[$extras]"
+        # pip and the build backend are chatty: keep their output in a log, show it on failure
+        if ! { "$VENV/bin/python" -m pip install -q --upgrade pip &&
+               "$VENV/bin/python" -m pip install -q -e ".[$extras]"; } >"$VENV/install.log" 2>&1; then
+            tail -n 40 "$VENV/install.log" >&2
+            echo "installing Python dependencies failed; full log: $VENV/install.log" >&2
+            exit 1
+        fi
         echo "$want" > "$stamp"
     fi
 }

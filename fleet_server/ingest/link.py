@@ -65,6 +65,7 @@ class ServerLink:
         self._client.loop_start()
 
     def stop(self) -> None:
+        self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
 
@@ -94,7 +95,10 @@ class ServerLink:
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:
         self.connected.clear()
-        log.warning("ingest disconnected: %s", reason_code)
+        if getattr(self, "_stopping", False):
+            log.info("ingest disconnected on shutdown")
+        else:
+            log.warning("ingest disconnected: %s", reason_code)
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         try:
