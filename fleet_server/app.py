@@ -37,7 +37,7 @@ from fleet_server.registry.profiles import load_profiles
 from fleet_server.registry.routes import build_registry_router, registry_error_status
 from fleet_server.registry.schemas import TerminalCreate, TerminalPublic
 from fleet_server.registry.service import RegistryService
-from fleet_server.registry.store import RegistryError, UnknownProfile
+from fleet_server.registry.store import RegistryError, RegistryStore, UnknownOffice, UnknownProfile
 from fleet_server.usage.routes import build_usage_router
 from fleet_server.usage.service import UsageService
 from fleet_server.usage.store import migrations as usage_migrations
@@ -96,7 +96,6 @@ class FleetServer:
                                          base_extravars=base, **options)
         # Per-terminal variables for onboarding runs (address, connection… from the site survey).
         self.onboard_terminal_vars: Callable[[TerminalPublic], dict[str, Any]] = lambda t: {}
-        self.extra_routers: list[APIRouter] = []
         self._running = False
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -137,8 +136,9 @@ class FleetServer:
         return run
 
     def _enabled_terminals(self) -> dict[str, str]:
+        # own read-only connection: called from the ingest and scheduler threads
         with connect(self.settings.db_path, readonly=True) as conn:
-            return dict(conn.execute("SELECT id, office_id FROM terminals WHERE enabled=1"))
+            return RegistryStore(conn).enabled_terminal_offices()
 
     def _health_limits(self) -> dict[str, HealthLimits]:
         """How to judge each terminal, from its device profile's heartbeat and host thresholds."""
@@ -153,8 +153,7 @@ class FleetServer:
 
     def _office_infos(self) -> list[OfficeInfo]:
         with connect(self.settings.db_path, readonly=True) as conn:
-            return [OfficeInfo(r[0], json.loads(r[1]), r[2])
-                    for r in conn.execute("SELECT id, hours, timezone FROM offices")]
+            return [OfficeInfo(o.id, o.hours, o.timezone) for o in RegistryStore(conn).offices()]
 
     # -- admin actions (each audited) -------------------------------------------------------------
 
@@ -200,7 +199,6 @@ class FleetServer:
         """Enrol every terminal of an office in one transaction (all or none), then provision."""
         with self.lock:
             if office_id not in {o.id for o in self.registry.store.offices()}:
-                from fleet_server.registry.store import UnknownOffice
                 raise UnknownOffice(f"office {office_id!r} is not in the registry")
             for t in terminals:
                 self._check_profile(t)
@@ -321,8 +319,6 @@ def create_app(settings: ServerSettings, server: FleetServer | None = None) -> F
     app.include_router(build_auth_router())
     app.include_router(build_usage_router())
     app.include_router(build_playbooks_router())
-    for router in fleet.extra_routers:
-        app.include_router(router)
     return app
 
 

@@ -162,12 +162,6 @@ class DevStack:
                 return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
             return int(conn.execute("SELECT count(*) FROM events WHERE terminal=?", (terminal_id,)).fetchone()[0])
 
-    def event_ids(self) -> list[str]:
-        import sqlite3
-
-        with sqlite3.connect(self.settings.db_path) as conn:
-            return [r[0] for r in conn.execute("SELECT id FROM events")]
-
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0, interval_s: float = 0.05,
              what: str = "condition") -> None:

@@ -51,10 +51,6 @@ class LinkEvent:
     reason: str = ""
 
 
-class BrokerAuthRejected(Exception):
-    """The broker refused our credentials: retrying will not help until they are fixed."""
-
-
 class MqttLink:
     """One persistent MQTT 5 session to the broker, with its own reconnect loop."""
 

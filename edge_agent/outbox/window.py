@@ -172,11 +172,6 @@ class SendWindow:
             self._timeout_s = min(self._timeout_s * 2, RECEIPT_TIMEOUT_MAX_S)
         return moved
 
-    def forget_unsent(self) -> None:
-        """Forget every flight (after the MQTT client was rebuilt and lost its own queue)."""
-        for token in list(self._flights):
-            self._requeue(token)
-
     # -- introspection ---------------------------------------------------------------------
 
     @property

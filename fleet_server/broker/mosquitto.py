@@ -16,7 +16,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -219,14 +219,3 @@ class Mosquitto:
             self.proc.stderr.close()
         self.proc = None
 
-
-def credentials_for(terminal_passwords: Mapping[str, str], server_password: str,
-                    server_username: str = SERVER_USERNAME) -> BrokerCredentials:
-    """Hash plain passwords (demo and tests; the registry stores hashes only)."""
-    hashes = {tid: hash_password(pw) for tid, pw in terminal_passwords.items()}
-    hashes[server_username] = hash_password(server_password)
-    return BrokerCredentials(server_username, hashes)
-
-
-def terminal_ids(values: Iterable[str]) -> list[str]:
-    return [topics.check_terminal_id(v) for v in values]

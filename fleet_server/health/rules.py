@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, time, timedelta
+from datetime import datetime, time
 from enum import StrEnum
 from zoneinfo import ZoneInfo
 
@@ -104,7 +104,3 @@ class Hysteresis:
             self._pending.clear()
         return None
 
-
-def next_local_midnight(moment: datetime, timezone: str) -> datetime:
-    local = moment.astimezone(ZoneInfo(timezone))
-    return (local + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)

@@ -137,7 +137,6 @@ class HealthService:
         self._offices: dict[str, OfficeInfo] = {}
         self._alerts: dict[tuple[str, str], Hysteresis] = {}
         self._alert_rows: dict[tuple[str, str], int] = {}
-        self._seen_labels: set[tuple[str, str]] = set()
         self._conn = connect(db_path)
         self._load()
 

@@ -6,6 +6,7 @@ import json
 import sqlite3
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from typing import Any
 
 from fleet_server.registry.schemas import Office, TerminalCreate, TerminalPublic
 
@@ -28,6 +29,14 @@ class UnknownTerminal(RegistryError):
 
 class UnknownProfile(RegistryError):
     pass
+
+
+_TERMINAL_COLUMNS = "id, office_id, profile, tags, enabled, created_at, revoked_at"
+
+
+def _terminal(r: tuple[Any, ...]) -> TerminalPublic:
+    return TerminalPublic(id=r[0], office_id=r[1], profile=r[2], tags=json.loads(r[3]),
+                          enabled=bool(r[4]), created_at=r[5], revoked_at=r[6])
 
 
 def _now() -> str:
@@ -90,13 +99,11 @@ class RegistryStore:
             raise UnknownTerminal(f"terminal {terminal_id!r} is not enrolled (or was revoked)")
 
     def terminal(self, terminal_id: str) -> TerminalPublic | None:
-        return next((t for t in self.terminals() if t.id == terminal_id), None)
+        row = self._db.execute(f"SELECT {_TERMINAL_COLUMNS} FROM terminals WHERE id=?", (terminal_id,)).fetchone()
+        return _terminal(row) if row else None
 
     def terminals(self) -> list[TerminalPublic]:
-        cur = self._db.execute(
-            "SELECT id, office_id, profile, tags, enabled, created_at, revoked_at FROM terminals ORDER BY id")
-        return [TerminalPublic(id=r[0], office_id=r[1], profile=r[2], tags=json.loads(r[3]),
-                               enabled=bool(r[4]), created_at=r[5], revoked_at=r[6]) for r in cur]
+        return [_terminal(r) for r in self._db.execute(f"SELECT {_TERMINAL_COLUMNS} FROM terminals ORDER BY id")]
 
     def enabled_terminal_offices(self) -> dict[str, str]:
         """terminal id → office id, for enabled terminals only."""
