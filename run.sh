@@ -2,6 +2,7 @@
 # kiosk-fleet: the two set-up commands.
 #   ./run.sh demo   broker + fleet server + a simulated fleet of terminals (Ctrl-C stops)
 #   ./run.sh test   the whole test suite (extra arguments go to pytest)
+#   ./run.sh dist   the agent and server wheels (+ the agent's hash-pinned dependency lock) into dist/
 # Both install what they need first (Debian packages, a Python venv in .venv), idempotently.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -67,8 +68,12 @@ case "$cmd" in
         ensure_venv server,dev,face
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
+    dist)
+        ensure_venv server,dev
+        exec "$VENV/bin/python" -m fleet_dev.dist "$@"
+        ;;
     *)
-        sed -n '2,5p' "$0"
+        sed -n '2,6p' "$0"
         exit 2
         ;;
 esac

@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 import httpx
-from _common import emit, machine
 
-from fleet_server.broker.mosquitto import die_with_parent, free_port
-from fleet_server.devstack import DevStack, wait_for
+from fleet_dev.bench import emit, machine
+from fleet_dev.devstack import DevStack
+from fleet_dev.proc import die_with_parent, free_port, wait_for
 
 OFFICES = ["dongcheng", "haidian", "chaoyang", "mentougou", "miyun", "loan-centre"]
 
@@ -44,9 +44,14 @@ class Terminal:
         for key, value in self.st.agent_settings(self.tid, **env_over).items():
             env[f"EDGE_{key.upper()}"] = str(value)
         log = open(self.st.root / f"agent-{self.tid}.log", "ab")  # noqa: SIM115 - the child process owns it
-        self.proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "run"], env=env, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                     preexec_fn=die_with_parent)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edge_agent", "run"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
 
     def kill(self) -> None:
         if self.proc:
@@ -58,8 +63,11 @@ class Terminal:
 
         The session id doubles as the idempotency key, so the kiosk may retry a doubtful post.
         """
-        body = {"type": "service.completed", "key": f"kiosk-{session}",
-                "body": {"session": session, "service_code": "TQ02", "duration_s": 60.0}}
+        body = {
+            "type": "service.completed",
+            "key": f"kiosk-{session}",
+            "body": {"session": session, "service_code": "TQ02", "duration_s": 60.0},
+        }
         try:
             r = self.client.post("/v1/events", json=body)
         except httpx.ConnectError:
@@ -130,7 +138,7 @@ def main() -> None:
         for w in workers:
             w.start()
         # spread the faults over the production period
-        faults = (["broker"] * broker_restarts + ["agent"] * kills + ["server"] * server_kills)
+        faults = ["broker"] * broker_restarts + ["agent"] * kills + ["server"] * server_kills
         rng.shuffle(faults)
         for k, fault in enumerate(faults):
             while counter[0] < target * (k + 1) / (len(faults) + 1) and any(w.is_alive() for w in workers):
@@ -166,8 +174,9 @@ def main() -> None:
         with sqlite3.connect(st.settings.db_path) as conn:
             # business events only: agents also send their own telemetry samples (no session)
             rows = conn.execute("SELECT count(*) FROM events WHERE type LIKE 'service.%'").fetchone()[0]
-            distinct = conn.execute("SELECT count(DISTINCT json_extract(body,'$.session')) FROM events"
-                                    " WHERE type LIKE 'service.%'").fetchone()[0]
+            distinct = conn.execute(
+                "SELECT count(DISTINCT json_extract(body,'$.session')) FROM events WHERE type LIKE 'service.%'"
+            ).fetchone()[0]
         stored_sessions = sessions()
         for t in terms:
             t.kill()
@@ -175,13 +184,25 @@ def main() -> None:
         server.wait()
         st.close()
     lost = len(acked - stored_sessions)
-    print(f"{len(acked)} events acknowledged to kiosks in {produce_s:.0f}s at {n_term} terminals "
-          f"({broker_restarts} broker restarts, {kills} agent kills, {server_kills} server kills); "
-          f"{rows} rows stored, {lost} lost, {rows - distinct} duplicates, {len(doubt)} in doubt "
-          f"(no answer before a kill; {len(doubt & stored_sessions)} of them stored) — {machine()}")
-    emit({"events": len(acked), "stored": len(acked & stored_sessions), "lost": lost,
-          "duplicates": rows - distinct, "in_doubt": len(doubt), "terminals": n_term,
-          "broker_restarts": broker_restarts, "agent_kills": kills, "server_kills": server_kills})
+    print(
+        f"{len(acked)} events acknowledged to kiosks in {produce_s:.0f}s at {n_term} terminals "
+        f"({broker_restarts} broker restarts, {kills} agent kills, {server_kills} server kills); "
+        f"{rows} rows stored, {lost} lost, {rows - distinct} duplicates, {len(doubt)} in doubt "
+        f"(no answer before a kill; {len(doubt & stored_sessions)} of them stored) — {machine()}"
+    )
+    emit(
+        {
+            "events": len(acked),
+            "stored": len(acked & stored_sessions),
+            "lost": lost,
+            "duplicates": rows - distinct,
+            "in_doubt": len(doubt),
+            "terminals": n_term,
+            "broker_restarts": broker_restarts,
+            "agent_kills": kills,
+            "server_kills": server_kills,
+        }
+    )
 
 
 if __name__ == "__main__":

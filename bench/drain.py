@@ -12,10 +12,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import emit, machine, raw_qos1_rate
-
 from edge_agent.outbox import Outbox
-from fleet_server.devstack import DevStack, service_events, wait_for
+from fleet_dev.bench import emit, machine, raw_qos1_rate
+from fleet_dev.devstack import DevStack, service_events
+from fleet_dev.proc import wait_for
 
 
 def main() -> None:
@@ -55,6 +55,7 @@ def main() -> None:
         for a in agents:
             a.start()
         last = 0
+
         def progress() -> bool:
             nonlocal last
             n = st.stored()
@@ -62,6 +63,7 @@ def main() -> None:
                 print(f"  stored {n:>7}/{total}", flush=True)
                 last = n
             return n >= total and all(a.outbox.depth == 0 for a in agents)
+
         wait_for(progress, 300, interval_s=0.02, what="drain")
         elapsed = time.perf_counter() - t0
         stored = st.stored()
@@ -72,11 +74,22 @@ def main() -> None:
             a.stop()
         st.close()
     rate = total / elapsed
-    print(f"drained {total} events in {elapsed:.2f}s end-to-end (stored + receipted + deleted): "
-          f"{rate:,.0f} events/s vs raw QoS1 {baseline:,.0f} msg/s on the same broker ({machine()})")
-    emit({"events": total, "stored": stored, "lost": total - distinct, "duplicates": stored - distinct,
-          "resent": resent, "rate": round(rate, 1), "baseline_rate": round(baseline, 1),
-          "ratio": round(rate / baseline, 3)})
+    print(
+        f"drained {total} events in {elapsed:.2f}s end-to-end (stored + receipted + deleted): "
+        f"{rate:,.0f} events/s vs raw QoS1 {baseline:,.0f} msg/s on the same broker ({machine()})"
+    )
+    emit(
+        {
+            "events": total,
+            "stored": stored,
+            "lost": total - distinct,
+            "duplicates": stored - distinct,
+            "resent": resent,
+            "rate": round(rate, 1),
+            "baseline_rate": round(baseline, 1),
+            "ratio": round(rate / baseline, 3),
+        }
+    )
 
 
 if __name__ == "__main__":

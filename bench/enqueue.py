@@ -13,26 +13,36 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import emit, machine
-
 from edge_agent.outbox import Outbox
-from fleet_server.devstack import service_events
+from fleet_dev.bench import emit, machine
+from fleet_dev.devstack import service_events
 
 
 def raw_rate(path: Path, n: int, batch: int, sync: str) -> float:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={sync}")
-    conn.execute("CREATE TABLE t (seq INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT, class INTEGER,"
-                 " created REAL, expires REAL, env TEXT, size INTEGER)")
+    conn.execute(
+        "CREATE TABLE t (seq INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT, class INTEGER,"
+        " created REAL, expires REAL, env TEXT, size INTEGER)"
+    )
     body = json.dumps(next(iter(service_events(1)))[1])
-    env = '{"v":1,"terminal":"t-1","epoch":"' + "a" * 32 + '","seq":1,"id":"' + "b" * 32 + \
-          '","ts":"2026-11-27T10:00:00.000Z","type":"service.completed","body":' + body + "}"
+    env = (
+        '{"v":1,"terminal":"t-1","epoch":"'
+        + "a" * 32
+        + '","seq":1,"id":"'
+        + "b" * 32
+        + '","ts":"2026-11-27T10:00:00.000Z","type":"service.completed","body":'
+        + body
+        + "}"
+    )
     t0 = time.perf_counter()
     for _ in range(0, n, batch):
         conn.execute("BEGIN")
-        conn.executemany("INSERT INTO t (type, class, created, expires, env, size) VALUES (?,?,?,?,?,?)",
-                         [("service.completed", 2, time.time(), None, env, len(env))] * batch)
+        conn.executemany(
+            "INSERT INTO t (type, class, created, expires, env, size) VALUES (?,?,?,?,?,?)",
+            [("service.completed", 2, time.time(), None, env, len(env))] * batch,
+        )
         conn.execute("COMMIT")
     rate = n / (time.perf_counter() - t0)
     conn.close()
@@ -48,7 +58,7 @@ def outbox_rate(path: Path, n: int, batch: int, sync: str) -> float:
             box.enqueue(e[0], e[1])
     else:
         for i in range(0, n, batch):
-            box.enqueue_many(events[i:i + batch])
+            box.enqueue_many(events[i : i + batch])
     rate = n / (time.perf_counter() - t0)
     box.close()
     return rate
@@ -73,9 +83,17 @@ def main() -> None:
         boxb = best_of(outbox_rate, tmp, "boxb", nb, 100, args.sync)
     print(f"one event per commit:  outbox {box1:,.0f}/s vs raw SQLite {raw1:,.0f}/s  (synchronous={args.sync})")
     print(f"100 events per commit: outbox {boxb:,.0f}/s vs raw SQLite {rawb:,.0f}/s  ({machine()})")
-    emit({"rate": round(box1, 1), "baseline_rate": round(raw1, 1), "ratio": round(box1 / raw1, 3),
-          "batched_rate": round(boxb, 1), "batched_baseline_rate": round(rawb, 1),
-          "batched_ratio": round(boxb / rawb, 3), "synchronous": args.sync})
+    emit(
+        {
+            "rate": round(box1, 1),
+            "baseline_rate": round(raw1, 1),
+            "ratio": round(box1 / raw1, 3),
+            "batched_rate": round(boxb, 1),
+            "batched_baseline_rate": round(rawb, 1),
+            "batched_ratio": round(boxb / rawb, 3),
+            "synchronous": args.sync,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -83,9 +83,7 @@ def measure_rss_in_child(frames: list[bytes]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the figures."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (~30 s)")
     parser.add_argument("--rss-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -146,9 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
             rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
             if half:  # the same 320×240 detection scale our pipeline uses: isolates our overhead
-                small = cv2.resize(
-                    rgb, (rgb.shape[1] // 2, rgb.shape[0] // 2), interpolation=cv2.INTER_AREA
-                )
+                small = cv2.resize(rgb, (rgb.shape[1] // 2, rgb.shape[0] // 2), interpolation=cv2.INTER_AREA)
                 rects, scores, _ = hog.run(small, 0, 0.0)
                 r = rects[int(np.argmax(scores))]
                 best = dlib.rectangle(r.left() * 2, r.top() * 2, r.right() * 2, r.bottom() * 2)
@@ -189,9 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     vecs = rng.normal(size=(GALLERY_N, 128)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     t = time.perf_counter()
-    gallery.load_many(
-        [f"t{i}" for i in range(GALLERY_N)], vecs, [f"c{i}" for i in range(GALLERY_N)]
-    )
+    gallery.load_many([f"t{i}" for i in range(GALLERY_N)], vecs, [f"c{i}" for i in range(GALLERY_N)])
     load_gallery_s = time.perf_counter() - t
     del vecs
     qs = rng.normal(size=(queries, 128)).astype(np.float32)
@@ -238,8 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         f"p90 {result['verify_ms_p90']} ms ({len(verify_ms)} runs)"
     )
     print(
-        f"  bare dlib pipeline on the same frames:          median {b_med:.1f} ms, "
-        f"p90 {result['baseline_ms_p90']} ms"
+        f"  bare dlib pipeline on the same frames:          median {b_med:.1f} ms, p90 {result['baseline_ms_p90']} ms"
     )
     print(f"  bare dlib, same 320×240 detection scale as ours: median {h_med:.1f} ms")
     print(

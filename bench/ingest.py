@@ -23,19 +23,21 @@ from typing import Any
 
 import httpx
 import paho.mqtt.client as paho
-from _common import emit, machine
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from fleet_server.broker.mosquitto import free_port, hash_password
+from fleet_dev.bench import emit, machine
+from fleet_dev.devstack import DevStack
+from fleet_dev.proc import free_port, wait_for
+from fleet_server.broker.mosquitto import hash_password
 from fleet_server.db import connect
-from fleet_server.devstack import DevStack, wait_for
 
 OFFICES = ["dongcheng", "haidian", "chaoyang", "mentougou", "miyun", "loan-centre", "xicheng", "fengtai"]
 
 
 def client(st: DevStack, cid: str) -> paho.Client:
-    c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=cid,
-                    protocol=MQTTProtocolVersion.MQTTv5)
+    c = paho.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2, client_id=cid, protocol=MQTTProtocolVersion.MQTTv5
+    )
     c.username_pw_set(st.settings.broker_username, st.server_password)
     c.max_inflight_messages_set(200)
     c.max_queued_messages_set(0)
@@ -54,13 +56,28 @@ def messages(tids: list[str], n: int, prefix: str) -> list[tuple[str, bytes]]:
         t = tids[i % len(tids)]
         if i % 5 == 4:
             seqs[t] += 1
-            env = {"v": 1, "terminal": t, "epoch": epochs[t], "seq": seqs[t], "id": uuid.uuid4().hex, "ts": now,
-                   "type": "service.completed",
-                   "body": {"session": f"{t}-{seqs[t]}", "service_code": "TQ02", "duration_s": 95.0}}
+            env = {
+                "v": 1,
+                "terminal": t,
+                "epoch": epochs[t],
+                "seq": seqs[t],
+                "id": uuid.uuid4().hex,
+                "ts": now,
+                "type": "service.completed",
+                "body": {"session": f"{t}-{seqs[t]}", "service_code": "TQ02", "duration_s": 95.0},
+            }
             out.append((f"{prefix}/t/{t}/events", json.dumps({"v": 1, "events": [env]}).encode()))
         else:
-            doc = {"state": "online", "ts": now, "version": "0.1.0", "hb_interval_s": 30, "uptime_s": 1200.0,
-                   "outbox": {"depth": 0, "oldest_age_s": 0.0}, "peripherals": {"camera": "ok"}, "disk_pct": 41.0}
+            doc = {
+                "state": "online",
+                "ts": now,
+                "version": "0.1.0",
+                "hb_interval_s": 30,
+                "uptime_s": 1200.0,
+                "outbox": {"depth": 0, "oldest_age_s": 0.0},
+                "peripherals": {"camera": "ok"},
+                "disk_pct": 41.0,
+            }
             out.append((f"{prefix}/t/{t}/status", json.dumps(doc).encode()))
     return out
 
@@ -83,8 +100,9 @@ c.loop_forever()
 """
 
 
-def steady(pub: paho.Client, beats: list[tuple[str, bytes]], per_s: float, pid: int, warm_s: float,
-           measure_s: float) -> float:
+def steady(
+    pub: paho.Client, beats: list[tuple[str, bytes]], per_s: float, pid: int, warm_s: float, measure_s: float
+) -> float:
     """Publish heartbeats at `per_s` for warm_s + measure_s; CPU share of `pid` over the last part."""
     w0 = time.perf_counter()
     cpu0 = w_measure = None
@@ -127,10 +145,14 @@ def main() -> None:
         with st.server.lock:
             conn = st.server._conn
             conn.execute("BEGIN")
-            conn.executemany("INSERT INTO terminals (id, office_id, profile, tags, password_hash, enabled,"
-                             " created_at) VALUES (?,?,?,?,?,1,?)",
-                             [(t, OFFICES[i % len(OFFICES)], "generic", "[]", h, "2026-01-01T00:00:00Z")
-                              for i, t in enumerate(tids)])
+            conn.executemany(
+                "INSERT INTO terminals (id, office_id, profile, tags, password_hash, enabled,"
+                " created_at) VALUES (?,?,?,?,?,1,?)",
+                [
+                    (t, OFFICES[i % len(OFFICES)], "generic", "[]", h, "2026-01-01T00:00:00Z")
+                    for i, t in enumerate(tids)
+                ],
+            )
             conn.execute("COMMIT")
         st.start_broker()
         st.stop_server()  # the server runs as its own process below, so its CPU can be measured
@@ -174,8 +196,11 @@ def main() -> None:
 
         def processed() -> bool:
             m = http.get("/metrics").text
-            return _sample(m, "fleet_status_messages_total") >= n_status and \
-                _sample(m, "fleet_events_ingested_total") >= n_events
+            return (
+                _sample(m, "fleet_status_messages_total") >= n_status
+                and _sample(m, "fleet_events_ingested_total") >= n_events
+            )
+
         wait_for(processed, 300, interval_s=0.05, what="all messages processed")
         rate = n_msgs / (time.perf_counter() - t0)
         with connect(st.settings.db_path, readonly=True) as conn:
@@ -186,12 +211,17 @@ def main() -> None:
         # baseline: a bare paho subscriber (another process) receiving the same stream.
         per_s = args.terminals / 30.0
         warm_s = 30.0
-        print(f"steady state: {per_s:.0f} heartbeats/s, {warm_s:.0f} s to settle, then {steady_s:.0f} s "
-              "measuring the server's CPU …", flush=True)
+        print(
+            f"steady state: {per_s:.0f} heartbeats/s, {warm_s:.0f} s to settle, then {steady_s:.0f} s "
+            "measuring the server's CPU …",
+            flush=True,
+        )
         beats = [m for m in messages(tids, args.terminals * 5 // 4, "fleet/v1") if m[0].endswith("/status")]
         cpu_share = steady(pub, beats, per_s, server.pid, warm_s, steady_s)
-        raw = subprocess.Popen([sys.executable, "-c", RAW_SUBSCRIBER, st.settings.broker_username,
-                                st.server_password, str(st.port)], start_new_session=True)
+        raw = subprocess.Popen(
+            [sys.executable, "-c", RAW_SUBSCRIBER, st.settings.broker_username, st.server_password, str(st.port)],
+            start_new_session=True,
+        )
         bench_beats = [(t.replace("fleet/v1/", "fleet/v1/bench/", 1), p) for t, p in beats]
         raw_cpu_share = steady(pub, bench_beats, per_s, raw.pid, 3.0, steady_s)
         raw.kill()
@@ -201,14 +231,25 @@ def main() -> None:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(20)
         st.close()
-    print(f"ingest: {rate:,.0f} msg/s through the server vs {baseline:,.0f} msg/s to a raw subscriber "
-          f"({n_msgs} messages from {args.terminals} terminals; {stored} events stored of {n_events}); "
-          f"steady 10k terminals × 1 heartbeat/30 s: {cpu_share:.3f} of one core "
-          f"(a bare paho subscriber of the same stream: {raw_cpu_share:.3f}) — {machine()}")
-    emit({"rate": round(rate, 1), "baseline_rate": round(baseline, 1), "ratio": round(rate / baseline, 3),
-          "cpu_share_at_10k_terminals_30s_heartbeat": round(cpu_share, 4),
-          "baseline_cpu_share_raw_subscriber": round(raw_cpu_share, 4), "messages": n_msgs,
-          "events_stored": stored, "events_sent": n_events, "terminals": args.terminals})
+    print(
+        f"ingest: {rate:,.0f} msg/s through the server vs {baseline:,.0f} msg/s to a raw subscriber "
+        f"({n_msgs} messages from {args.terminals} terminals; {stored} events stored of {n_events}); "
+        f"steady 10k terminals × 1 heartbeat/30 s: {cpu_share:.3f} of one core "
+        f"(a bare paho subscriber of the same stream: {raw_cpu_share:.3f}) — {machine()}"
+    )
+    emit(
+        {
+            "rate": round(rate, 1),
+            "baseline_rate": round(baseline, 1),
+            "ratio": round(rate / baseline, 3),
+            "cpu_share_at_10k_terminals_30s_heartbeat": round(cpu_share, 4),
+            "baseline_cpu_share_raw_subscriber": round(raw_cpu_share, 4),
+            "messages": n_msgs,
+            "events_stored": stored,
+            "events_sent": n_events,
+            "terminals": args.terminals,
+        }
+    )
 
 
 def _ok(http: httpx.Client) -> bool:

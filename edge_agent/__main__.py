@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         from edge_agent.api import create_api
 
         app = create_api(agent, extra_routers=_face_routers(agent))
-        config = uvicorn.Config(app, host=settings.api_host, port=settings.api_port,
-                                log_level="warning")
+        config = uvicorn.Config(app, host=settings.api_host, port=settings.api_port, log_level="warning")
         server = uvicorn.Server(config)
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         threading.Thread(target=server.run, name="local-api", daemon=True).start()
@@ -73,8 +72,7 @@ def _face_routers(agent: Any) -> list[Any]:
     except (FaceError, ValidationError, ImportError, OSError) as err:
         log.warning("face login is unavailable on this terminal: %s", err)
         return []
-    log.info("face login ready: model %s, %d templates", settings.model_version,
-             len(service.gallery))
+    log.info("face login ready: model %s, %d templates", settings.model_version, len(service.gallery))
     return [build_face_router(service)]
 
 

@@ -38,16 +38,32 @@ class Agent:
         self._started_at = clock()
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         limits = OutboxLimits(max_rows=settings.outbox_max_rows, max_bytes=settings.outbox_max_bytes)
-        self.outbox = Outbox(settings.data_dir / "outbox.db", settings.terminal_id, limits,
-                             synchronous=settings.outbox_synchronous, clock=clock)
-        self.window = SendWindow(self.outbox, window=settings.send_window,
-                                 batch_events=settings.batch_events,
-                                 receipt_timeout_s=settings.receipt_timeout_s)
+        self.outbox = Outbox(
+            settings.data_dir / "outbox.db",
+            settings.terminal_id,
+            limits,
+            synchronous=settings.outbox_synchronous,
+            clock=clock,
+        )
+        self.window = SendWindow(
+            self.outbox,
+            window=settings.send_window,
+            batch_events=settings.batch_events,
+            receipt_timeout_s=settings.receipt_timeout_s,
+        )
         self._inbox: queue.SimpleQueue[LinkEvent] = queue.SimpleQueue()
         self.link = MqttLink(
-            LinkSettings(settings.terminal_id, settings.broker_host, settings.broker_port,
-                         settings.username, settings.password, tls_ca=settings.tls_ca),
-            on_event=self._inbox.put, birth=self.status_summary)
+            LinkSettings(
+                settings.terminal_id,
+                settings.broker_host,
+                settings.broker_port,
+                settings.username,
+                settings.password,
+                tls_ca=settings.tls_ca,
+            ),
+            on_event=self._inbox.put,
+            birth=self.status_summary,
+        )
         self.peripherals: dict[str, dict[str, Any]] = {}
         self.bad_receipts = 0
         self._events_topic = topics.topic(settings.terminal_id, Channel.EVENTS)
@@ -64,8 +80,7 @@ class Agent:
 
     def start(self) -> None:
         self.link.start()
-        self._pump_thread = threading.Thread(
-            target=self._pump, name=f"pump-{self.settings.terminal_id}", daemon=True)
+        self._pump_thread = threading.Thread(target=self._pump, name=f"pump-{self.settings.terminal_id}", daemon=True)
         self._pump_thread.start()
 
     def stop(self, graceful: bool = True) -> None:
@@ -83,8 +98,7 @@ class Agent:
 
     # -- the kiosk-facing side -----------------------------------------------------------------
 
-    def post_event(self, event_type: str, body: Any, ts: datetime | None = None,
-                   key: str | None = None) -> OutboxItem:
+    def post_event(self, event_type: str, body: Any, ts: datetime | None = None, key: str | None = None) -> OutboxItem:
         """Store one event durably and wake the pump. Raises InvalidEvent or OutboxFull."""
         item = self.outbox.enqueue(event_type, body, ts=ts, key=key)
         self._inbox.put(_WAKE)
@@ -104,8 +118,11 @@ class Agent:
             "office": self.settings.office_id,
             "uptime_s": round(self._clock() - self._started_at, 1),
             "hb_interval_s": self.settings.heartbeat_interval_s,
-            "outbox": {"depth": st.depth, "oldest_age_s": round(st.oldest_age_s, 1),
-                       "refused": self.outbox.counters.refused},
+            "outbox": {
+                "depth": st.depth,
+                "oldest_age_s": round(st.oldest_age_s, 1),
+                "refused": self.outbox.counters.refused,
+            },
             "peripherals": {k: v.get("state", "ok") for k, v in self.peripherals.items()},
             "disk_pct": _disk_pct(self.settings.data_dir),
         }
@@ -127,17 +144,27 @@ class Agent:
             "version": __version__,
             "ok": not problems,
             "problems": problems,
-            "link": {"connected": self.link.connected, "connects": self.link.reconnects,
-                     "last_error": self.link.last_error},
-            "outbox": {"depth": st.depth, "live": st.live, "bytes": st.bytes,
-                       "oldest_age_s": round(st.oldest_age_s, 3), "by_class": st.by_class,
-                       "epoch": st.epoch, "next_seq": st.next_seq,
-                       "in_flight_batches": self.window.in_flight,
-                       "sent": w.sent_events, "resent": w.resent_events,
-                       "confirmed": self.outbox.counters.confirmed,
-                       "evicted": self.outbox.counters.evicted,
-                       "expired": self.outbox.counters.expired,
-                       "refused": self.outbox.counters.refused},
+            "link": {
+                "connected": self.link.connected,
+                "connects": self.link.reconnects,
+                "last_error": self.link.last_error,
+            },
+            "outbox": {
+                "depth": st.depth,
+                "live": st.live,
+                "bytes": st.bytes,
+                "oldest_age_s": round(st.oldest_age_s, 3),
+                "by_class": st.by_class,
+                "epoch": st.epoch,
+                "next_seq": st.next_seq,
+                "in_flight_batches": self.window.in_flight,
+                "sent": w.sent_events,
+                "resent": w.resent_events,
+                "confirmed": self.outbox.counters.confirmed,
+                "evicted": self.outbox.counters.evicted,
+                "expired": self.outbox.counters.expired,
+                "refused": self.outbox.counters.refused,
+            },
             "peripherals": self.peripherals,
         }
 
@@ -210,8 +237,12 @@ class Agent:
             load = os.getloadavg()[0] / (os.cpu_count() or 1) * 100
         except OSError:
             load = 0.0
-        body = {"cpu_pct": min(100.0, round(load, 1)), "mem_pct": _mem_pct(),
-                "disk_pct": _disk_pct(self.settings.data_dir), "outbox_depth": self.outbox.depth}
+        body = {
+            "cpu_pct": min(100.0, round(load, 1)),
+            "mem_pct": _mem_pct(),
+            "disk_pct": _disk_pct(self.settings.data_dir),
+            "outbox_depth": self.outbox.depth,
+        }
         try:
             self.outbox.enqueue("telemetry.sample", body)
         except (OutboxFull, InvalidEvent) as err:

@@ -26,8 +26,15 @@ def main(argv: list[str] | None = None) -> int:
         import uvicorn
 
         from fleet_server.app import create_app
+        from fleet_server.config import ConfigurationError
+        from fleet_server.registry.profiles import ProfileError
 
-        uvicorn.run(create_app(settings), host=settings.http_host, port=settings.http_port, log_level="warning")
+        try:
+            app = create_app(settings)
+        except (ConfigurationError, ProfileError) as err:
+            print(f"fleet-server: cannot start: {err}", file=sys.stderr)
+            return 2
+        uvicorn.run(app, host=settings.http_host, port=settings.http_port, log_level="warning")
     return 0
 
 

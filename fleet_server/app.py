@@ -18,11 +18,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from fleet_server import __version__
 from fleet_server.auth.deps import ReaderUser
-from fleet_server.auth.models import Role, User
+from fleet_server.auth.models import Role
 from fleet_server.auth.routes import build_auth_router
 from fleet_server.auth.service import AuthService
-from fleet_server.broker.mosquitto import BrokerCredentials
-from fleet_server.config import ServerSettings
+from fleet_server.broker.accounts import BrokerAccounts
+from fleet_server.config import ConfigurationError, ServerSettings
 from fleet_server.db import connect, migrate
 from fleet_server.health import service as health_service
 from fleet_server.health.routes import build_health_router
@@ -32,14 +32,14 @@ from fleet_server.ingest.metrics import IngestMetrics
 from fleet_server.ingest.service import IngestService
 from fleet_server.playbooks import store as playbook_store
 from fleet_server.playbooks.routes import build_playbooks_router
-from fleet_server.playbooks.service import PlaybookError, PlaybookService
+from fleet_server.playbooks.service import PlaybookService
+from fleet_server.registry.admin import RegistryAdmin
 from fleet_server.registry.profiles import load_profiles
 from fleet_server.registry.routes import build_registry_router, registry_error_status
-from fleet_server.registry.schemas import TerminalCreate, TerminalPublic
 from fleet_server.registry.service import RegistryService
-from fleet_server.registry.store import RegistryError, RegistryStore, UnknownOffice, UnknownProfile
+from fleet_server.registry.store import RegistryError, RegistryStore
 from fleet_server.usage.routes import build_usage_router
-from fleet_server.usage.service import UsageService
+from fleet_server.usage.service import UsageService, load_item_names
 from fleet_server.usage.store import migrations as usage_migrations
 
 log = logging.getLogger(__name__)
@@ -50,12 +50,20 @@ HEALTH_SWEEP_S = 5.0
 class FleetServer:
     """Everything the server runs, built from settings; nothing is built at import time."""
 
-    def __init__(self, settings: ServerSettings, registry: CollectorRegistry | None = None, *,
-                 alert_for_s: float = 120.0, alert_clear_s: float = 60.0,
-                 health_sweep_s: float = HEALTH_SWEEP_S,
-                 playbook_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        registry: CollectorRegistry | None = None,
+        *,
+        alert_for_s: float = 120.0,
+        alert_clear_s: float = 60.0,
+        health_sweep_s: float = HEALTH_SWEEP_S,
+        playbook_options: dict[str, Any] | None = None,
+        broker_accounts: BrokerAccounts | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics_registry = registry or CollectorRegistry()
+        settings.check_data()
         migrate(settings.db_path, health_service.migrations, usage_migrations, playbook_store.migrations)
         self._conn = connect(settings.db_path)
         # One shared writer connection for admin changes; this lock keeps two request threads from
@@ -64,38 +72,75 @@ class FleetServer:
         self.registry = RegistryService(self._conn)
         self.registry.seed_offices(settings.offices_file)
         # Terminal models: a broken profile stops the start with file, line, field and reason.
-        self.profiles = load_profiles(settings.profiles_dir) if settings.profiles_dir.is_dir() else {}
+        self.profiles = load_profiles(settings.profiles_dir)
+        self._check_enrolled_profiles()
         self.auth = AuthService(self._conn)
         if settings.admin_token:
             self.auth.create_user("admin", Role.ADMIN, token=settings.admin_token)
-        # Called with fresh broker credentials after enrol / revoke / rotate (writes the password
-        # file and ACL and reloads the broker); None when the broker is managed elsewhere.
-        self.broker_apply: Callable[[BrokerCredentials], None] | None = None
         self.ingest_metrics = IngestMetrics(self.metrics_registry)
-        self.ingest = IngestService(str(settings.db_path), self.ingest_metrics,
-                                    self._enabled_terminals)
-        self.health = HealthService(str(settings.db_path), self._enabled_terminals, self._office_infos,
-                                    self.metrics_registry, alert_for_s=alert_for_s, alert_clear_s=alert_clear_s,
-                                    limits=self._health_limits)
+        self.ingest = IngestService(str(settings.db_path), self.ingest_metrics, self._enabled_terminals)
+        self.health = HealthService(
+            str(settings.db_path),
+            self._enabled_terminals,
+            self._office_infos,
+            self.metrics_registry,
+            alert_for_s=alert_for_s,
+            alert_clear_s=alert_clear_s,
+            limits=self._health_limits,
+        )
         self.ingest.on_status.append(self.health.on_status)
-        self.usage = UsageService(settings.db_path, self.metrics_registry)
+        self.usage = UsageService(
+            settings.db_path, self.metrics_registry, item_names=load_item_names(settings.catalog_file)
+        )
         self.ingest.on_commit.append(self.usage.mark_dirty)
-        self.link = ServerLink(ServerLinkSettings(
-            settings.broker_host, settings.broker_port, settings.broker_username,
-            settings.broker_password, settings.broker_client_id, settings.tls_ca), self.ingest)
+        self.link = ServerLink(
+            ServerLinkSettings(
+                settings.broker_host,
+                settings.broker_port,
+                settings.broker_username,
+                settings.broker_password,
+                settings.broker_client_id,
+                settings.tls_ca,
+            ),
+            self.ingest,
+        )
         self.scheduler = BackgroundScheduler(timezone="UTC")
-        self.scheduler.add_job(self._safe(self.health.sweep), "interval", seconds=health_sweep_s,
-                               id="health-sweep", max_instances=1, coalesce=True)
+        self.scheduler.add_job(
+            self._safe(self.health.sweep),
+            "interval",
+            seconds=health_sweep_s,
+            id="health-sweep",
+            max_instances=1,
+            coalesce=True,
+        )
         self.usage.schedule(self.scheduler)
         options = dict(playbook_options or {})
-        base = {"broker_host": settings.terminal_broker_host, "broker_port": settings.broker_port,
-                **({"agent_wheel": settings.agent_wheel} if settings.agent_wheel else {}),
-                **options.pop("base_extravars", {})}
-        self.playbooks = PlaybookService(settings.db_path, settings.playbooks_dir, registry=self.metrics_registry,
-                                         inventory=options.pop("inventory", settings.playbooks_inventory),
-                                         base_extravars=base, **options)
-        # Per-terminal variables for onboarding runs (address, connection… from the site survey).
-        self.onboard_terminal_vars: Callable[[TerminalPublic], dict[str, Any]] = lambda t: {}
+        base = {
+            "broker_host": settings.terminal_broker_host,
+            "broker_port": settings.broker_port,
+            **({"agent_wheel": settings.agent_wheel} if settings.agent_wheel else {}),
+            **options.pop("base_extravars", {}),
+        }
+        self.playbooks = PlaybookService(
+            settings.db_path,
+            settings.playbooks_dir,
+            registry=self.metrics_registry,
+            inventory=options.pop("inventory", settings.playbooks_inventory),
+            base_extravars=base,
+            **options,
+        )
+        # Keeps the broker's accounts in step with the registry; None: managed by hand, elsewhere.
+        self.broker_accounts: BrokerAccounts | None = broker_accounts
+        self.admin = RegistryAdmin(
+            self._conn,
+            self.registry,
+            self.auth,
+            self.playbooks,
+            self.profiles,
+            lock=self.lock,
+            broker=broker_accounts,
+            on_change=[self.ingest.refresh_terminals, self.health.refresh_registry],
+        )
         self._running = False
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -103,6 +148,10 @@ class FleetServer:
     def start(self) -> None:
         if self._running:
             return
+        if self.broker_accounts is not None:
+            self.broker_accounts.reconcile(
+                self.registry.broker_credentials(self.settings.broker_username, self.settings.broker_password)
+            )
         self.ingest.start()
         self.link.start()
         self.scheduler.start()
@@ -118,6 +167,8 @@ class FleetServer:
 
     def close(self) -> None:
         self.stop()
+        if self.broker_accounts is not None:
+            self.broker_accounts.close()
         self.playbooks.close()
         self.usage.close()
         self.health.close()
@@ -133,6 +184,7 @@ class FleetServer:
                 job()
             except Exception:
                 log.exception("scheduled job %s failed", getattr(job, "__name__", job))
+
         return run
 
     def _enabled_terminals(self) -> dict[str, str]:
@@ -142,103 +194,36 @@ class FleetServer:
 
     def _health_limits(self) -> dict[str, HealthLimits]:
         """How to judge each terminal, from its device profile's heartbeat and host thresholds."""
-        per_profile = {pid: HealthLimits(stale_after=p.stale_after_heartbeats,
-                                         offline_after=p.offline_after_heartbeats,
-                                         disk_fail_pct=p.host.disk_used_ratio.fail * 100,
-                                         peripherals=frozenset(x.id for x in p.peripherals) or None)
-                       for pid, p in self.profiles.items()}
+        per_profile = {
+            pid: HealthLimits(
+                stale_after=p.stale_after_heartbeats,
+                offline_after=p.offline_after_heartbeats,
+                disk_fail_pct=p.host.disk_used_ratio.fail * 100,
+                peripherals=frozenset(x.id for x in p.peripherals) or None,
+            )
+            for pid, p in self.profiles.items()
+        }
         with connect(self.settings.db_path, readonly=True) as conn:
-            return {tid: per_profile[profile] for tid, profile in
-                    conn.execute("SELECT id, profile FROM terminals WHERE enabled=1") if profile in per_profile}
+            return {
+                tid: per_profile[profile]
+                for tid, profile in conn.execute("SELECT id, profile FROM terminals WHERE enabled=1")
+                if profile in per_profile
+            }
 
     def _office_infos(self) -> list[OfficeInfo]:
         with connect(self.settings.db_path, readonly=True) as conn:
             return [OfficeInfo(o.id, o.hours, o.timezone) for o in RegistryStore(conn).offices()]
 
-    # -- admin actions (each audited) -------------------------------------------------------------
-
-    def _registry_changed(self) -> None:
-        self.ingest.refresh_terminals()
-        self.health.refresh_registry()
-        if self.broker_apply is not None:
-            self.broker_apply(self.registry.broker_credentials(self.settings.broker_username,
-                                                               self.settings.broker_password))
-
-    def _check_profile(self, body: TerminalCreate) -> None:
-        if self.profiles and body.profile not in self.profiles:
-            raise UnknownProfile(f"terminal {body.id}: device profile {body.profile!r} is unknown; "
-                                 f"known: {', '.join(sorted(self.profiles))}")
-
-    def enrol_terminal(self, body: TerminalCreate, actor: User | str) -> tuple[TerminalPublic, str]:
-        """Enrol one terminal; returns it and its broker password (shown once)."""
-        self._check_profile(body)
-        with self.lock:
-            terminal, password = self.registry.enrol(body)
-            self.auth.audit(actor, "terminal.enrol", terminal.id, None, terminal.model_dump())
-            self._registry_changed()
-        return terminal, password
-
-    def revoke_terminal(self, terminal_id: str, actor: User | str) -> None:
-        with self.lock:
-            before = self.registry.store.terminal(terminal_id)
-            self.registry.revoke(terminal_id)
-            self.auth.audit(actor, "terminal.revoke", terminal_id,
-                            before.model_dump() if before else None, {"enabled": False})
-            self._registry_changed()
-
-    def rotate_credentials(self, terminal_id: str, actor: User | str) -> str:
-        with self.lock:
-            password = self.registry.rotate(terminal_id)
-            self.auth.audit(actor, "terminal.rotate_credentials", terminal_id, {"password": "old"},
-                            {"password": "new"})
-            self._registry_changed()
-        return password
-
-    def onboard_office(self, office_id: str, terminals: list[TerminalCreate], actor: User | str, *,
-                       run_playbook: bool = False) -> dict[str, Any]:
-        """Enrol every terminal of an office in one transaction (all or none), then provision."""
-        with self.lock:
-            if office_id not in {o.id for o in self.registry.store.offices()}:
-                raise UnknownOffice(f"office {office_id!r} is not in the registry")
-            for t in terminals:
-                self._check_profile(t)
-            conn = self._conn
-            conn.execute("SAVEPOINT onboard")
-            issued: list[tuple[TerminalPublic, str]] = []
-            try:
-                for t in terminals:
-                    issued.append(self.registry.enrol(t))
-            except BaseException:
-                conn.execute("ROLLBACK TO onboard")
-                conn.execute("RELEASE onboard")
-                raise
-            conn.execute("RELEASE onboard")
-            self.auth.audit(actor, "office.onboard", office_id, None,
-                            {"terminals": [t.id for t, _ in issued], "run_playbook": run_playbook})
-            self._registry_changed()
-        result: dict[str, Any] = {"office": office_id,
-                                  "terminals": [{"id": t.id, "mqtt_username": t.id, "mqtt_password": pw}
-                                                for t, pw in issued]}
-        if run_playbook:
-            try:
-                result["playbook_run"] = {"id": self.start_onboard_playbook(office_id, issued, actor)}
-            except PlaybookError as err:  # enrolled all the same: provision later, or by hand
-                result["playbook_run"] = None
-                result["playbook_error"] = f"terminals enrolled, but provisioning did not start: {err}"
-        return result
-
-    def start_onboard_playbook(self, office_id: str, issued: list[tuple[TerminalPublic, str]],
-                               actor: User | str) -> int:
-        """Provision every new terminal of an office with the onboard_office playbook."""
-        items = [{"terminal_id": t.id, "password": pw, "profile": t.profile, **self.onboard_terminal_vars(t)}
-                 for t, pw in issued]
-        run_id = self.playbooks.start_run("onboard_office", started_by=getattr(actor, "name", str(actor)),
-                                          target=office_id,
-                                          extravars={"office_id": office_id, "office_terminals": items})
-        with self.lock:
-            self.auth.audit(actor, "playbook.run", office_id, None,
-                            {"playbook": "onboard_office", "run_id": run_id, "terminals": [t.id for t, _ in issued]})
-        return run_id
+    def _check_enrolled_profiles(self) -> None:
+        """An enrolled terminal whose profile is not on disk would be judged by nothing: refuse."""
+        missing = sorted(
+            {t.profile for t in self.registry.store.terminals() if t.enabled and t.profile not in self.profiles}
+        )
+        if missing:
+            raise ConfigurationError(
+                f"FLEET_PROFILES_DIR={self.settings.profiles_dir}: enrolled terminals use"
+                f" device profiles that are not there: {', '.join(missing)}"
+            )
 
 
 def create_app(settings: ServerSettings, server: FleetServer | None = None) -> FastAPI:
@@ -253,9 +238,13 @@ def create_app(settings: ServerSettings, server: FleetServer | None = None) -> F
         finally:
             fleet.stop()
 
-    app = FastAPI(title="kiosk-fleet server", version=__version__, lifespan=lifespan,
-                  description="Registry, health, usage and ingest of the self-service terminal fleet. "
-                              "Authenticate with `Authorization: Bearer <token>`.")
+    app = FastAPI(
+        title="kiosk-fleet server",
+        version=__version__,
+        lifespan=lifespan,
+        description="Registry, health, usage and ingest of the self-service terminal fleet. "
+        "Authenticate with `Authorization: Bearer <token>`.",
+    )
     app.state.fleet = fleet
 
     @app.exception_handler(RegistryError)
@@ -264,18 +253,22 @@ def create_app(settings: ServerSettings, server: FleetServer | None = None) -> F
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"where": ".".join(str(p) for p in e.get("loc", ())), "problem": e.get("msg")}
-                  for e in exc.errors()[:5]]
+        errors = [
+            {"where": ".".join(str(p) for p in e.get("loc", ())), "problem": e.get("msg")} for e in exc.errors()[:5]
+        ]
         first = errors[0] if errors else {"where": "", "problem": "invalid request"}
-        return JSONResponse({"detail": f"{first['where']}: {first['problem']}", "errors": errors},
-                            status_code=422)
+        return JSONResponse({"detail": f"{first['where']}: {first['problem']}", "errors": errors}, status_code=422)
 
     api = APIRouter(prefix="/api/v1")
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, Any]:
-        return {"ok": fleet.link.connected.is_set(), "broker_connected": fleet.link.connected.is_set(),
-                "ingest_queue": fleet.ingest.backlog, "version": __version__}
+        return {
+            "ok": fleet.link.connected.is_set(),
+            "broker_connected": fleet.link.connected.is_set(),
+            "ingest_queue": fleet.ingest.backlog,
+            "version": __version__,
+        }
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
@@ -290,8 +283,10 @@ def create_app(settings: ServerSettings, server: FleetServer | None = None) -> F
     def ingest_rejects(user: ReaderUser, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, Any]]:
         """The most recent refused messages and events, with reasons."""
         with fleet.reader() as conn:
-            cur = conn.execute("SELECT at, terminal, topic, reason, detail, epoch, seq, size FROM rejects"
-                               " ORDER BY id DESC LIMIT ?", (limit,))
+            cur = conn.execute(
+                "SELECT at, terminal, topic, reason, detail, epoch, seq, size FROM rejects ORDER BY id DESC LIMIT ?",
+                (limit,),
+            )
             cols = [c[0] for c in cur.description]
             return [dict(zip(cols, r)) for r in cur]
 
@@ -304,10 +299,21 @@ def create_app(settings: ServerSettings, server: FleetServer | None = None) -> F
         if not user.sees_office(t.office_id):
             raise HTTPException(403, f"you are not assigned to office {t.office_id!r}")
         rows = [r for (tid, _), r in fleet.ingest.streams().items() if tid == terminal_id]
-        return [{"epoch": r.epoch, "upto": r.seqs.upto, "ranges": r.seqs.ranges,
-                 "gaps": r.seqs.missing(), "stored": r.stored, "dropped": r.dropped,
-                 "quarantined": r.quarantined, "duplicates": r.duplicates,
-                 "first_seen": r.first_seen, "last_seen": r.last_seen} for r in rows]
+        return [
+            {
+                "epoch": r.epoch,
+                "upto": r.seqs.upto,
+                "ranges": r.seqs.ranges,
+                "gaps": r.seqs.missing(),
+                "stored": r.stored,
+                "dropped": r.dropped,
+                "quarantined": r.quarantined,
+                "duplicates": r.duplicates,
+                "first_seen": r.first_seen,
+                "last_seen": r.last_seen,
+            }
+            for r in rows
+        ]
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def home() -> str:
@@ -331,9 +337,11 @@ def ingest_summary_doc(fleet: FleetServer, offices_filter: list[str] | None) -> 
         by_office = dict(conn.execute(f"SELECT office_id, count(*) FROM events{where} GROUP BY office_id", params))
         by_type = dict(conn.execute(f"SELECT type, count(*) FROM events{where} GROUP BY type", params))
         rejects = dict(conn.execute("SELECT reason, count(*) FROM rejects GROUP BY reason"))
-        offices = {r[0]: {"name": r[1], "pilot": bool(r[2])}
-                   for r in conn.execute("SELECT id, name, pilot FROM offices")
-                   if offices_filter is None or r[0] in offices_filter}
+        offices = {
+            r[0]: {"name": r[1], "pilot": bool(r[2])}
+            for r in conn.execute("SELECT id, name, pilot FROM offices")
+            if offices_filter is None or r[0] in offices_filter
+        }
     streams = fleet.ingest.streams().values()
     return {
         "events_stored": sum(by_type.values()),
@@ -355,9 +363,9 @@ def render_home(doc: dict[str, Any], health: list[dict[str, Any]]) -> str:
         f"<td style='text-align:right'>{doc['by_office'].get(oid, 0)}</td>"
         f"<td style='text-align:right'>{by_office.get(oid, {}).get('online', 0)}"
         f"/{by_office.get(oid, {}).get('terminals', 0)}</td></tr>"
-        for oid, o in doc["offices"].items())
-    pretty = html.escape(json.dumps({k: v for k, v in doc.items() if k != "offices"},
-                                    ensure_ascii=False, indent=2))
+        for oid, o in doc["offices"].items()
+    )
+    pretty = html.escape(json.dumps({k: v for k, v in doc.items() if k != "offices"}, ensure_ascii=False, indent=2))
     return (
         "<!doctype html><html lang='zh'><head><meta charset='utf-8'><title>kiosk-fleet</title>"
         "<meta http-equiv='refresh' content='5'></head><body style='font-family:sans-serif;margin:2em'>"
@@ -365,4 +373,5 @@ def render_home(doc: dict[str, Any], health: list[dict[str, Any]]) -> str:
         f"<p>{doc['events_stored']} events stored · duplicates dropped {doc['duplicates_dropped']}</p>"
         f"<table><tr><th>Office</th><th>Events</th><th>Online</th></tr>{rows}</table>"
         "<p><a href='/docs'>API</a> · <a href='/metrics'>metrics</a></p>"
-        f"<pre>{pretty}</pre></body></html>")
+        f"<pre>{pretty}</pre></body></html>"
+    )

@@ -12,8 +12,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-app = typer.Typer(help="Manage the kiosk fleet: offices, terminals, health, usage, playbooks.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="Manage the kiosk fleet: offices, terminals, health, usage, playbooks.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 out = Console()
 err = Console(stderr=True)
 
@@ -23,8 +26,9 @@ EXIT_USAGE, EXIT_AUTH, EXIT_SERVER, EXIT_UNREACHABLE = 2, 3, 4, 5
 
 class Api:
     def __init__(self, url: str, token: str) -> None:
-        self.client = httpx.Client(base_url=url.rstrip("/"), timeout=30.0,
-                                   headers={"Authorization": f"Bearer {token}"} if token else {})
+        self.client = httpx.Client(
+            base_url=url.rstrip("/"), timeout=30.0, headers={"Authorization": f"Bearer {token}"} if token else {}
+        )
 
     def call(self, method: str, path: str, **kw: Any) -> Any:
         try:
@@ -75,8 +79,15 @@ def offices(ctx: typer.Context) -> None:
     t = Table("office", "name", "district", "pilot", "terminals", "online", "offline")
     for o in rows:
         h = o.get("health") or {}
-        t.add_row(o["id"], o["name"], o["district"], "✓" if o["pilot"] else "", str(h.get("terminals", 0)),
-                  f"[green]{h.get('online', 0)}[/]", f"[red]{h.get('offline', 0)}[/]" if h.get("offline") else "0")
+        t.add_row(
+            o["id"],
+            o["name"],
+            o["district"],
+            "✓" if o["pilot"] else "",
+            str(h.get("terminals", 0)),
+            f"[green]{h.get('online', 0)}[/]",
+            f"[red]{h.get('offline', 0)}[/]" if h.get("offline") else "0",
+        )
     out.print(t)
 
 
@@ -88,15 +99,25 @@ def terminals(ctx: typer.Context, office: Annotated[str | None, typer.Option(hel
     for r in rows:
         h = r.get("health") or {}
         state = h.get("state", "revoked" if not r["enabled"] else "?")
-        t.add_row(r["id"], r["office_id"], r["profile"], f"[{STATE_STYLE.get(state, 'white')}]{state}[/]",
-                  h.get("since") or "", h.get("reason") or "", h.get("agent_version") or "")
+        t.add_row(
+            r["id"],
+            r["office_id"],
+            r["profile"],
+            f"[{STATE_STYLE.get(state, 'white')}]{state}[/]",
+            h.get("since") or "",
+            h.get("reason") or "",
+            h.get("agent_version") or "",
+        )
     out.print(t)
 
 
 @app.command()
-def enrol(ctx: typer.Context, terminal_id: str,
-          office: Annotated[str, typer.Option(help="office id")],
-          profile: Annotated[str, typer.Option(help="device profile")] = "generic") -> None:
+def enrol(
+    ctx: typer.Context,
+    terminal_id: str,
+    office: Annotated[str, typer.Option(help="office id")],
+    profile: Annotated[str, typer.Option(help="device profile")] = "generic",
+) -> None:
     """Enrol a terminal and print its broker credentials (shown once)."""
     doc = api(ctx).call("POST", "/api/v1/terminals", json={"id": terminal_id, "office_id": office, "profile": profile})
     out.print(f"enrolled [bold]{terminal_id}[/] in {office}")
@@ -112,14 +133,18 @@ def revoke(ctx: typer.Context, terminal_id: str) -> None:
 
 
 @app.command()
-def onboard(ctx: typer.Context, office: str,
-            count: Annotated[int, typer.Option(min=1, max=200, help="number of terminals")] = 1,
-            profile: Annotated[str, typer.Option()] = "generic",
-            run_playbook: Annotated[bool, typer.Option("--run-playbook/--no-playbook")] = False) -> None:
+def onboard(
+    ctx: typer.Context,
+    office: str,
+    count: Annotated[int, typer.Option(min=1, max=200, help="number of terminals")] = 1,
+    profile: Annotated[str, typer.Option()] = "generic",
+    run_playbook: Annotated[bool, typer.Option("--run-playbook/--no-playbook")] = False,
+) -> None:
     """Onboard an office: enrol its terminals (all or none) and optionally provision them."""
     terms = [{"id": f"{office}-{i:02d}", "office_id": office, "profile": profile} for i in range(1, count + 1)]
-    doc = api(ctx).call("POST", f"/api/v1/offices/{office}/onboard",
-                        json={"terminals": terms, "run_playbook": run_playbook})
+    doc = api(ctx).call(
+        "POST", f"/api/v1/offices/{office}/onboard", json={"terminals": terms, "run_playbook": run_playbook}
+    )
     t = Table("terminal", "mqtt password (shown once)")
     for x in doc["terminals"]:
         t.add_row(x["id"], x["mqtt_password"])
@@ -130,8 +155,9 @@ def onboard(ctx: typer.Context, office: str,
 
 
 @app.command("run-playbook")
-def run_playbook(ctx: typer.Context, name: str,
-                 extra: Annotated[list[str] | None, typer.Option("--var", help="key=value")] = None) -> None:
+def run_playbook(
+    ctx: typer.Context, name: str, extra: Annotated[list[str] | None, typer.Option("--var", help="key=value")] = None
+) -> None:
     """Run a playbook on the server and follow it with a progress display."""
     variables = dict(v.split("=", 1) for v in (extra or []) if "=" in v)
     doc = api(ctx).call("POST", f"/api/v1/playbooks/{name}/runs", json={"extravars": variables})
@@ -140,8 +166,14 @@ def run_playbook(ctx: typer.Context, name: str,
 
 def _follow_run(a: Api, run_id: Any) -> None:
     seen = 0
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed} tasks"),
-                  TimeElapsedColumn(), console=out) as progress:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed} tasks"),
+        TimeElapsedColumn(),
+        console=out,
+    ) as progress:
         task = progress.add_task(f"playbook run {run_id}", total=None)
         while True:
             run = a.call("GET", f"/api/v1/playbooks/runs/{run_id}")
@@ -172,18 +204,38 @@ def alerts(ctx: typer.Context, all_: Annotated[bool, typer.Option("--all", help=
 
 
 @app.command()
-def usage(ctx: typer.Context, office: Annotated[str | None, typer.Option()] = None,
-          date_from: Annotated[str | None, typer.Option("--from", help="YYYY-MM-DD")] = None,
-          date_to: Annotated[str | None, typer.Option("--to", help="YYYY-MM-DD")] = None) -> None:
+def usage(
+    ctx: typer.Context,
+    office: Annotated[str | None, typer.Option()] = None,
+    date_from: Annotated[str | None, typer.Option("--from", help="YYYY-MM-DD")] = None,
+    date_to: Annotated[str | None, typer.Option("--to", help="YYYY-MM-DD")] = None,
+) -> None:
     """Usage per service item: sessions, completed, abandoned, durations."""
     params = {k: v for k, v in {"office": office, "date_from": date_from, "date_to": date_to}.items() if v}
     doc = api(ctx).call("GET", "/api/v1/usage/items", params=params)
-    t = Table("office", "item", "started", "completed", "abandoned", "face login", "median s", "p90 s",
-              title=f"usage {doc['date_from']} – {doc['date_to']}")
+    t = Table(
+        "office",
+        "item",
+        "started",
+        "completed",
+        "abandoned",
+        "face login",
+        "median s",
+        "p90 s",
+        title=f"usage {doc['date_from']} – {doc['date_to']}",
+    )
     for r in sorted(doc["rows"], key=lambda r: (r["office_id"], -r["started"])):
         share = f"{r['face_login_share']:.0%}" if r.get("face_login_share") is not None else ""
-        t.add_row(r["office_id"], f"{r['service_code']} {r['name']}", str(r["started"]), str(r["completed"]),
-                  str(r["abandoned"]), share, _num(r.get("median_duration_s")), _num(r.get("p90_duration_s")))
+        t.add_row(
+            r["office_id"],
+            f"{r['service_code']} {r['name']}",
+            str(r["started"]),
+            str(r["completed"]),
+            str(r["abandoned"]),
+            share,
+            _num(r.get("median_duration_s")),
+            _num(r.get("p90_duration_s")),
+        )
     out.print(t if doc["rows"] else "no sessions in this period")
 
 

@@ -8,8 +8,29 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-SEED_DIR = Path(__file__).parent / "seed"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+SEED_DIR = _PACKAGE_DIR / "seed"
 _DEFAULT_SECRETS = {"changeme", "change-me", "admin", "secret", "password", "development", "test"}
+
+
+def bundled(name: str) -> Path:
+    """Where the server's own copy of `name` (device_profiles, playbooks) is.
+
+    The server wheel carries it as package data under `fleet_server/data/`; a development checkout
+    has it at the top of the repository (the build copies it from there).
+    """
+    packaged = _PACKAGE_DIR / "data" / name
+    return packaged if packaged.exists() else _PACKAGE_DIR.parent / name
+
+
+def _catalog_file() -> Path:
+    import fleet_wire
+
+    return Path(fleet_wire.__file__).resolve().parent / "catalog" / "service_items.yaml"
+
+
+class ConfigurationError(ValueError):
+    """A setting names something that is not there: fix the setting, then start again."""
 
 
 class ServerSettings(BaseSettings):
@@ -27,21 +48,41 @@ class ServerSettings(BaseSettings):
     http_port: int = Field(default=8080, ge=0, le=65535)
     # Bootstrap administrator's bearer token (user "admin"); more users via the API or fleetctl.
     admin_token: str = ""
-    offices_file: Path = SEED_DIR / "offices.yaml"
+    # Data the server needs at run time, one setting each; shipped inside the server wheel.
+    offices_file: Path = Field(default_factory=lambda: SEED_DIR / "offices.yaml")
+    catalog_file: Path = Field(default_factory=_catalog_file)
+    profiles_dir: Path = Field(default_factory=lambda: bundled("device_profiles"))
     # Onboarding by playbook: the Ansible content, an inventory of terminals (runs are refused
     # without one, rather than falling back to the server itself) and the agent wheel to install.
-    playbooks_dir: Path = Path(__file__).resolve().parent.parent / "playbooks"
-    profiles_dir: Path = Path(__file__).resolve().parent.parent / "device_profiles"
+    playbooks_dir: Path = Field(default_factory=lambda: bundled("playbooks"))
     playbooks_inventory: str | None = None
     agent_wheel: str | None = None
     # the broker address terminals are given in their config (as they see it)
     terminal_broker_host: str = "127.0.0.1"
 
     @model_validator(mode="after")
-    def _safe_outside_development(self) -> "ServerSettings":
+    def _safe_outside_development(self) -> ServerSettings:
         if self.environment == "production":
             if not self.broker_password:
                 raise ValueError("FLEET_BROKER_PASSWORD is empty: the server needs its own broker account")
             if len(self.admin_token) < 24 or self.admin_token.lower() in _DEFAULT_SECRETS:
                 raise ValueError("FLEET_ADMIN_TOKEN must be a random secret of 24+ characters in production")
         return self
+
+    def check_data(self) -> None:
+        """Refuse to start without the data files the server needs; one line naming the setting."""
+        wanted = [
+            ("FLEET_OFFICES_FILE", self.offices_file, "file", "the office list"),
+            ("FLEET_CATALOG_FILE", self.catalog_file, "file", "the service catalogue"),
+            ("FLEET_PROFILES_DIR", self.profiles_dir, "dir", "the device profiles"),
+            ("FLEET_PLAYBOOKS_DIR", self.playbooks_dir, "dir", "the playbooks"),
+        ]
+        for setting, path, kind, what in wanted:
+            ok = path.is_file() if kind == "file" else path.is_dir()
+            if not ok:
+                raise ConfigurationError(
+                    f"{setting}={path}: {what} {'file' if kind == 'file' else 'folder'}"
+                    " is not there; point the setting at it"
+                )
+        if not any(self.profiles_dir.glob("*.yaml")):
+            raise ConfigurationError(f"FLEET_PROFILES_DIR={self.profiles_dir}: no device profile (*.yaml) in it")

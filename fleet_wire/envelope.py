@@ -84,9 +84,7 @@ class DecodedBatch:
 
 def encode_batch(envelopes: list[dict[str, Any]]) -> bytes:
     """Serialise envelopes (already-built dicts) into one events message."""
-    return json.dumps(
-        {"v": SCHEMA_VERSION, "events": envelopes}, ensure_ascii=False, separators=(",", ":")
-    ).encode()
+    return json.dumps({"v": SCHEMA_VERSION, "events": envelopes}, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def decode_batch(topic_terminal: str, payload: bytes) -> DecodedBatch:
@@ -98,8 +96,9 @@ def decode_batch(topic_terminal: str, payload: bytes) -> DecodedBatch:
     """
     out = DecodedBatch()
     if len(payload) > limits.MAX_MESSAGE_BYTES:
-        out.rejected.append(Rejected(
-            "oversized", f"message is {len(payload)} bytes; the limit is {limits.MAX_MESSAGE_BYTES}"))
+        out.rejected.append(
+            Rejected("oversized", f"message is {len(payload)} bytes; the limit is {limits.MAX_MESSAGE_BYTES}")
+        )
         return out
     try:
         doc = json.loads(payload)
@@ -110,13 +109,15 @@ def decode_batch(topic_terminal: str, payload: bytes) -> DecodedBatch:
         out.rejected.append(Rejected("schema", "message must be an object with an 'events' list"))
         return out
     if doc.get("v") != SCHEMA_VERSION:
-        out.rejected.append(Rejected(
-            "schema_version", f"schema version {doc.get('v')!r} is not supported (want {SCHEMA_VERSION})"))
+        out.rejected.append(
+            Rejected("schema_version", f"schema version {doc.get('v')!r} is not supported (want {SCHEMA_VERSION})")
+        )
         return out
     events = doc["events"]
     if len(events) > limits.MAX_BATCH_EVENTS:
-        out.rejected.append(Rejected(
-            "oversized", f"{len(events)} events in one message; the limit is {limits.MAX_BATCH_EVENTS}"))
+        out.rejected.append(
+            Rejected("oversized", f"{len(events)} events in one message; the limit is {limits.MAX_BATCH_EVENTS}")
+        )
         return out
     for index, raw in enumerate(events):
         try:
@@ -136,12 +137,14 @@ def decode_envelope(topic_terminal: str, raw: Any, *, where: str = "event") -> E
     if env.terminal != topic_terminal:
         raise EnvelopeInvalid(
             f"envelope says terminal {env.terminal!r} but was published on {topic_terminal!r}'s topic",
-            reason="terminal_mismatch", where=where)
+            reason="terminal_mismatch",
+            where=where,
+        )
     body_size = len(json.dumps(env.body, ensure_ascii=False).encode())
     if body_size > limits.MAX_EVENT_BODY_BYTES:
         raise EnvelopeInvalid(
-            f"body is {body_size} bytes; the limit is {limits.MAX_EVENT_BODY_BYTES}",
-            reason="oversized", where=where)
+            f"body is {body_size} bytes; the limit is {limits.MAX_EVENT_BODY_BYTES}", reason="oversized", where=where
+        )
     try:
         body = validate_body(env.type, env.body)
     except EnvelopeInvalid as err:

@@ -131,9 +131,7 @@ def validate_body(event_type: str, body: Any) -> dict[str, Any]:
     try:
         return spec.body.model_validate(body).model_dump(mode="json")
     except ValidationError as err:
-        raise EnvelopeInvalid(
-            f"body of {event_type}: {describe(err)}", reason="bad_body", where="body"
-        ) from err
+        raise EnvelopeInvalid(f"body of {event_type}: {describe(err)}", reason="bad_body", where="body") from err
 
 
 def validate_body_json(event_type: str, body: Any) -> str:
@@ -142,9 +140,7 @@ def validate_body_json(event_type: str, body: Any) -> str:
     try:
         return spec.body.model_validate(body).model_dump_json()
     except ValidationError as err:
-        raise EnvelopeInvalid(
-            f"body of {event_type}: {describe(err)}", reason="bad_body", where="body"
-        ) from err
+        raise EnvelopeInvalid(f"body of {event_type}: {describe(err)}", reason="bad_body", where="body") from err
 
 
 def describe(err: ValidationError, limit: int = 3) -> str:

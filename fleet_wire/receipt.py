@@ -118,10 +118,16 @@ class Receipt:
 
     def encode(self) -> bytes:
         """Serialise for the receipt topic."""
-        return json.dumps({
-            "v": SCHEMA_VERSION, "terminal": self.terminal, "epoch": self.epoch,
-            "upto": self.upto, "ranges": [list(r) for r in self.ranges],
-        }, separators=(",", ":")).encode()
+        return json.dumps(
+            {
+                "v": SCHEMA_VERSION,
+                "terminal": self.terminal,
+                "epoch": self.epoch,
+                "upto": self.upto,
+                "ranges": [list(r) for r in self.ranges],
+            },
+            separators=(",", ":"),
+        ).encode()
 
     @classmethod
     def decode(cls, payload: bytes) -> "Receipt":

@@ -46,8 +46,7 @@ def check_terminal_id(value: str) -> str:
     """Return `value` if it is a well-formed terminal id, else raise TopicError."""
     if not isinstance(value, str) or not _TERMINAL_ID_RE.match(value):
         raise TopicError(
-            f"terminal id {value!r} must be 2-63 characters of a-z, 0-9 and '-', "
-            "starting with a letter or digit",
+            f"terminal id {value!r} must be 2-63 characters of a-z, 0-9 and '-', starting with a letter or digit",
             reason="bad_terminal_id",
         )
     return value
@@ -68,7 +67,7 @@ def parse(value: str) -> TopicRef:
     root = TERMINAL_ROOT + "/"
     if not value.startswith(root):
         raise TopicError(f"topic {value!r} is not under {root}")
-    terminal_id, _, rest = value[len(root):].partition("/")
+    terminal_id, _, rest = value[len(root) :].partition("/")
     if not _TERMINAL_ID_RE.match(terminal_id):
         raise TopicError(f"topic {value!r} names no valid terminal id")
     try:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from fleet_server.devstack import DevStack
+from fleet_dev.devstack import DevStack
 
 PILOT_OFFICES = ["dongcheng", "haidian", "chaoyang", "mentougou", "miyun", "loan-centre"]
 
@@ -64,8 +64,11 @@ def _no_leftover_threads() -> Iterator[None]:
 
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        extra = [t for t in threading.enumerate()
-                 if t.ident not in before and t.is_alive() and not t.name.startswith(("asyncio", "AnyIO"))]
+        extra = [
+            t
+            for t in threading.enumerate()
+            if t.ident not in before and t.is_alive() and not t.name.startswith(("asyncio", "AnyIO"))
+        ]
         extra = [t for t in extra if t.name.startswith(("pump-", "link-", "ingest-", "paho-"))]
         if not extra:
             return

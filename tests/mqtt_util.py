@@ -18,9 +18,11 @@ class RawClient:
         self._acked = threading.Condition()
         self._connected = threading.Event()
         self.connect_rc: Any = None
-        c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                        client_id=f"test-{uuid.uuid4().hex[:8]}",
-                        protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311)
+        c = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"test-{uuid.uuid4().hex[:8]}",
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+        )
         c.username_pw_set(username, password)
         c.on_connect = self._on_connect
         c.on_message = lambda cl, u, m: self.messages.put((m.topic, bytes(m.payload)))

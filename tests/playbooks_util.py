@@ -33,9 +33,11 @@ def build_agent_wheel(out_dir: Path) -> Path:
     files[f"{dist_info}/METADATA"] = (
         f"Metadata-Version: 2.1\nName: kiosk-fleet\nVersion: {version}\n"
         "Requires-Python: >=3.11\nRequires-Dist: paho-mqtt<3,>=2.1\nRequires-Dist: pydantic<3,>=2.6\n"
-        "Requires-Dist: pydantic-settings<3,>=2.2\nRequires-Dist: PyYAML<7,>=6\n").encode()
+        "Requires-Dist: pydantic-settings<3,>=2.2\nRequires-Dist: PyYAML<7,>=6\n"
+    ).encode()
     files[f"{dist_info}/WHEEL"] = (
-        b"Wheel-Version: 1.0\nGenerator: kiosk-fleet-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        b"Wheel-Version: 1.0\nGenerator: kiosk-fleet-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    )
     files[f"{dist_info}/entry_points.txt"] = b"[console_scripts]\nedge-agent = edge_agent.__main__:main\n"
     record = [f"{p},sha256={_digest(b)},{len(b)}" for p, b in files.items()] + [f"{dist_info}/RECORD,,"]
     files[f"{dist_info}/RECORD"] = ("\n".join(record) + "\n").encode()
@@ -54,8 +56,9 @@ def _digest(data: bytes) -> str:
 
 def local_inventory() -> dict[str, Any]:
     """An inventory of just this machine, reached without ssh, with this interpreter."""
-    return {"all": {"hosts": {"localhost": {"ansible_connection": "local",
-                                            "ansible_python_interpreter": sys.executable}}}}
+    return {
+        "all": {"hosts": {"localhost": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}}}
+    }
 
 
 def files_under(root: Path) -> dict[str, tuple[int, int]]:

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from fleet_dev.devstack import DevStack
 from fleet_server.app import create_app
 from fleet_server.auth.models import Role
 from fleet_server.config import ServerSettings
-from fleet_server.devstack import DevStack
 
 
 @pytest.fixture
@@ -28,9 +28,11 @@ def api(tmp_path: Path) -> Any:
     client = TestClient(app)  # no lifespan: the ingest is not needed here
     client.st = st  # type: ignore[attr-defined]
     client.fastapi = app  # type: ignore[attr-defined]
-    client.h = {"admin": {"Authorization": f"Bearer {st.admin_token}"},  # type: ignore[attr-defined]
-                "manager": {"Authorization": f"Bearer {manager}"},
-                "auditor": {"Authorization": f"Bearer {auditor}"}}
+    client.h = {
+        "admin": {"Authorization": f"Bearer {st.admin_token}"},  # type: ignore[attr-defined]
+        "manager": {"Authorization": f"Bearer {manager}"},
+        "auditor": {"Authorization": f"Bearer {auditor}"},
+    }
     yield client
     st.close()
 
@@ -77,16 +79,23 @@ def test_admin_changes_are_audited_with_before_and_after_and_no_secrets(api: Any
     new_password = r.json()["mqtt_password"]
     assert r.status_code == 200 and new_password != password
     assert api.delete("/api/v1/terminals/t-new-1", headers=h).status_code == 200
-    assert api.post("/api/v1/users", json={"name": "zhao", "role": "manager", "offices": ["fengtai"]},
-                    headers=h).status_code == 201
+    assert (
+        api.post(
+            "/api/v1/users", json={"name": "zhao", "role": "manager", "offices": ["fengtai"]}, headers=h
+        ).status_code
+        == 201
+    )
     office = {"id": "tongzhou-2", "name": "通州第二管理部", "name_en": "Tongzhou 2", "district": "通州区"}
     assert api.post("/api/v1/offices", json=office, headers=h).status_code == 201
     log = api.get("/api/v1/audit?limit=50", headers=api.h["auditor"]).json()
     actions = [(e["actor"], e["action"], e["target"]) for e in log if e["actor"] == "admin"]
-    assert actions[:5] == [("admin", "office.upsert", "tongzhou-2"), ("admin", "user.create", "zhao"),
-                           ("admin", "terminal.revoke", "t-new-1"),
-                           ("admin", "terminal.rotate_credentials", "t-new-1"),
-                           ("admin", "terminal.enrol", "t-new-1")]
+    assert actions[:5] == [
+        ("admin", "office.upsert", "tongzhou-2"),
+        ("admin", "user.create", "zhao"),
+        ("admin", "terminal.revoke", "t-new-1"),
+        ("admin", "terminal.rotate_credentials", "t-new-1"),
+        ("admin", "terminal.enrol", "t-new-1"),
+    ]
     revoke = next(e for e in log if e["action"] == "terminal.revoke")
     assert revoke["before"]["enabled"] is True and revoke["after"] == {"enabled": False}
     assert all(e["at"].endswith("Z") for e in log)
@@ -96,14 +105,17 @@ def test_admin_changes_are_audited_with_before_and_after_and_no_secrets(api: Any
         assert secret.encode() not in db_bytes
 
 
-@pytest.mark.parametrize("body, status, words", [
-    ({"id": "t-x", "office_id": "atlantis"}, 404, "atlantis"),
-    ({"id": "t-hd-1", "office_id": "haidian"}, 409, "already enrolled"),
-    ({"id": "T X", "office_id": "haidian"}, 422, "id"),
-    ({"office_id": "haidian"}, 422, "id"),
-    ({"id": "t-ok", "office_id": "haidian", "colour": "red"}, 422, "colour"),
-    ({"id": "t-ok", "office_id": "haidian", "profile": "toaster-3000"}, 422, "toaster-3000"),
-])
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        ({"id": "t-x", "office_id": "atlantis"}, 404, "atlantis"),
+        ({"id": "t-hd-1", "office_id": "haidian"}, 409, "already enrolled"),
+        ({"id": "T X", "office_id": "haidian"}, 422, "id"),
+        ({"office_id": "haidian"}, 422, "id"),
+        ({"id": "t-ok", "office_id": "haidian", "colour": "red"}, 422, "colour"),
+        ({"id": "t-ok", "office_id": "haidian", "profile": "toaster-3000"}, 422, "toaster-3000"),
+    ],
+)
 def test_bad_terminal_input_is_refused_clearly(api: Any, body: dict[str, Any], status: int, words: str) -> None:
     r = api.post("/api/v1/terminals", json=body, headers=api.h["admin"])
     assert r.status_code == status and words in r.json()["detail"]
@@ -116,14 +128,23 @@ def test_device_profiles_are_listed_for_readers(api: Any) -> None:
 
 def test_onboarding_with_one_bad_terminal_enrols_none(api: Any) -> None:
     h = api.h["admin"]
-    body = {"terminals": [{"id": "t-fs-1", "office_id": "fengtai"}, {"id": "t-fs-2", "office_id": "fengtai"},
-                          {"id": "t-hd-1", "office_id": "fengtai"}]}  # t-hd-1 already exists
+    body = {
+        "terminals": [
+            {"id": "t-fs-1", "office_id": "fengtai"},
+            {"id": "t-fs-2", "office_id": "fengtai"},
+            {"id": "t-hd-1", "office_id": "fengtai"},
+        ]
+    }  # t-hd-1 already exists
     r = api.post("/api/v1/offices/fengtai/onboard", json=body, headers=h)
     assert r.status_code == 409
     with sqlite3.connect(api.st.settings.db_path) as conn:
         assert conn.execute("SELECT count(*) FROM terminals WHERE office_id='fengtai'").fetchone()[0] == 0
-    assert api.post("/api/v1/offices/nowhere/onboard", json={"terminals": [{"id": "t-z", "office_id": "nowhere"}]},
-                    headers=h).status_code == 404
+    assert (
+        api.post(
+            "/api/v1/offices/nowhere/onboard", json={"terminals": [{"id": "t-z", "office_id": "nowhere"}]}, headers=h
+        ).status_code
+        == 404
+    )
     body["terminals"] = body["terminals"][:2]
     r = api.post("/api/v1/offices/fengtai/onboard", json=body, headers=h)
     assert r.status_code == 201 and [t["id"] for t in r.json()["terminals"]] == ["t-fs-1", "t-fs-2"]

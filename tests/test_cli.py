@@ -11,18 +11,21 @@ import pytest
 import uvicorn
 from typer.testing import CliRunner
 
+from fleet_dev.devstack import DevStack
+from fleet_dev.proc import free_port
 from fleet_server.app import create_app
-from fleet_server.broker.mosquitto import free_port
 from fleet_server.cli import EXIT_AUTH, EXIT_UNREACHABLE, EXIT_USAGE, app
-from fleet_server.devstack import DevStack
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Any:
     st = DevStack(tmp_path / "s")
     port = free_port()
-    http = uvicorn.Server(uvicorn.Config(create_app(st.settings, st.server), host="127.0.0.1", port=port,
-                                         log_level="warning", lifespan="off"))
+    http = uvicorn.Server(
+        uvicorn.Config(
+            create_app(st.settings, st.server), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
+        )
+    )
     thread = threading.Thread(target=http.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -19,15 +19,13 @@ import yaml
 from fastapi.testclient import TestClient
 from prometheus_client import generate_latest
 
+from fleet_dev.devstack import DevStack
+from fleet_dev.proc import free_port, wait_for
 from fleet_server.app import create_app
-from fleet_server.broker.mosquitto import free_port
-from fleet_server.devstack import DevStack, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = sorted((ROOT / "dashboards").glob("*.json"))
-RULE_FILES = sorted(
-    p for p in (ROOT / "dashboards" / "rules").glob("*.yml") if not p.name.endswith(".test.yml")
-)
+RULE_FILES = sorted(p for p in (ROOT / "dashboards" / "rules").glob("*.yml") if not p.name.endswith(".test.yml"))
 RULE_TESTS = sorted((ROOT / "dashboards" / "rules").glob("*.test.yml"))
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
@@ -66,9 +64,7 @@ def _dashboard_exprs() -> list[tuple[str, str]]:
         doc = json.loads(path.read_text(encoding="utf-8"))
         for panel in _panels(doc):
             for target in panel.get("targets", []):
-                out.append(
-                    (f"{path.name}: panel {panel['title']!r} {target['refId']}", target["expr"])
-                )
+                out.append((f"{path.name}: panel {panel['title']!r} {target['refId']}", target["expr"]))
         for var in doc["templating"]["list"]:
             if var["type"] == "query":
                 out.append(
@@ -170,37 +166,27 @@ def test_dashboards_have_what_grafana_needs() -> None:
             assert panel["id"] not in ids, f"{title}: duplicate panel id"
             ids.add(panel["id"])
             pos = panel["gridPos"]
-            assert pos["w"] > 0 and pos["h"] > 0 and pos["x"] >= 0 and pos["x"] + pos["w"] <= 24, (
-                title
-            )
+            assert pos["w"] > 0 and pos["h"] > 0 and pos["x"] >= 0 and pos["x"] + pos["w"] <= 24, title
             if panel["type"] == "row":
                 continue
-            assert panel["datasource"]["uid"] == "${datasource}", (
-                f"{title}: use the datasource variable"
-            )
+            assert panel["datasource"]["uid"] == "${datasource}", f"{title}: use the datasource variable"
             assert panel.get("description"), f"{title}: say what the panel shows"
             refs = [t["refId"] for t in panel["targets"]]
-            assert refs and len(refs) == len(set(refs)), (
-                f"{title}: needs targets with unique refIds"
-            )
+            assert refs and len(refs) == len(set(refs)), f"{title}: needs targets with unique refIds"
             for target in panel["targets"]:
                 assert target["expr"].strip(), title
         # Every variable a query uses is defined (Grafana's own $__ variables aside).
         for panel in _panels(doc):
             for target in panel.get("targets", []):
                 for var in re.findall(r"\$\{?(\w+)", target["expr"]):
-                    assert var.startswith("__") or var in variables, (
-                        f"{where}: ${var} is not defined"
-                    )
+                    assert var.startswith("__") or var in variables, f"{where}: ${var} is not defined"
 
 
 def test_every_promql_expression_parses(tmp_path: Path) -> None:
     # promtool 2.42 has no standalone query parser: each expression becomes a recording rule.
     exprs = _dashboard_exprs() + _rule_exprs()
     assert len(exprs) > 30
-    rules = [
-        {"record": f"check:expr_{i}", "expr": _to_promql(expr)} for i, (_, expr) in enumerate(exprs)
-    ]
+    rules = [{"record": f"check:expr_{i}", "expr": _to_promql(expr)} for i, (_, expr) in enumerate(exprs)]
     path = tmp_path / "exprs.yml"
     path.write_text(
         yaml.safe_dump({"groups": [{"name": "exprs", "rules": rules}]}, allow_unicode=True),
@@ -215,11 +201,7 @@ def test_every_promql_expression_parses(tmp_path: Path) -> None:
     )
     if res.returncode != 0:
         out = res.stdout + res.stderr
-        bad = [
-            f"{where}: {expr}"
-            for i, (where, expr) in enumerate(exprs)
-            if f'"check:expr_{i}"' in out
-        ]
+        bad = [f"{where}: {expr}" for i, (where, expr) in enumerate(exprs) if f'"check:expr_{i}"' in out]
         pytest.fail(f"promtool refused expressions:\n{out}\n" + "\n".join(bad))
 
 
@@ -338,9 +320,7 @@ def http_server(stack: DevStack) -> Iterator[int]:
     thread.join(10)
 
 
-def test_real_prometheus_scrapes_the_server_and_loads_the_rules(
-    http_server: int, tmp_path: Path
-) -> None:
+def test_real_prometheus_scrapes_the_server_and_loads_the_rules(http_server: int, tmp_path: Path) -> None:
     port = free_port()
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from edge_agent.outbox import Outbox
-from fleet_server.devstack import DevStack, service_events, wait_for
+from fleet_dev.devstack import DevStack, service_events
+from fleet_dev.proc import wait_for
 
 
 def _start(st: DevStack, n_agents: int, **overrides: Any) -> list[Any]:
@@ -29,11 +30,12 @@ def _start(st: DevStack, n_agents: int, **overrides: Any) -> list[Any]:
 def _assert_exactly_once(st: DevStack, expected: dict[str, int]) -> None:
     with sqlite3.connect(st.settings.db_path) as conn:
         for tid, n in expected.items():
-            seqs = [r[0] for r in conn.execute(
-                "SELECT seq FROM events WHERE terminal=? ORDER BY seq", (tid,))]
+            seqs = [r[0] for r in conn.execute("SELECT seq FROM events WHERE terminal=? ORDER BY seq", (tid,))]
             assert seqs == list(range(1, n + 1)), f"{tid}: stored seqs are not exactly 1..{n}"
-            sessions = [r[0] for r in conn.execute(
-                "SELECT json_extract(body, '$.session') FROM events WHERE terminal=?", (tid,))]
+            sessions = [
+                r[0]
+                for r in conn.execute("SELECT json_extract(body, '$.session') FROM events WHERE terminal=?", (tid,))
+            ]
             assert len(sessions) == len(set(sessions)) == n, f"{tid}: a business event is stored twice"
         ids = [r[0] for r in conn.execute("SELECT id FROM events")]
     assert len(ids) == len(set(ids)) == sum(expected.values())
@@ -103,8 +105,11 @@ def test_server_down_longer_than_broker_queue_loses_nothing(make_stack: Any) -> 
     for a in agents:
         a.post_events(list(service_events(400, a.settings.terminal_id)))
     # let the agents fill the broker's queue for the server and run into receipt time-outs
-    wait_for(lambda: all(a.window.counters.receipt_timeouts >= 1 for a in agents), 30,
-             what="receipt time-outs while the server is away")
+    wait_for(
+        lambda: all(a.window.counters.receipt_timeouts >= 1 for a in agents),
+        30,
+        what="receipt time-outs while the server is away",
+    )
     time.sleep(1.0)
     st.start_server()
     wait_for(lambda: st.stored() == 800, 90, what="all 800 events after the server returns")
@@ -151,8 +156,11 @@ def test_server_disk_full_stores_nothing_half_and_catches_up_when_space_returns(
     conn.execute(f"PRAGMA max_page_count={pages}")
     agents = _start(st, 1, receipt_timeout_s=1.0)
     agents[0].post_events(list(service_events(2_000)))
-    wait_for(lambda: (st.server.metrics_registry.get_sample_value("fleet_ingest_write_errors_total") or 0) >= 2,
-             20, what="write errors while the disk is full")
+    wait_for(
+        lambda: (st.server.metrics_registry.get_sample_value("fleet_ingest_write_errors_total") or 0) >= 2,
+        20,
+        what="write errors while the disk is full",
+    )
     assert st.stored() == 0 and agents[0].outbox.depth == 2_000  # nothing receipted, nothing lost
     conn.execute("PRAGMA max_page_count=1073741823")
     wait_for(lambda: st.stored() == 2_000, 60, what="catch-up after space returns")

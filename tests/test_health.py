@@ -11,8 +11,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from fleet_dev.proc import wait_for
 from fleet_server.db import migrate
-from fleet_server.devstack import wait_for
 from fleet_server.health import service as health_service
 from fleet_server.health.rules import Hysteresis, State, is_open, judge
 from fleet_server.health.service import HealthService, OfficeInfo
@@ -57,9 +57,14 @@ class Clock:
 def _service(tmp_path: Path, clock: Clock, terminals: dict[str, str], **kw: Any) -> HealthService:
     db = tmp_path / "h.db"
     migrate(db, health_service.migrations)
-    return HealthService(str(db), lambda: terminals,
-                         lambda: [OfficeInfo("haidian", {"mon-sun": "00:00-23:59"}, "Asia/Shanghai")],
-                         CollectorRegistry(), clock=clock, **kw)
+    return HealthService(
+        str(db),
+        lambda: terminals,
+        lambda: [OfficeInfo("haidian", {"mon-sun": "00:00-23:59"}, "Asia/Shanghai")],
+        CollectorRegistry(),
+        clock=clock,
+        **kw,
+    )
 
 
 def _status(terminal: str, state: str, at: float, reason: str = "heartbeat", **doc: Any) -> tuple[str, ...]:
@@ -69,13 +74,19 @@ def _status(terminal: str, state: str, at: float, reason: str = "heartbeat", **d
 
 def test_flapping_terminal_raises_one_alert_not_one_per_flap(tmp_path: Path) -> None:
     clock = Clock(1_800_000_000.0)
-    svc = _service(tmp_path, clock, {"t-1": "haidian", "t-2": "haidian", "t-3": "haidian"},
-                   alert_for_s=20, alert_clear_s=20)
+    svc = _service(
+        tmp_path, clock, {"t-1": "haidian", "t-2": "haidian", "t-3": "haidian"}, alert_for_s=20, alert_clear_s=20
+    )
     svc.on_status([_status("t-2", "online", clock.now), _status("t-3", "online", clock.now)])
     for i in range(60):  # t-1 drops and comes back every 3 s for three minutes
         state = "offline" if (i // 1) % 2 else "online"
-        svc.on_status([_status("t-1", state, clock.now, "connection_lost" if state == "offline" else "heartbeat"),
-                       _status("t-2", "online", clock.now), _status("t-3", "online", clock.now)])
+        svc.on_status(
+            [
+                _status("t-1", state, clock.now, "connection_lost" if state == "offline" else "heartbeat"),
+                _status("t-2", "online", clock.now),
+                _status("t-3", "online", clock.now),
+            ]
+        )
         svc.sweep()
         clock.now += 3
     raised = svc.metrics.alerts_raised.labels("terminal_offline")._value.get()
@@ -84,8 +95,13 @@ def test_flapping_terminal_raises_one_alert_not_one_per_flap(tmp_path: Path) -> 
     assert raised == 0  # … but none lasted long enough to page anybody
     # now it stays down: exactly one alert, resolved once it is back for long enough
     for _ in range(20):
-        svc.on_status([_status("t-1", "offline", clock.now, "connection_lost"),
-                       _status("t-2", "online", clock.now), _status("t-3", "online", clock.now)])
+        svc.on_status(
+            [
+                _status("t-1", "offline", clock.now, "connection_lost"),
+                _status("t-2", "online", clock.now),
+                _status("t-3", "online", clock.now),
+            ]
+        )
         svc.sweep()
         clock.now += 3
     assert svc.metrics.alerts_raised.labels("terminal_offline")._value.get() == 1
@@ -103,9 +119,19 @@ def test_flapping_terminal_raises_one_alert_not_one_per_flap(tmp_path: Path) -> 
 def test_disk_backlog_peripheral_and_office_alerts(tmp_path: Path) -> None:
     clock = Clock(1_800_000_000.0)
     svc = _service(tmp_path, clock, {"t-1": "haidian", "t-2": "haidian"}, alert_for_s=0, alert_clear_s=0)
-    svc.on_status([_status("t-1", "online", clock.now, disk_pct=95.0, outbox={"depth": 9, "oldest_age_s": 7200},
-                           peripherals={"receipt_printer": "fault", "camera": "ok"}),
-                   _status("t-2", "offline", clock.now, "connection_lost")])
+    svc.on_status(
+        [
+            _status(
+                "t-1",
+                "online",
+                clock.now,
+                disk_pct=95.0,
+                outbox={"depth": 9, "oldest_age_s": 7200},
+                peripherals={"receipt_printer": "fault", "camera": "ok"},
+            ),
+            _status("t-2", "offline", clock.now, "connection_lost"),
+        ]
+    )
     svc.sweep()
     svc.sweep()
     kinds = sorted(a["kind"] for a in svc.alerts())
@@ -142,8 +168,10 @@ def test_health_transitions_from_real_heartbeats_and_last_will(make_stack: Any) 
         states = [t["to"] for t in reversed(doc["transitions"])]
         assert states == ["online", "stale", "offline", "online", "offline"]
         assert health.terminal("t-001")["state"] == "missing"  # type: ignore[index]
-        assert st.server.metrics_registry.get_sample_value(
-            "fleet_terminals", {"office": "dongcheng", "state": "offline"}) == 1
+        assert (
+            st.server.metrics_registry.get_sample_value("fleet_terminals", {"office": "dongcheng", "state": "offline"})
+            == 1
+        )
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -156,11 +184,21 @@ def test_device_profile_sets_the_limits_a_terminal_is_judged_by(tmp_path: Path) 
     clock = Clock(1_800_000_000.0)
     db = tmp_path / "h.db"
     migrate(db, health_service.migrations)
-    limits = {"t-kiosk": HealthLimits(stale_after=3, offline_after=10, disk_fail_pct=92,
-                                      peripherals=frozenset({"camera", "receipt_printer"}))}
-    svc = HealthService(str(db), lambda: {"t-kiosk": "haidian", "t-plain": "haidian"},
-                        lambda: [OfficeInfo("haidian", {"mon-sun": "00:00-23:59"}, "Asia/Shanghai")],
-                        CollectorRegistry(), clock=clock, alert_for_s=0, alert_clear_s=0, limits=lambda: limits)
+    limits = {
+        "t-kiosk": HealthLimits(
+            stale_after=3, offline_after=10, disk_fail_pct=92, peripherals=frozenset({"camera", "receipt_printer"})
+        )
+    }
+    svc = HealthService(
+        str(db),
+        lambda: {"t-kiosk": "haidian", "t-plain": "haidian"},
+        lambda: [OfficeInfo("haidian", {"mon-sun": "00:00-23:59"}, "Asia/Shanghai")],
+        CollectorRegistry(),
+        clock=clock,
+        alert_for_s=0,
+        alert_clear_s=0,
+        limits=lambda: limits,
+    )
     periph = {"camera": "ok", "receipt_printer": "fault", "coffee_machine": "fault"}
     svc.on_status([_status(t, "online", clock.now, disk_pct=91.0, peripherals=periph) for t in ("t-kiosk", "t-plain")])
     clock.now += 7  # 3.5 intervals of 2 s: past the default offline limit (3), not the profile's (10)

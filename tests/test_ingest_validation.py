@@ -7,24 +7,31 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from fleet_server.devstack import DevStack, service_events, wait_for
+from fleet_dev.devstack import DevStack, service_events
+from fleet_dev.proc import wait_for
 from fleet_wire import topics
 from fleet_wire.topics import Channel
 from tests.mqtt_util import RawClient
 
 
 def _env(terminal: str, seq: int, epoch: str, **over: Any) -> dict[str, Any]:
-    doc = {"v": 1, "terminal": terminal, "epoch": epoch, "seq": seq, "id": uuid.uuid4().hex,
-           "ts": datetime.now(UTC).isoformat().replace("+00:00", "Z"), "type": "service.started",
-           "body": {"session": f"x-{seq}", "service_code": "TQ01", "face_login": True}}
+    doc = {
+        "v": 1,
+        "terminal": terminal,
+        "epoch": epoch,
+        "seq": seq,
+        "id": uuid.uuid4().hex,
+        "ts": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "type": "service.started",
+        "body": {"session": f"x-{seq}", "service_code": "TQ01", "face_login": True},
+    }
     doc.update(over)
     return doc
 
 
 def _rejected(st: DevStack, reason: str) -> float:
     assert st.server is not None
-    return st.server.metrics_registry.get_sample_value(
-        "fleet_ingest_rejected_total", {"reason": reason}) or 0.0
+    return st.server.metrics_registry.get_sample_value("fleet_ingest_rejected_total", {"reason": reason}) or 0.0
 
 
 def test_malformed_messages_are_rejected_with_reasons_and_later_events_still_stored(make_stack: Any) -> None:
@@ -40,8 +47,12 @@ def test_malformed_messages_are_rejected_with_reasons_and_later_events_still_sto
         bad.publish(own, b"x" * 300_000)
         bad.publish(own, json.dumps({"v": 1, "events": [_env("t-001", 1, epoch)]}))  # spoofed id
         bad.publish(own, json.dumps({"v": 1, "events": [_env("t-000", 1, epoch, type="service.teleport")]}))
-        bad.publish(own, json.dumps({"v": 1, "events": [
-            _env("t-000", 2, epoch, body={"session": "x", "service_code": "not-a-code"})]}))
+        bad.publish(
+            own,
+            json.dumps(
+                {"v": 1, "events": [_env("t-000", 2, epoch, body={"session": "x", "service_code": "not-a-code"})]}
+            ),
+        )
         bad.publish(own, json.dumps({"v": 1, "events": [_env("t-000", 3, epoch, ts="2026-11-27T10:00:00+08:00")]}))
         bad.publish(topics.topic("t-000", Channel.STATUS), b"\xff\xfe")
         ghost = json.dumps({"v": 1, "events": [_env("ghost-1", 1, epoch)]})
@@ -53,9 +64,18 @@ def test_malformed_messages_are_rejected_with_reasons_and_later_events_still_sto
     finally:
         bad.close()
         admin.close()
-    expected = {"malformed_json": 1, "schema_version": 1, "schema": 2, "oversized": 1,
-                "terminal_mismatch": 1, "unknown_type": 1, "bad_body": 1, "bad_status": 1,
-                "unknown_terminal": 1, "bad_topic": 1}
+    expected = {
+        "malformed_json": 1,
+        "schema_version": 1,
+        "schema": 2,
+        "oversized": 1,
+        "terminal_mismatch": 1,
+        "unknown_type": 1,
+        "bad_body": 1,
+        "bad_status": 1,
+        "unknown_terminal": 1,
+        "bad_topic": 1,
+    }
     wait_for(lambda: all(_rejected(st, r) >= n for r, n in expected.items()), 10, what="reject counters")
     assert {r: _rejected(st, r) for r in expected} == expected
     # the refused event whose seq was readable is quarantined and receipted, not retried forever
@@ -111,8 +131,7 @@ def test_terminal_cannot_publish_into_another_terminals_topics(make_stack: Any) 
         got = watcher.drain(wait_s=3.0)
         assert [t for t, _ in got] == ["fleet/v1/t/t-001/cmd/ack"]
         # the server sends t-001 a receipt; t-000 must not receive it
-        victim.publish(topics.topic("t-001", Channel.EVENTS),
-                       json.dumps({"v": 1, "events": [_env("t-001", 1, epoch)]}))
+        victim.publish(topics.topic("t-001", Channel.EVENTS), json.dumps({"v": 1, "events": [_env("t-001", 1, epoch)]}))
         wait_for(lambda: st.stored("t-001") == 1, 10, what="t-001's own event")
         assert any(t.endswith("/receipt") for t, _ in watcher.drain(wait_s=3.0))
         assert spoof5.drain(wait_s=1.0) == []

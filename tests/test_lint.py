@@ -1,4 +1,4 @@
-"""House style is checked like behaviour: ruff over every package, benchmark and test."""
+"""House style is checked like behaviour: ruff lint and format, mypy strict over the three packages."""
 
 from __future__ import annotations
 
@@ -8,11 +8,29 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+LINTED = ["fleet_wire", "edge_agent", "fleet_server", "fleet_dev", "bench", "tests"]
+TYPED = ["fleet_wire", "edge_agent", "fleet_server"]
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    assert found, f"{name} is missing: it is a dev dependency (pip install -e '.[dev]')"
+    return found
 
 
 def test_ruff_finds_nothing() -> None:
-    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
-    assert ruff, "ruff is missing: it is a dev dependency (pip install -e '.[dev]')"
-    out = subprocess.run([ruff, "check", "--output-format", "concise", "fleet_wire", "edge_agent",
-                          "fleet_server", "bench", "tests"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [_tool("ruff"), "check", "--output-format", "concise", *LINTED],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_ruff_format_is_applied() -> None:
+    out = subprocess.run(
+        [_tool("ruff"), "format", "--check", *LINTED], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, "run `ruff format` on:\n" + out.stdout + out.stderr

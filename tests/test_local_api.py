@@ -16,8 +16,16 @@ from edge_agent.config import AgentSettings
 @pytest.fixture
 def agent(tmp_path: Path) -> Any:
     # not started: the API stores into the outbox whether or not the office uplink is up
-    a = Agent(AgentSettings(environment="test", terminal_id="t-api", office_id="haidian",
-                            password="x", data_dir=tmp_path, outbox_max_rows=10))
+    a = Agent(
+        AgentSettings(
+            environment="test",
+            terminal_id="t-api",
+            office_id="haidian",
+            password="x",
+            data_dir=tmp_path,
+            outbox_max_rows=10,
+        )
+    )
     yield a
     a.outbox.close()
 
@@ -28,8 +36,10 @@ def client(agent: Any) -> Any:
         yield c
 
 
-GOOD = {"type": "service.completed",
-        "body": {"session": "k-1", "service_code": "DK02", "duration_s": 95.5, "face_login": True}}
+GOOD = {
+    "type": "service.completed",
+    "body": {"session": "k-1", "service_code": "DK02", "duration_s": 95.5, "face_login": True},
+}
 
 
 def test_posted_event_is_stored_and_numbered(client: Any, agent: Any) -> None:
@@ -39,16 +49,20 @@ def test_posted_event_is_stored_and_numbered(client: Any, agent: Any) -> None:
     assert agent.outbox.depth == 1
 
 
-@pytest.mark.parametrize("payload, where", [
-    ({"type": "service.completed", "body": {"session": "k", "duration_s": 3}}, "body"),
-    ({"type": "service.teleported", "body": {}}, "type"),
-    ({"body": {}}, "body.type"),
-    ({"type": "service.completed", "body": {**GOOD["body"], "duration_s": -1}}, "body"),
-    ({"type": "service.completed", "body": GOOD["body"], "ts": "2026-11-27T10:00:00"}, "body.ts"),
-    ({"type": "service.completed", "body": GOOD["body"], "colour": "red"}, "body.colour"),
-])
-def test_bad_event_gets_422_with_reason_and_nothing_is_stored(client: Any, agent: Any,
-                                                               payload: dict[str, Any], where: str) -> None:
+@pytest.mark.parametrize(
+    "payload, where",
+    [
+        ({"type": "service.completed", "body": {"session": "k", "duration_s": 3}}, "body"),
+        ({"type": "service.teleported", "body": {}}, "type"),
+        ({"body": {}}, "body.type"),
+        ({"type": "service.completed", "body": {**GOOD["body"], "duration_s": -1}}, "body"),
+        ({"type": "service.completed", "body": GOOD["body"], "ts": "2026-11-27T10:00:00"}, "body.ts"),
+        ({"type": "service.completed", "body": GOOD["body"], "colour": "red"}, "body.colour"),
+    ],
+)
+def test_bad_event_gets_422_with_reason_and_nothing_is_stored(
+    client: Any, agent: Any, payload: dict[str, Any], where: str
+) -> None:
     r = client.post("/v1/events", json=payload)
     assert r.status_code == 422, r.text
     doc = r.json()
@@ -100,8 +114,7 @@ def test_terminal_disk_full_answers_507_in_plain_words_and_keeps_running(client:
     db = agent.outbox._db
     pages = db.execute("PRAGMA page_count").fetchone()[0]
     db.execute(f"PRAGMA max_page_count={pages}")
-    big = {"type": "peripheral.fault",
-           "body": {"peripheral": "printer", "code": "jam", "message": "x" * 400}}
+    big = {"type": "peripheral.fault", "body": {"peripheral": "printer", "code": "jam", "message": "x" * 400}}
     codes = [client.post("/v1/events", json=big).status_code for _ in range(40)]
     assert 507 in codes
     r = client.post("/v1/events", json=big)

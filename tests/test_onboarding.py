@@ -6,8 +6,9 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
+from fleet_dev.devstack import service_events
+from fleet_dev.proc import wait_for
 from fleet_server.app import create_app
-from fleet_server.devstack import service_events, wait_for
 from fleet_wire import topics
 from fleet_wire.topics import Channel
 from tests.mqtt_util import RawClient
@@ -36,8 +37,10 @@ def test_onboard_non_pilot_office_terminals_report_and_revoked_one_is_cut_off(ma
     wait_for(lambda: st.stored() == 60, 20, what="60 events from the new office")
 
     def states() -> dict[str, str]:
-        return {h["terminal"]: h["state"] for h in
-                client.get("/api/v1/health/terminals?office=fangshan", headers=admin).json()}
+        return {
+            h["terminal"]: h["state"]
+            for h in client.get("/api/v1/health/terminals?office=fangshan", headers=admin).json()
+        }
 
     wait_for(lambda: set(states().values()) == {"online"}, 20, what="new terminals online")
     # revoke one: its connection is cut and it can no longer publish anything
@@ -66,10 +69,17 @@ def test_onboard_office_by_playbook_then_terminals_run_from_the_config_it_wrote(
     from tests.playbooks_util import build_agent_wheel, local_inventory
 
     wheel = build_agent_wheel(tmp_path / "dist")
-    options = {"inventory": local_inventory(), "envvars": {"ANSIBLE_REMOTE_TEMP": str(tmp_path / "ansible-tmp")},
-               "base_extravars": {"manage_services": False, "agent_wheel": str(wheel), "agent_install_deps": False,
-                                  "agent_venv_args": ["--system-site-packages", "--without-pip"],
-                                  "agent_heartbeat_interval_s": 1}}
+    options = {
+        "inventory": local_inventory(),
+        "envvars": {"ANSIBLE_REMOTE_TEMP": str(tmp_path / "ansible-tmp")},
+        "base_extravars": {
+            "manage_services": False,
+            "agent_wheel": str(wheel),
+            "agent_install_deps": False,
+            "agent_venv_args": ["--system-site-packages", "--without-pip"],
+            "agent_heartbeat_interval_s": 1,
+        },
+    }
     st = make_stack(0, server_options={"health_sweep_s": 0.3, "playbook_options": options})
     assert st.server is not None
     roots = {}
@@ -78,11 +88,10 @@ def test_onboard_office_by_playbook_then_terminals_run_from_the_config_it_wrote(
         roots[t.id] = tmp_path / f"root-{t.id}"
         return {"root_prefix": str(roots[t.id]), "connection": "local", "python": sys.executable}
 
-    st.server.onboard_terminal_vars = site_vars
+    st.server.admin.onboard_terminal_vars = site_vars
     client = TestClient(create_app(st.settings, st.server))
     admin = {"Authorization": f"Bearer {st.admin_token}"}
-    body = {"terminals": [{"id": f"tongzhou-{i:02d}", "office_id": "tongzhou"} for i in (1, 2)],
-            "run_playbook": True}
+    body = {"terminals": [{"id": f"tongzhou-{i:02d}", "office_id": "tongzhou"} for i in (1, 2)], "run_playbook": True}
     r = client.post("/api/v1/offices/tongzhou/onboard", json=body, headers=admin)
     assert r.status_code == 201, r.text
     run_id = r.json()["playbook_run"]["id"]

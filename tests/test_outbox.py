@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from edge_agent.outbox import InvalidEvent, Outbox, OutboxFull, OutboxLimits
-from fleet_server.devstack import service_events, wait_for
+from fleet_dev.devstack import service_events
+from fleet_dev.proc import wait_for
 from fleet_wire.events import EventClass
 from fleet_wire.receipt import Receipt
 
@@ -143,16 +144,20 @@ def test_tombstones_reach_the_server_and_are_counted_not_lost(make_stack: Any) -
     agent.start()
     wait_for(lambda: stack.stored() == 20, 20, what="20 events stored")
     assert stack.server is not None
-    wait_for(lambda: sum(r.dropped for r in stack.server.ingest.streams().values()) == 5, 10,
-             what="5 tombstones counted")
+    wait_for(
+        lambda: sum(r.dropped for r in stack.server.ingest.streams().values()) == 5, 10, what="5 tombstones counted"
+    )
     row = next(iter(stack.server.ingest.streams().values()))
     assert row.seqs.upto == 25 and row.seqs.ranges == []  # tombstones let the mark pass: no gap
-    assert stack.server.metrics_registry.get_sample_value(
-        "fleet_events_dropped_by_terminal_total", {"reason": "evicted"}) == 5
+    assert (
+        stack.server.metrics_registry.get_sample_value("fleet_events_dropped_by_terminal_total", {"reason": "evicted"})
+        == 5
+    )
 
 
 def test_window_requeues_what_the_client_did_not_keep_and_everything_after_a_sessionless_reconnect(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     from edge_agent.outbox import SendWindow
 
     box = Outbox(tmp_path / "o.db", "t-1")

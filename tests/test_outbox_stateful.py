@@ -35,10 +35,12 @@ class OutboxMachine(RuleBasedStateMachine):
         self._open()
 
     def _open(self) -> None:
-        self.box = Outbox(self.dir / "o.db", TID, OutboxLimits(max_rows=10**6), synchronous="NORMAL",
-                          clock=lambda: self.now)
-        self.window = SendWindow(self.box, window=3, batch_events=4, batch_bytes=10**6,
-                                 receipt_timeout_s=5.0, clock=lambda: self.now)
+        self.box = Outbox(
+            self.dir / "o.db", TID, OutboxLimits(max_rows=10**6), synchronous="NORMAL", clock=lambda: self.now
+        )
+        self.window = SendWindow(
+            self.box, window=3, batch_events=4, batch_bytes=10**6, receipt_timeout_s=5.0, clock=lambda: self.now
+        )
 
     def teardown(self) -> None:
         if not hasattr(self, "box"):
@@ -164,6 +166,9 @@ class OutboxMachine(RuleBasedStateMachine):
 
 
 OutboxMachine.TestCase.settings = settings(
-    max_examples=200, stateful_step_count=50, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+    max_examples=200,
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 test_outbox_interleavings = OutboxMachine.TestCase

@@ -31,8 +31,12 @@ PASSWORD = "pw-first-7Qx9vT2mLk4s"
 NEW_PASSWORD = "pw-rotated-R8nW3zYp6cHd"
 RUN_TIMEOUT_S = 120
 # Where a run that ignored root_prefix would have written on this machine.
-REAL_PATHS = [Path("/etc/kiosk-agent"), Path("/opt/kiosk-agent"), Path("/var/lib/kiosk-agent"),
-              Path("/etc/systemd/system/kiosk-agent.service")]
+REAL_PATHS = [
+    Path("/etc/kiosk-agent"),
+    Path("/opt/kiosk-agent"),
+    Path("/var/lib/kiosk-agent"),
+    Path("/etc/systemd/system/kiosk-agent.service"),
+]
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -54,7 +58,11 @@ def service(work: Path, metrics: CollectorRegistry) -> Iterator[PlaybookService]
     migrate(db, playbook_store.migrations)
     wheel = build_agent_wheel(work / "dist")
     svc = PlaybookService(
-        db, PLAYBOOKS_DIR, registry=metrics, work_dir=work / "runs", inventory=local_inventory(),
+        db,
+        PLAYBOOKS_DIR,
+        registry=metrics,
+        work_dir=work / "runs",
+        inventory=local_inventory(),
         base_extravars={
             "manage_services": False,
             "agent_wheel": str(wheel),
@@ -63,7 +71,8 @@ def service(work: Path, metrics: CollectorRegistry) -> Iterator[PlaybookService]
             "agent_venv_args": ["--system-site-packages", "--without-pip"],
         },
         # ansible's own scratch files go under the test directory too, not into ~/.ansible.
-        envvars={"ANSIBLE_REMOTE_TEMP": str(work / "ansible-remote-tmp")})
+        envvars={"ANSIBLE_REMOTE_TEMP": str(work / "ansible-remote-tmp")},
+    )
     yield svc
     svc.close()
 
@@ -74,8 +83,13 @@ def run(svc: PlaybookService, playbook: str, **extravars: Any) -> RunDetail:
 
 
 def terminal_vars(root: Path, terminal_id: str = "hd-01", password: str = PASSWORD) -> dict[str, Any]:
-    return {"root_prefix": str(root), "terminal_id": terminal_id, "office_id": "haidian",
-            "terminal_password": password, "device_profile": "generic"}
+    return {
+        "root_prefix": str(root),
+        "terminal_id": terminal_id,
+        "office_id": "haidian",
+        "terminal_password": password,
+        "device_profile": "generic",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -94,35 +108,64 @@ OFFICE_TERMINALS = [f"cy-{i:02d}" for i in range(1, 4)]
 @pytest.fixture(scope="module")
 def onboarding(service: PlaybookService, work: Path) -> dict[str, Any]:
     """Start onboarding an office of three terminals; it runs next to the other tests' runs."""
-    terminals = [{"terminal_id": t, "password": f"pw-{t}-Zr7Lq2Wn", "root_prefix": str(work / f"root-{t}"),
-                  "connection": "local", "python": sys.executable, "profile": "generic"}
-                 for t in OFFICE_TERMINALS]
+    terminals = [
+        {
+            "terminal_id": t,
+            "password": f"pw-{t}-Zr7Lq2Wn",
+            "root_prefix": str(work / f"root-{t}"),
+            "connection": "local",
+            "python": sys.executable,
+            "profile": "generic",
+        }
+        for t in OFFICE_TERMINALS
+    ]
     terminals[2]["profile"] = "no-such-model"  # another team's profiles: a missing one is skipped
-    run_id = service.start_run("onboard_office", started_by="tests",
-                               extravars={"office_id": "chaoyang", "office_terminals": terminals})
+    run_id = service.start_run(
+        "onboard_office", started_by="tests", extravars={"office_id": "chaoyang", "office_terminals": terminals}
+    )
     return {"run_id": run_id, "terminals": terminals}
 
 
 def test_every_playbook_passes_syntax_check(tmp_path: Path) -> None:
     playbooks = sorted(str(p) for p in PLAYBOOKS_DIR.glob("*.yml"))
     assert {Path(p).stem for p in playbooks} >= {
-        "provision_terminal", "onboard_office", "rotate_credentials", "collect_diagnostics"}
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "ANSIBLE_LOCALHOST_WARNING": "false", "ANSIBLE_LOCAL_TEMP": str(tmp_path)}
-    done = subprocess.run(["ansible-playbook", "--syntax-check", "-i", "localhost,", *playbooks],
-                          env=env, capture_output=True, text=True, cwd=PLAYBOOKS_DIR, timeout=60)
+        "provision_terminal",
+        "onboard_office",
+        "rotate_credentials",
+        "collect_diagnostics",
+    }
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "ANSIBLE_LOCALHOST_WARNING": "false",
+        "ANSIBLE_LOCAL_TEMP": str(tmp_path),
+    }
+    done = subprocess.run(
+        ["ansible-playbook", "--syntax-check", "-i", "localhost,", *playbooks],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=PLAYBOOKS_DIR,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_provision_installs_agent_config_unit_and_profile(
-        onboarding: dict[str, Any], provisioned: dict[str, Any]) -> None:
+    onboarding: dict[str, Any], provisioned: dict[str, Any]
+) -> None:
     root: Path = provisioned["root"]
     assert provisioned["first"].status == "successful", provisioned["first"].error
     assert provisioned["first"].changed > 0
 
     venv_python = root / "opt/kiosk-agent/venv/bin/python"
-    done = subprocess.run([str(venv_python), "-c", "import edge_agent; print(edge_agent.__file__)"],
-                          capture_output=True, text=True, cwd=root, timeout=30)
+    done = subprocess.run(
+        [str(venv_python), "-c", "import edge_agent; print(edge_agent.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=30,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().startswith(str(root / "opt/kiosk-agent/venv")), "imported from elsewhere"
     assert (root / "opt/kiosk-agent/venv/bin/edge-agent").is_file()
@@ -153,9 +196,11 @@ def test_second_provision_changes_nothing(provisioned: dict[str, Any]) -> None:
     second = provisioned["second"]
     assert second.status == "successful", second.error
     assert (second.changed, second.failed) == (0, 0), [
-        e.task for e in second.events if e.status in ("changed", "failed")]
-    assert not any(e.task == "Install the agent package into the virtualenv" and e.status != "skipped"
-                   for e in second.events)
+        e.task for e in second.events if e.status in ("changed", "failed")
+    ]
+    assert not any(
+        e.task == "Install the agent package into the virtualenv" and e.status != "skipped" for e in second.events
+    )
 
 
 def test_provision_writes_only_under_root_prefix(provisioned: dict[str, Any]) -> None:
@@ -167,7 +212,8 @@ def test_provision_writes_only_under_root_prefix(provisioned: dict[str, Any]) ->
 
 
 def test_run_and_events_are_stored_without_the_password(
-        service: PlaybookService, provisioned: dict[str, Any], work: Path) -> None:
+    service: PlaybookService, provisioned: dict[str, Any], work: Path
+) -> None:
     first = service.get_run(provisioned["first"].id)
     assert first.playbook == "provision_terminal" and first.target == "hd-01"
     assert first.started_by == "tests" and first.rc == 0
@@ -178,7 +224,9 @@ def test_run_and_events_are_stored_without_the_password(
     assert first.changed == sum(e.status == "changed" for e in first.events)
     assert all(e.host == "localhost" and e.duration_s is not None for e in first.events)
     assert [r.id for r in service.runs(playbook="provision_terminal")][:2] == [
-        provisioned["second"].id, provisioned["first"].id]
+        provisioned["second"].id,
+        provisioned["first"].id,
+    ]
     stored = b"".join(p.read_bytes() for p in work.glob("fleet.db*"))
     assert PASSWORD.encode() not in stored
     # The private data dirs hold the extra vars in clear: they go as soon as each run ends.
@@ -191,8 +239,7 @@ def test_run_and_events_are_stored_without_the_password(
 def rotated(service: PlaybookService, provisioned: dict[str, Any]) -> dict[str, Any]:
     config = provisioned["root"] / "etc/kiosk-agent/agent.yaml"
     before = config.read_text().splitlines()
-    result = run(service, "rotate_credentials", root_prefix=str(provisioned["root"]),
-                 terminal_password=NEW_PASSWORD)
+    result = run(service, "rotate_credentials", root_prefix=str(provisioned["root"]), terminal_password=NEW_PASSWORD)
     return {"before": before, "after": config.read_text().splitlines(), "run": result, "config": config}
 
 
@@ -222,32 +269,42 @@ class _HealthHandler(BaseHTTPRequestHandler):
 
 
 def test_collect_diagnostics_packs_health_config_logs_and_outbox_without_secrets(
-        service: PlaybookService, rotated: dict[str, Any], provisioned: dict[str, Any], work: Path) -> None:
+    service: PlaybookService, rotated: dict[str, Any], provisioned: dict[str, Any], work: Path
+) -> None:
     from edge_agent.outbox.store import Outbox
 
     root: Path = provisioned["root"]
     (root / "var/log/kiosk-agent/agent.log").write_text("INFO edge_agent: connected to broker\n")
     outbox = Outbox(root / "var/lib/kiosk-agent/outbox.db", "hd-01")
-    outbox.enqueue("service.completed", {"session": "s-1", "service_code": "TQ02", "duration_s": 95.0,
-                                         "face_login": True})
+    outbox.enqueue(
+        "service.completed", {"session": "s-1", "service_code": "TQ02", "duration_s": 95.0, "face_login": True}
+    )
     outbox.close()
     api = ThreadingHTTPServer(("127.0.0.1", 0), _HealthHandler)
     threading.Thread(target=api.serve_forever, name="fake-agent-api", daemon=True).start()
     try:
-        result = run(service, "collect_diagnostics", root_prefix=str(root), terminal_id="hd-01",
-                     agent_api_port=api.server_address[1], diagnostics_fetch_dir=str(work / "fetched"))
+        result = run(
+            service,
+            "collect_diagnostics",
+            root_prefix=str(root),
+            terminal_id="hd-01",
+            agent_api_port=api.server_address[1],
+            diagnostics_fetch_dir=str(work / "fetched"),
+        )
     finally:
         api.shutdown()
         api.server_close()
-    assert result.status == "successful", (result.error, [e.message for e in result.events
-                                                          if e.status == "failed"])
+    assert result.status == "successful", (result.error, [e.message for e in result.events if e.status == "failed"])
     archives = list((root / "var/lib/kiosk-agent/diagnostics").glob("hd-01-*.tar.gz"))
     assert len(archives) == 1
     assert not list((root / "var/lib/kiosk-agent/diagnostics").glob(".staging-*"))
     assert (work / "fetched" / archives[0].name).read_bytes() == archives[0].read_bytes()
     with tarfile.open(archives[0]) as tar:
-        members = {m.name.removeprefix("./"): tar.extractfile(m).read()  # type: ignore[union-attr]
-                   for m in tar.getmembers() if m.isfile()}
+        members = {
+            m.name.removeprefix("./"): tar.extractfile(m).read()  # type: ignore[union-attr]
+            for m in tar.getmembers()
+            if m.isfile()
+        }
     assert set(members) >= {"health.json", "agent-config.yaml", "outbox.json", "logs/agent.log"}
     assert stat.S_IMODE(archives[0].stat().st_mode) == 0o600
     assert json.loads(members["health.json"])["terminal"] == "hd-01"
@@ -262,18 +319,21 @@ def test_collect_diagnostics_packs_health_config_logs_and_outbox_without_secrets
 
 
 def test_onboard_office_provisions_each_terminal_with_its_own_credentials(
-        service: PlaybookService, onboarding: dict[str, Any], work: Path) -> None:
+    service: PlaybookService, onboarding: dict[str, Any], work: Path
+) -> None:
     terminals = onboarding["terminals"]
     result = service.wait(onboarding["run_id"], timeout_s=RUN_TIMEOUT_S)
-    assert result.status == "successful", (result.error, [e.message for e in result.events
-                                                          if e.status == "failed"])
+    assert result.status == "successful", (result.error, [e.message for e in result.events if e.status == "failed"])
     assert result.target == "chaoyang"
     assert {e.host for e in result.events} == {"localhost", "cy-01", "cy-02", "cy-03"}
     for t in terminals:
         root = Path(t["root_prefix"])
         settings = AgentSettings.from_file(root / "etc/kiosk-agent/agent.yaml")
         assert (settings.terminal_id, settings.office_id, settings.password) == (
-            t["terminal_id"], "chaoyang", t["password"])
+            t["terminal_id"],
+            "chaoyang",
+            t["password"],
+        )
         assert (root / "etc/systemd/system/kiosk-agent.service").is_file()
         assert (root / "opt/kiosk-agent/venv/bin/edge-agent").is_file()
     assert not (work / "root-cy-03/etc/kiosk-agent/device-profile.yaml").exists()
@@ -284,48 +344,65 @@ def test_onboard_office_provisions_each_terminal_with_its_own_credentials(
 
 
 def test_failed_run_is_recorded_as_failed_and_counted(
-        service: PlaybookService, work: Path, metrics: CollectorRegistry) -> None:
-    before = metrics.get_sample_value("fleet_playbook_runs_total",
-                                      {"playbook": "provision_terminal", "status": "failed"}) or 0.0
+    service: PlaybookService, work: Path, metrics: CollectorRegistry
+) -> None:
+    before = (
+        metrics.get_sample_value("fleet_playbook_runs_total", {"playbook": "provision_terminal", "status": "failed"})
+        or 0.0
+    )
     root = work / "root-incomplete"
-    result = run(service, "provision_terminal", root_prefix=str(root), terminal_id="hd-09",
-                 office_id="haidian")  # no terminal_password: the first task must refuse
+    result = run(
+        service, "provision_terminal", root_prefix=str(root), terminal_id="hd-09", office_id="haidian"
+    )  # no terminal_password: the first task must refuse
     assert result.status == "failed" and result.rc not in (0, None)
     assert result.failed == 1 and result.events[-1].status == "failed"
     assert "terminal_password" in result.events[-1].message
     assert files_under(root) == {}
-    assert metrics.get_sample_value("fleet_playbook_runs_total",
-                                    {"playbook": "provision_terminal", "status": "failed"}) == before + 1
+    assert (
+        metrics.get_sample_value("fleet_playbook_runs_total", {"playbook": "provision_terminal", "status": "failed"})
+        == before + 1
+    )
     with pytest.raises(UnknownPlaybook):
         service.start_run("../pyproject", started_by="tests")
 
 
 def test_playbook_routes_need_an_admin_and_record_the_run(tmp_path: Path) -> None:
+    from fleet_dev.devstack import DevStack
     from fleet_server.app import create_app
-    from fleet_server.devstack import DevStack
 
     st = DevStack(tmp_path)
     assert st.server is not None
     try:
         migrate(st.settings.db_path, playbook_store.migrations)
         st.server.playbooks = PlaybookService(  # type: ignore[attr-defined]
-            st.settings.db_path, PLAYBOOKS_DIR, registry=CollectorRegistry(), work_dir=tmp_path / "runs",
-            inventory=local_inventory(), base_extravars={"manage_services": False},
-            envvars={"ANSIBLE_REMOTE_TEMP": str(tmp_path / "ansible-remote-tmp")})
+            st.settings.db_path,
+            PLAYBOOKS_DIR,
+            registry=CollectorRegistry(),
+            work_dir=tmp_path / "runs",
+            inventory=local_inventory(),
+            base_extravars={"manage_services": False},
+            envvars={"ANSIBLE_REMOTE_TEMP": str(tmp_path / "ansible-remote-tmp")},
+        )
         manager = st.server.auth.create_user("m", Role.MANAGER, ["haidian"])
         app = create_app(st.settings, st.server)
         app.include_router(build_playbooks_router())
         client = TestClient(app)  # no lifespan: no broker needed
         admin = {"Authorization": f"Bearer {st.admin_token}"}
-        body = {"target": "hd-07", "extravars": {"root_prefix": str(tmp_path / "root"),
-                                                 "terminal_password": NEW_PASSWORD}}
+        body = {
+            "target": "hd-07",
+            "extravars": {"root_prefix": str(tmp_path / "root"), "terminal_password": NEW_PASSWORD},
+        }
 
         assert client.get("/api/v1/playbooks").status_code == 401
         assert client.post("/api/v1/playbooks/rotate_credentials/runs", json=body).status_code == 401
         for path in ("/api/v1/playbooks", "/api/v1/playbooks/runs"):
             assert client.get(path, headers={"Authorization": f"Bearer {manager}"}).status_code == 403
-        assert client.post("/api/v1/playbooks/rotate_credentials/runs", json=body,
-                           headers={"Authorization": f"Bearer {manager}"}).status_code == 403
+        assert (
+            client.post(
+                "/api/v1/playbooks/rotate_credentials/runs", json=body, headers={"Authorization": f"Bearer {manager}"}
+            ).status_code
+            == 403
+        )
 
         listed = client.get("/api/v1/playbooks", headers=admin)
         assert listed.status_code == 200
@@ -347,7 +424,6 @@ def test_playbook_routes_need_an_admin_and_record_the_run(tmp_path: Path) -> Non
         assert audit[0]["actor"] == "admin" and audit[0]["target"] == "hd-07"
         assert audit[0]["after"]["run_id"] == run_id
         st.server.playbooks.close()  # type: ignore[attr-defined]
-        assert NEW_PASSWORD.encode() not in b"".join(
-            p.read_bytes() for p in tmp_path.glob("fleet.db*"))
+        assert NEW_PASSWORD.encode() not in b"".join(p.read_bytes() for p in tmp_path.glob("fleet.db*"))
     finally:
         st.close()

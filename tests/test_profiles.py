@@ -81,9 +81,7 @@ def test_thresholds_classify_in_the_right_direction() -> None:
 
 
 def test_syntax_error_names_file_and_line(tmp_path: Path) -> None:
-    path, text = _broken(
-        tmp_path, "  cpu_temp_c: {warn: 70, fail: 85}", "  cpu_temp_c: {warn: 70, fail: 85"
-    )
+    path, text = _broken(tmp_path, "  cpu_temp_c: {warn: 70, fail: 85}", "  cpu_temp_c: {warn: 70, fail: 85")
     err = _refused(path)
     assert err.file == str(path)
     assert err.line is not None and err.line >= _line_of(text, "cpu_temp_c")
@@ -112,8 +110,7 @@ def test_unknown_peripheral_kind_is_refused_and_lists_known_kinds(tmp_path: Path
 def test_missing_field_names_the_field(tmp_path: Path) -> None:
     path, text = _broken(
         tmp_path,
-        "      read_ms: {warn: 2000, fail: 5000}         # serial link: slower"
-        " photo transfer than USB\n",
+        "      read_ms: {warn: 2000, fail: 5000}         # serial link: slower photo transfer than USB\n",
         "",
     )
     err = _refused(path)
@@ -138,9 +135,7 @@ def test_warn_beyond_fail_is_refused_for_higher_is_worse(tmp_path: Path) -> None
 
 
 def test_warn_beyond_fail_is_refused_for_lower_is_worse(tmp_path: Path) -> None:
-    path, text = _broken(
-        tmp_path, "paper_left_pct: {warn: 20, fail: 3}", "paper_left_pct: {warn: 2, fail: 3}"
-    )
+    path, text = _broken(tmp_path, "paper_left_pct: {warn: 20, fail: 3}", "paper_left_pct: {warn: 2, fail: 3}")
     err = _refused(path)
     assert err.field == "peripherals[2].checks.paper_left_pct"
     assert err.line == _line_of(text, "paper_left_pct")
@@ -171,9 +166,7 @@ def test_duplicate_key_deep_inside_a_peripheral_is_refused(tmp_path: Path) -> No
 
 
 def test_unknown_field_is_refused_with_its_line(tmp_path: Path) -> None:
-    path, text = _broken(
-        tmp_path, "    interface: serial\n", "    interface: serial\n    baud: 115200\n"
-    )
+    path, text = _broken(tmp_path, "    interface: serial\n", "    interface: serial\n    baud: 115200\n")
     err = _refused(path)
     assert err.field == "peripherals[1].baud"
     assert err.line == _line_of(text, "baud: 115200")

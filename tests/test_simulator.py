@@ -12,10 +12,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from edge_agent.sim import SimClock, SimulatedFleet, TrafficModel, load_catalogue
-from edge_agent.sim.traffic import BEIJING
-from fleet_server.broker.mosquitto import free_port
-from fleet_server.devstack import wait_for
+from fleet_dev.proc import free_port, wait_for
+from fleet_dev.sim import SimClock, SimulatedFleet, TrafficModel, load_catalogue
+from fleet_dev.sim.traffic import BEIJING
 
 
 def test_catalogue_has_forty_items_with_unique_codes_and_the_popular_ones() -> None:
@@ -63,9 +62,25 @@ def test_simulated_fleet_traffic_is_stored_exactly(make_stack: Any) -> None:
 
 def test_demo_command_runs_the_whole_system_and_stops_cleanly(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "fleet_server.demo", "--duration", "6", "--speed", "900",
-         "--state-dir", str(tmp_path / "demo"), "--http-port", str(free_port()), "--terminals-per-office", "1"],
-        capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "fleet_dev.demo",
+            "--duration",
+            "6",
+            "--speed",
+            "900",
+            "--state-dir",
+            str(tmp_path / "demo"),
+            "--http-port",
+            str(free_port()),
+            "--terminals-per-office",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "kiosk-fleet demo is running" in proc.stdout
     assert "online 6/6" in proc.stdout

@@ -29,13 +29,13 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
-from edge_agent.sim import SimClock, SimulatedFleet, TrafficModel, load_catalogue
-from edge_agent.sim.traffic import BEIJING
+from fleet_dev.proc import wait_for
+from fleet_dev.sim import SimClock, SimulatedFleet, TrafficModel, load_catalogue
+from fleet_dev.sim.traffic import BEIJING
 from fleet_server.app import FleetServer, create_app
 from fleet_server.auth.models import Role
 from fleet_server.config import SEED_DIR, ServerSettings
 from fleet_server.db import connect, migrate
-from fleet_server.devstack import wait_for
 from fleet_server.registry.service import RegistryService
 from fleet_server.usage import figures
 from fleet_server.usage.routes import build_usage_router
@@ -57,9 +57,18 @@ class EventWriter:
         self.conn = conn
         self.seq = 0
 
-    def add(self, office: str, etype: str, ts: str, code: str, *, face: bool = False,
-            duration: float | None = None, terminal: str = "t-1",
-            received: str = "2026-11-27T00:00:00.000Z") -> tuple[Any, ...]:
+    def add(
+        self,
+        office: str,
+        etype: str,
+        ts: str,
+        code: str,
+        *,
+        face: bool = False,
+        duration: float | None = None,
+        terminal: str = "t-1",
+        received: str = "2026-11-27T00:00:00.000Z",
+    ) -> tuple[Any, ...]:
         self.seq += 1
         body: dict[str, Any] = {"session": f"s{self.seq}", "service_code": code, "face_login": face}
         if duration is not None:
@@ -144,10 +153,16 @@ def test_rollups_equal_hand_computed_figures_in_office_local_hours(usage_db: Any
     assert (cx03.completed, cx03.median_duration_s, cx03.p90_duration_s) == (10, 55.0, 90.0)
     assert items[("CX01",)].started == 1  # only Monday's; Tuesday's belongs to the next day
 
-    hours = _by_key(usage.hour_table(["haidian"], MONDAY, MONDAY + timedelta(days=1)).rows,
-                    "day", "hour", "service_code")
-    assert set(hours) == {(MONDAY, 9, "TQ02"), (MONDAY, 10, "TQ02"), (MONDAY, 14, "CX03"),
-                          (MONDAY, 23, "CX01"), (MONDAY + timedelta(days=1), 0, "CX01")}
+    hours = _by_key(
+        usage.hour_table(["haidian"], MONDAY, MONDAY + timedelta(days=1)).rows, "day", "hour", "service_code"
+    )
+    assert set(hours) == {
+        (MONDAY, 9, "TQ02"),
+        (MONDAY, 10, "TQ02"),
+        (MONDAY, 14, "CX03"),
+        (MONDAY, 23, "CX01"),
+        (MONDAY + timedelta(days=1), 0, "CX01"),
+    }
     h9, h10 = hours[(MONDAY, 9, "TQ02")], hours[(MONDAY, 10, "TQ02")]
     assert (h9.started, h9.completed, h9.abandoned, h9.face_login_sessions) == (4, 3, 0, 3)
     assert (h9.median_duration_s, h9.p90_duration_s) == (200.0, 300.0)
@@ -196,8 +211,9 @@ def test_restart_catches_up_only_events_received_near_or_after_the_watermark(usa
     conn, usage, _ = usage_db
     w = EventWriter(conn)
     w.add("miyun", "service.started", "2026-11-09T02:00:00.000Z", "DK01", received="2026-11-10T00:00:00.000Z")
-    usage.mark_dirty([w.add("miyun", "service.started", "2026-11-19T02:00:00.000Z", "DK01",
-                            received="2026-11-20T00:00:00.000Z")])
+    usage.mark_dirty(
+        [w.add("miyun", "service.started", "2026-11-19T02:00:00.000Z", "DK01", received="2026-11-20T00:00:00.000Z")]
+    )
     # stored, then the server died before its hook ran
     w.add("miyun", "service.started", "2026-11-18T02:00:00.000Z", "DK01", received="2026-11-20T00:05:00.000Z")
     restarted = UsageService(usage._db_path, CollectorRegistry())
@@ -224,8 +240,7 @@ def _independent(db_path: Path) -> tuple[dict[Any, dict[str, Any]], dict[Any, di
     """Hourly and whole-range figures and outcome counts, straight from the events table."""
     with sqlite3.connect(db_path) as conn:
         zones = {o: ZoneInfo(tz) for o, tz in conn.execute("SELECT id, timezone FROM offices")}
-        events = list(conn.execute(
-            "SELECT office_id, type, ts, body FROM events WHERE type IN (?,?,?)", SERVICE_TYPES))
+        events = list(conn.execute("SELECT office_id, type, ts, body FROM events WHERE type IN (?,?,?)", SERVICE_TYPES))
     hourly: dict[Any, dict[str, Any]] = defaultdict(lambda: defaultdict(int) | {"d": []})
     total: dict[Any, dict[str, Any]] = defaultdict(lambda: defaultdict(int) | {"d": []})
     outcomes: dict[Any, int] = defaultdict(int)
@@ -234,8 +249,10 @@ def _independent(db_path: Path) -> tuple[dict[Any, dict[str, Any]], dict[Any, di
         local = datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).astimezone(zones[office])
         kind = etype.split(".")[1]
         outcomes[(office, kind)] += 1
-        for acc in (hourly[(office, local.date(), local.hour, doc["service_code"])],
-                    total[(office, doc["service_code"])]):
+        for acc in (
+            hourly[(office, local.date(), local.hour, doc["service_code"])],
+            total[(office, doc["service_code"])],
+        ):
             acc[kind] += 1
             acc["face"] += int(kind == "started" and doc["face_login"])
             if kind == "completed":
@@ -244,16 +261,29 @@ def _independent(db_path: Path) -> tuple[dict[Any, dict[str, Any]], dict[Any, di
 
 
 def _assert_same(row: Any, expected: dict[str, Any], where: Any) -> None:
-    got = (row.started, row.completed, row.abandoned, row.face_login_sessions,
-           row.median_duration_s, row.p90_duration_s)
+    got = (
+        row.started,
+        row.completed,
+        row.abandoned,
+        row.face_login_sessions,
+        row.median_duration_s,
+        row.p90_duration_s,
+    )
     durations = expected["d"]
-    want = (expected["started"], expected["completed"], expected["abandoned"], expected["face"],
-            statistics.median(durations) if durations else None, _p90(durations))
+    want = (
+        expected["started"],
+        expected["completed"],
+        expected["abandoned"],
+        expected["face"],
+        statistics.median(durations) if durations else None,
+        _p90(durations),
+    )
     assert got == pytest.approx(want), f"{where}: rollup {got} != raw {want}"
 
 
-def _session_events(model: TrafficModel, tid: str,
-                    starts: list[datetime]) -> list[tuple[str, dict[str, Any], datetime]]:
+def _session_events(
+    model: TrafficModel, tid: str, starts: list[datetime]
+) -> list[tuple[str, dict[str, Any], datetime]]:
     return [(ev.type, ev.body, ev.at.astimezone(UTC)) for s in starts for ev in model.session(tid, s)]
 
 
@@ -268,8 +298,9 @@ def test_rollups_from_simulated_traffic_with_late_and_resent_events_equal_raw_fi
         st.tracked_agents.append(offline)
         model = TrafficModel(load_catalogue(), random.Random(11))
         monday_9 = datetime.combine(MONDAY, datetime.min.time(), BEIJING).replace(hour=9)
-        starts = ([monday_9 - timedelta(minutes=55) + timedelta(minutes=4 * k) for k in range(25)]
-                  + [monday_9 - timedelta(hours=18) + timedelta(minutes=7 * k) for k in range(8)])
+        starts = [monday_9 - timedelta(minutes=55) + timedelta(minutes=4 * k) for k in range(25)] + [
+            monday_9 - timedelta(hours=18) + timedelta(minutes=7 * k) for k in range(8)
+        ]
         late_events = _session_events(model, "t-006", starts)
         offline.post_events(late_events)
 
@@ -293,8 +324,11 @@ def test_rollups_from_simulated_traffic_with_late_and_resent_events_equal_raw_fi
         extra = _session_events(model, "t-000", [monday_9 + timedelta(hours=2, minutes=k) for k in range(10)])
         agents[0].post_events(extra)
         wait_for(lambda: st.stored() == on_time + len(extra), 30, what="re-sent batch stored")
-        wait_for(lambda: _sample(st.server.metrics_registry, "fleet_ingest_duplicates_total") > 0, 30,
-                 what="the terminal to re-send stored events")
+        wait_for(
+            lambda: _sample(st.server.metrics_registry, "fleet_ingest_duplicates_total") > 0,
+            30,
+            what="the terminal to re-send stored events",
+        )
         st.server.ingest.publish = publish
 
         offline.start()  # back online: hours-old events arrive after their buckets were rolled up
@@ -348,8 +382,17 @@ def api(tmp_path: Path) -> Iterator[tuple[TestClient, FleetServer, UsageService]
             face = code != "DY01"
             rows.append(w.add(office, "service.started", stamp, code, face=face, terminal=f"{office}-{i % 2}"))
             kind = "service.abandoned" if i % 5 == 0 else "service.completed"
-            rows.append(w.add(office, kind, figures.format_ts(ts + timedelta(minutes=2)), code, face=face,
-                              duration=float(60 + rng.randint(0, 300)), terminal=f"{office}-{i % 2}"))
+            rows.append(
+                w.add(
+                    office,
+                    kind,
+                    figures.format_ts(ts + timedelta(minutes=2)),
+                    code,
+                    face=face,
+                    duration=float(60 + rng.randint(0, 300)),
+                    terminal=f"{office}-{i % 2}",
+                )
+            )
     conn.close()
     usage.mark_dirty(rows)
     usage.recompute()
@@ -386,11 +429,11 @@ def test_manager_sees_only_their_offices_and_nobody_sees_anything_without_a_toke
 
     other = client.get("/api/v1/usage/items", params={**RANGE, "office": "dongcheng"}, headers=_auth(manager))
     assert other.status_code == 403 and "dongcheng" in other.json()["detail"]
-    both = client.get("/api/v1/usage/export.csv", params={**RANGE, "office": ["haidian", "dongcheng"]},
-                      headers=_auth(manager))
+    both = client.get(
+        "/api/v1/usage/export.csv", params={**RANGE, "office": ["haidian", "dongcheng"]}, headers=_auth(manager)
+    )
     assert both.status_code == 403
-    chart = client.get("/api/v1/usage/charts/items.svg", params={**RANGE, "office": "miyun"},
-                       headers=_auth(manager))
+    chart = client.get("/api/v1/usage/charts/items.svg", params={**RANGE, "office": "miyun"}, headers=_auth(manager))
     assert chart.status_code == 403
 
     everything = client.get("/api/v1/usage/offices", params=RANGE, headers=_auth(ADMIN_TOKEN)).json()
@@ -403,8 +446,9 @@ def test_manager_sees_only_their_offices_and_nobody_sees_anything_without_a_toke
 
 def test_csv_export_parses_and_matches_the_rollups(api: Any) -> None:
     client, _, usage = api
-    resp = client.get("/api/v1/usage/export.csv", params={**RANGE, "office": ["haidian", "miyun"]},
-                      headers=_auth(ADMIN_TOKEN))
+    resp = client.get(
+        "/api/v1/usage/export.csv", params={**RANGE, "office": ["haidian", "miyun"]}, headers=_auth(ADMIN_TOKEN)
+    )
     assert resp.status_code == 200
     assert resp.headers["content-type"].startswith("text/csv")
     assert resp.headers["content-disposition"] == 'attachment; filename="usage-total-2026-11-23-2026-11-25.csv"'
@@ -413,17 +457,26 @@ def test_csv_export_parses_and_matches_the_rollups(api: Any) -> None:
     table = usage.item_table(["haidian", "miyun"], date(2026, 11, 23), date(2026, 11, 25))
     assert len(rows) == len(table.rows) > 4
     for got, want in zip(rows, table.rows, strict=True):
-        assert (got["office_id"], got["service_code"], got["item_name"]) == (want.office_id, want.service_code,
-                                                                             want.name)
+        assert (got["office_id"], got["service_code"], got["item_name"]) == (
+            want.office_id,
+            want.service_code,
+            want.name,
+        )
         assert (int(got["started"]), int(got["completed"]), int(got["abandoned"])) == (
-            want.started, want.completed, want.abandoned)
+            want.started,
+            want.completed,
+            want.abandoned,
+        )
         assert float(got["median_duration_s"]) == pytest.approx(want.median_duration_s)
         assert float(got["p90_duration_s"]) == pytest.approx(want.p90_duration_s)
         assert float(got["completion_rate"]) == pytest.approx(want.completion_rate, abs=1e-4)
     assert {r["office_name"] for r in rows} == {"海淀管理部", "密云管理部"}
 
-    hourly = client.get("/api/v1/usage/export.csv", params={**RANGE, "granularity": "hour", "office": "miyun"},
-                        headers=_auth(ADMIN_TOKEN))
+    hourly = client.get(
+        "/api/v1/usage/export.csv",
+        params={**RANGE, "granularity": "hour", "office": "miyun"},
+        headers=_auth(ADMIN_TOKEN),
+    )
     hour_rows = list(csv.DictReader(io.StringIO(hourly.content.decode("utf-8-sig"))))
     assert sum(int(r["started"]) for r in hour_rows) == 60
     assert {int(r["hour"]) for r in hour_rows} == set(range(9, 16))  # 01..07Z is 09..15 in Beijing
@@ -431,16 +484,15 @@ def test_csv_export_parses_and_matches_the_rollups(api: Any) -> None:
 
 def test_charts_are_svg_with_the_office_figures(api: Any) -> None:
     client, _, _ = api
-    for name, extra in (("busy-hours", {}), ("items", {"office": "haidian"}),
-                        ("offices", {"metric": "abandon_rate"})):
-        resp = client.get(f"/api/v1/usage/charts/{name}.svg", params={**RANGE, **extra},
-                          headers=_auth(ADMIN_TOKEN))
+    for name, extra in (("busy-hours", {}), ("items", {"office": "haidian"}), ("offices", {"metric": "abandon_rate"})):
+        resp = client.get(f"/api/v1/usage/charts/{name}.svg", params={**RANGE, **extra}, headers=_auth(ADMIN_TOKEN))
         assert resp.status_code == 200, resp.text
         assert resp.headers["content-type"].startswith("image/svg+xml")
         root = ElementTree.fromstring(resp.content)  # well-formed XML, Chinese names escaped properly
         assert root.tag.endswith("svg")
-    items = client.get("/api/v1/usage/charts/items.svg", params={**RANGE, "office": "haidian"},
-                       headers=_auth(ADMIN_TOKEN)).text
+    items = client.get(
+        "/api/v1/usage/charts/items.svg", params={**RANGE, "office": "haidian"}, headers=_auth(ADMIN_TOKEN)
+    ).text
     assert "租房提取" in items and "海淀管理部" in items
 
 
@@ -452,14 +504,11 @@ def test_bad_input_gets_422_or_404_with_a_clear_message(api: Any) -> None:
     assert unknown.status_code == 404 and "atlantis" in unknown.json()["detail"]
     bad_date = get("/api/v1/usage/items", params={"date_from": "23/11/2026"}, headers=admin)
     assert bad_date.status_code == 422 and "date_from" in str(bad_date.json()["detail"])
-    backwards = get("/api/v1/usage/items", params={"date_from": "2026-11-25", "date_to": "2026-11-01"},
-                    headers=admin)
+    backwards = get("/api/v1/usage/items", params={"date_from": "2026-11-25", "date_to": "2026-11-01"}, headers=admin)
     assert backwards.status_code == 422 and "after" in backwards.json()["detail"]
-    too_long = get("/api/v1/usage/offices", params={"date_from": "2024-01-01", "date_to": "2026-01-01"},
-                   headers=admin)
+    too_long = get("/api/v1/usage/offices", params={"date_from": "2024-01-01", "date_to": "2026-01-01"}, headers=admin)
     assert too_long.status_code == 422 and "366" in too_long.json()["detail"]
-    hourly = get("/api/v1/usage/hourly", params={"date_from": "2026-01-01", "date_to": "2026-11-01"},
-                 headers=admin)
+    hourly = get("/api/v1/usage/hourly", params={"date_from": "2026-01-01", "date_to": "2026-11-01"}, headers=admin)
     assert hourly.status_code == 422 and "31" in hourly.json()["detail"]
     assert get("/api/v1/usage/export.csv", params={"granularity": "week"}, headers=admin).status_code == 422
     assert get("/api/v1/usage/charts/offices.svg", params={"metric": "x"}, headers=admin).status_code == 422
@@ -469,9 +518,17 @@ def test_bad_input_gets_422_or_404_with_a_clear_message(api: Any) -> None:
 
 def test_period_comparison_against_the_pilot(api: Any) -> None:
     client, _, _ = api
-    resp = client.get("/api/v1/usage/periods", headers=_auth(ADMIN_TOKEN), params={
-        "office": "haidian", "base_from": "2026-11-23", "base_to": "2026-11-23",
-        "date_from": "2026-11-24", "date_to": "2026-11-25"})
+    resp = client.get(
+        "/api/v1/usage/periods",
+        headers=_auth(ADMIN_TOKEN),
+        params={
+            "office": "haidian",
+            "base_from": "2026-11-23",
+            "base_to": "2026-11-23",
+            "date_from": "2026-11-24",
+            "date_to": "2026-11-25",
+        },
+    )
     assert resp.status_code == 200, resp.text
     (haidian,) = resp.json()["offices"]
     assert haidian["base"]["started"] == 20 and haidian["current"]["started"] == 40

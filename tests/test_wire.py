@@ -25,8 +25,17 @@ def test_topic_build_parse_round_trip(tid: str, channel: Channel) -> None:
     assert (ref.terminal_id, ref.channel) == (tid, channel)
 
 
-@pytest.mark.parametrize("bad", ["fleet/v1/t/a/events", "fleet/v2/t/t-1/events", "fleet/v1/t/t-1/nope",
-                                 "fleet/v1/t/T-1/events", "fleet/v1/t/+/events", "fleet/v1/t/t 1/events"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "fleet/v1/t/a/events",
+        "fleet/v2/t/t-1/events",
+        "fleet/v1/t/t-1/nope",
+        "fleet/v1/t/T-1/events",
+        "fleet/v1/t/+/events",
+        "fleet/v1/t/t 1/events",
+    ],
+)
 def test_parse_refuses_foreign_topics(bad: str) -> None:
     with pytest.raises(TopicError):
         topics.parse(bad)
@@ -79,8 +88,16 @@ def test_receipt_round_trips_and_covers_exactly_the_stored_seqs(seqs: list[int])
         assert all(x in s for x in range(1, 202) if r.covers(x))
 
 
-@pytest.mark.parametrize("payload", [b"", b"[]", b'{"v":1}', b'{"v":1,"terminal":"t","epoch":"x","upto":0}',
-                                     b'{"v":1,"terminal":"t","epoch":"' + b"a" * 32 + b'","upto":5,"ranges":[[3,4]]}'])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"[]",
+        b'{"v":1}',
+        b'{"v":1,"terminal":"t","epoch":"x","upto":0}',
+        b'{"v":1,"terminal":"t","epoch":"' + b"a" * 32 + b'","upto":5,"ranges":[[3,4]]}',
+    ],
+)
 def test_malformed_receipts_are_refused(payload: bytes) -> None:
     with pytest.raises(EnvelopeInvalid):
         Receipt.decode(payload)
@@ -88,9 +105,15 @@ def test_malformed_receipts_are_refused(payload: bytes) -> None:
 
 def _event(**over: object) -> dict[str, object]:
     doc: dict[str, object] = {
-        "v": 1, "terminal": "t-1", "epoch": "a" * 32, "seq": 1, "id": "b" * 32,
-        "ts": datetime.now(UTC).isoformat(), "type": "service.completed",
-        "body": {"session": "s1", "service_code": "TQ02", "duration_s": 10.0}}
+        "v": 1,
+        "terminal": "t-1",
+        "epoch": "a" * 32,
+        "seq": 1,
+        "id": "b" * 32,
+        "ts": datetime.now(UTC).isoformat(),
+        "type": "service.completed",
+        "body": {"session": "s1", "service_code": "TQ02", "duration_s": 10.0},
+    }
     doc.update(over)
     return doc
 
@@ -104,16 +127,19 @@ def test_batch_rejects_only_the_bad_event_and_salvages_its_seq() -> None:
     assert "service_code" in rej.detail  # names the missing field
 
 
-@pytest.mark.parametrize("over, reason", [
-    ({"terminal": "t-2"}, "terminal_mismatch"),
-    ({"seq": 0}, "schema"),
-    ({"seq": "1"}, "schema"),
-    ({"ts": "2026-01-01T00:00:00"}, "schema"),
-    ({"ts": "2026-01-01T08:00:00+08:00"}, "schema"),
-    ({"type": "x.y"}, "unknown_type"),
-    ({"extra": 1}, "schema"),
-    ({"body": {"session": "s", "service_code": "TQ02", "duration_s": 1, "x": "y" * 9000}}, "oversized"),
-])
+@pytest.mark.parametrize(
+    "over, reason",
+    [
+        ({"terminal": "t-2"}, "terminal_mismatch"),
+        ({"seq": 0}, "schema"),
+        ({"seq": "1"}, "schema"),
+        ({"ts": "2026-01-01T00:00:00"}, "schema"),
+        ({"ts": "2026-01-01T08:00:00+08:00"}, "schema"),
+        ({"type": "x.y"}, "unknown_type"),
+        ({"extra": 1}, "schema"),
+        ({"body": {"session": "s", "service_code": "TQ02", "duration_s": 1, "x": "y" * 9000}}, "oversized"),
+    ],
+)
 def test_event_faults_have_stable_reasons(over: dict[str, object], reason: str) -> None:
     out = decode_batch("t-1", encode_batch([_event(**over)]))
     assert not out.events and out.rejected[0].reason == reason

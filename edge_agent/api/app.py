@@ -27,8 +27,13 @@ class EventIn(BaseModel):
     type: str = Field(min_length=1, max_length=64, examples=["service.completed"])
     body: dict[str, Any] = Field(examples=[{"session": "s-1", "service_code": "TQ02", "duration_s": 142.5}])
     ts: AwareDatetime | None = None
-    key: str | None = Field(default=None, min_length=8, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$",
-                            description="idempotency key: a retry with the same key stores nothing new")
+    key: str | None = Field(
+        default=None,
+        min_length=8,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="idempotency key: a retry with the same key stores nothing new",
+    )
 
 
 class EventStored(BaseModel):
@@ -62,8 +67,9 @@ def create_api(agent: "Agent", extra_routers: list[APIRouter] | None = None) -> 
         return error(422, "invalid_request", str(first.get("msg")), where)
 
     @app.post("/v1/events", status_code=201, response_model=EventStored)
-    def post_event(event: EventIn, response: Response,
-                   idempotency_key: Annotated[str | None, Header(max_length=128)] = None) -> Any:
+    def post_event(
+        event: EventIn, response: Response, idempotency_key: Annotated[str | None, Header(max_length=128)] = None
+    ) -> Any:
         """Store one event durably; 201 means it is on disk and will reach the centre.
 
         Send a key (body `key` or header `Idempotency-Key`) and retry freely: a repeat of a stored

@@ -118,11 +118,7 @@ def build_face_router(face_service: FaceService) -> APIRouter:
     @router.post("/compare-id")
     def compare_id(body: CompareIdIn) -> Any:
         """1:1 compare a live frame with the ID card's chip photo."""
-        return _answer(
-            lambda: svc.compare_id_photo(
-                _bytes(body.image, "image"), _bytes(body.id_photo, "id_photo")
-            )
-        )
+        return _answer(lambda: svc.compare_id_photo(_bytes(body.image, "image"), _bytes(body.id_photo, "id_photo")))
 
     @router.post("/identify")
     def identify(body: IdentifyIn) -> Any:

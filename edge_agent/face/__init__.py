@@ -27,9 +27,7 @@ def build_face_service(
         from edge_agent.face.service import FaceService
         from edge_agent.face.templates import TemplateStore
     except ImportError as err:
-        raise FaceUnavailable(
-            f"face packages are not installed ({err.name}); pip install '.[face]'"
-        ) from err
+        raise FaceUnavailable(f"face packages are not installed ({err.name}); pip install '.[face]'") from err
     cfg = (settings or FaceSettings()).resolved(agent.settings.data_dir)
     assert cfg.gallery_dir is not None and cfg.key_file is not None
     store = TemplateStore(cfg.gallery_dir, cfg.key_file)

@@ -40,20 +40,14 @@ def decode_image(data: bytes, limits: ImageLimits) -> np.ndarray:
     # IMREAD_COLOR drops alpha and expands grey, so every later step sees 3 channels.
     bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     # EXIF orientation may swap width and height; anything else means the data lied about its size.
-    if (
-        bgr is None
-        or bgr.ndim != 3
-        or sorted(bgr.shape[:2]) != sorted((header.height, header.width))
-    ):
+    if bgr is None or bgr.ndim != 3 or sorted(bgr.shape[:2]) != sorted((header.height, header.width)):
         raise BadImage("image_corrupt", f"the {header.format.upper()} data could not be decoded")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
     """Encode an RGB array as JPEG bytes in memory (for tests, the simulator and the benchmark)."""
-    ok, buf = cv2.imencode(
-        ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
-    )
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise BadImage("image_corrupt", "could not encode JPEG")
     return buf.tobytes()

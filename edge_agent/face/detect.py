@@ -48,18 +48,14 @@ class FaceDetector:
         self._hog = dlib.get_frontal_face_detector()
         self._shape = dlib.shape_predictor(str(files.shape_5))
 
-    def detect(
-        self, rgb: np.ndarray, max_side: int, *, adjust_threshold: float = 0.0
-    ) -> list[Detection]:
+    def detect(self, rgb: np.ndarray, max_side: int, *, adjust_threshold: float = 0.0) -> list[Detection]:
         """Detect faces on a copy scaled so its longest side is `max_side`; best score first."""
         h, w = rgb.shape[:2]
         scale = max_side / max(h, w)
         scale = min(scale, MAX_UPSCALE)
         if abs(scale - 1.0) > 0.05:
             interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-            work = cv2.resize(
-                rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=interp
-            )
+            work = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=interp)
         else:
             scale, work = 1.0, rgb
         rects, scores, _ = self._hog.run(work, 0, adjust_threshold)

@@ -22,9 +22,7 @@ class ModelIntegrityError(FaceUnavailable):
 class BadImage(FaceError):
     """The bytes given are not a usable image: the caller must send another one."""
 
-    def __init__(
-        self, reason: str, message: str, *, status: int = 400, where: str = "image"
-    ) -> None:
+    def __init__(self, reason: str, message: str, *, status: int = 400, where: str = "image") -> None:
         super().__init__(message)
         self.reason = reason
         self.status = status

@@ -107,10 +107,7 @@ class Gallery:
             top = np.argpartition(sq, k - 1)[:k] if k < n else np.arange(n)
             top = top[np.argsort(sq[top])]
             qq = float(q @ q)
-            return [
-                Candidate(self._keys[i], self._labels[i], float(np.sqrt(max(0.0, sq[i] + qq))))
-                for i in top
-            ]
+            return [Candidate(self._keys[i], self._labels[i], float(np.sqrt(max(0.0, sq[i] + qq)))) for i in top]
 
     def raw_matrix(self) -> np.ndarray:
         """The whole backing matrix, vacated rows included (tests check erased vectors are gone)."""

@@ -83,9 +83,7 @@ def _probe_jpeg(data: bytes) -> ImageHeader:
             # 0xFFD9 cannot occur inside entropy-coded data (0xFF is stuffed as FF00), so an EOI
             # after the scan start means the file was received to its end.
             if data.rfind(JPEG_EOI) < pos:
-                raise BadImage(
-                    "image_truncated", "JPEG ends before its end marker (truncated upload?)"
-                )
+                raise BadImage("image_truncated", "JPEG ends before its end marker (truncated upload?)")
             width, height = size
             if width == 0 or height == 0:
                 raise BadImage("not_an_image", "JPEG declares zero size")

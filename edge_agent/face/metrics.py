@@ -25,9 +25,7 @@ class FaceMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=registry,
         )
-        self.gallery = Gauge(
-            "edge_face_gallery_templates", "Templates in the local 1:N gallery", registry=registry
-        )
+        self.gallery = Gauge("edge_face_gallery_templates", "Templates in the local 1:N gallery", registry=registry)
         self.events_unsaved = Counter(
             "edge_face_events_unsaved", "face.decision events the outbox refused", registry=registry
         )

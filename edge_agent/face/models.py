@@ -32,9 +32,7 @@ def models_dir() -> Path:
     """Return the directory holding the model files, or raise FaceUnavailable."""
     spec = importlib.util.find_spec(MODELS_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FaceUnavailable(
-            f"package {MODELS_PACKAGE!r} is not installed (pip install '.[face]')"
-        )
+        raise FaceUnavailable(f"package {MODELS_PACKAGE!r} is not installed (pip install '.[face]')")
     return Path(next(iter(spec.submodule_search_locations))) / "models"
 
 
@@ -56,7 +54,5 @@ def verified_model_files(directory: Path | None = None) -> ModelFiles:
             raise ModelIntegrityError(f"model file {name} is missing", path=str(path))
         actual = sha256_file(path)
         if actual != expected:
-            raise ModelIntegrityError(
-                f"model file {name} has SHA-256 {actual}, expected {expected}", path=str(path)
-            )
+            raise ModelIntegrityError(f"model file {name} has SHA-256 {actual}, expected {expected}", path=str(path))
     return ModelFiles(resnet=base / RESNET_FILE, shape_5=base / SHAPE_5_FILE)

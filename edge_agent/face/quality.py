@@ -48,9 +48,7 @@ class ChipStats:
     sharpness: float
 
 
-def check_detections(
-    faces: Sequence[Detection], frame_w: int, frame_h: int, limits: QualityLimits
-) -> Reason | None:
+def check_detections(faces: Sequence[Detection], frame_w: int, frame_h: int, limits: QualityLimits) -> Reason | None:
     """Gate on the set of detections (best first): none, several, cut off, too small."""
     if not faces:
         return Reason.NO_FACE
@@ -98,9 +96,7 @@ def chip_stats(chip: np.ndarray) -> ChipStats:
     """Measure brightness and sharpness on the centre of an aligned RGB chip."""
     rgb = chip[CHIP_CENTRE, CHIP_CENTRE].astype(np.float32)
     grey = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
-    lap = (
-        grey[1:-1, :-2] + grey[1:-1, 2:] + grey[:-2, 1:-1] + grey[2:, 1:-1] - 4.0 * grey[1:-1, 1:-1]
-    )
+    lap = grey[1:-1, :-2] + grey[1:-1, 2:] + grey[:-2, 1:-1] + grey[2:, 1:-1] - 4.0 * grey[1:-1, 1:-1]
     return ChipStats(brightness=float(grey.mean()), sharpness=float(lap.var()))
 
 

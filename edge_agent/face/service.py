@@ -119,9 +119,7 @@ class FaceService:
         self.metrics = FaceMetrics(registry or CollectorRegistry())
         self._meta: dict[str, TemplateInfo] = {}
         self.skipped_templates = 0
-        self._limits = ImageLimits(
-            settings.max_image_bytes, settings.max_image_pixels, settings.max_image_side
-        )
+        self._limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_image_side)
         self._live = QualityLimits(
             settings.min_face_px,
             settings.min_sharpness,
@@ -153,9 +151,7 @@ class FaceService:
                 self.skipped_templates += 1
                 continue
             self.gallery.upsert(rec.template_id, rec.vector, rec.citizen_id)
-            self._meta[rec.template_id] = self._info(
-                rec.template_id, rec.model_version, rec.enrolled_at
-            )
+            self._meta[rec.template_id] = self._info(rec.template_id, rec.model_version, rec.enrolled_at)
         self.metrics.gallery.set(len(self.gallery))
         return len(self.gallery)
 
@@ -171,13 +167,9 @@ class FaceService:
                 return self._finish("enrol", "rejected", probe.reason, None, started)
             rec = self.store.save(citizen_id, probe.vector, self.settings.model_version)
             self.gallery.upsert(rec.template_id, rec.vector, citizen_id)
-            self._meta[rec.template_id] = self._info(
-                rec.template_id, rec.model_version, rec.enrolled_at
-            )
+            self._meta[rec.template_id] = self._info(rec.template_id, rec.model_version, rec.enrolled_at)
             self.metrics.gallery.set(len(self.gallery))
-            return self._finish(
-                "enrol", "enrolled", Reason.OK, None, started, template_id=rec.template_id
-            )
+            return self._finish("enrol", "enrolled", Reason.OK, None, started, template_id=rec.template_id)
 
     def verify(self, citizen_id: str, image: bytes) -> Outcome:
         """1:1: is the person in this frame the enrolled citizen?"""
@@ -235,9 +227,7 @@ class FaceService:
                     where="id_photo",
                 ) from err
             if ref.vector is None:
-                return self._finish(
-                    "compare_id", "rejected", ID_PHOTO_PREFIX + ref.reason, None, started
-                )
+                return self._finish("compare_id", "rejected", ID_PHOTO_PREFIX + ref.reason, None, started)
             probe = self._probe(live, self._live)
             return self._compare("compare_id", probe, ref.vector, started)
 
@@ -327,9 +317,7 @@ class FaceService:
         frames_used: int = 1,
     ) -> Outcome:
         if probe.vector is None:
-            return self._finish(
-                mode, "rejected", probe.reason, None, started, frames_used=frames_used
-            )
+            return self._finish(mode, "rejected", probe.reason, None, started, frames_used=frames_used)
         dist = distance(probe.vector, reference)
         threshold = self.settings.threshold
         if is_match(dist, threshold):

@@ -70,8 +70,7 @@ def _read_key(path: Path) -> bytes:
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         raise TemplateStoreError(
-            f"key file {path} has mode {mode:o}; it must be 0600 (chmod 600 it, or remove it "
-            "and re-enrol)"
+            f"key file {path} has mode {mode:o}; it must be 0600 (chmod 600 it, or remove it and re-enrol)"
         )
     key = path.read_bytes()
     if len(key) != KEY_BYTES:
@@ -122,9 +121,7 @@ class TemplateStore:
         ).encode("utf-8")
         nonce = os.urandom(NONCE_BYTES)
         # The template id is bound as associated data: a file renamed to another id fails to open.
-        blob = (
-            FILE_MAGIC + nonce + self._aead.encrypt(nonce, plain, FILE_MAGIC + tid.encode("ascii"))
-        )
+        blob = FILE_MAGIC + nonce + self._aead.encrypt(nonce, plain, FILE_MAGIC + tid.encode("ascii"))
         final = self._path(tid)
         tmp = final.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -150,14 +147,10 @@ class TemplateStore:
                 FILE_MAGIC + template_id.encode("ascii"),
             )
         except InvalidTag as err:
-            raise TemplateStoreError(
-                f"{path.name} does not decrypt with this terminal's key"
-            ) from err
+            raise TemplateStoreError(f"{path.name} does not decrypt with this terminal's key") from err
         doc = json.loads(plain)
         vector = np.frombuffer(base64.b64decode(doc["vector"]), dtype=np.float32).copy()
-        return TemplateRecord(
-            template_id, doc["citizen_id"], vector, doc["model_version"], doc["enrolled_at"]
-        )
+        return TemplateRecord(template_id, doc["citizen_id"], vector, doc["model_version"], doc["enrolled_at"])
 
     def load_all(self) -> Iterator[TemplateRecord]:
         """Yield every readable template; unreadable files are counted and logged, not fatal."""

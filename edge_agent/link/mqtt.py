@@ -82,8 +82,7 @@ class MqttLink:
         return self._connected.is_set()
 
     def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._run, name=f"link-{self.settings.terminal_id}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"link-{self.settings.terminal_id}", daemon=True)
         self._thread.start()
 
     def stop(self, graceful: bool = True, timeout_s: float = 5.0) -> None:
@@ -91,8 +90,8 @@ class MqttLink:
         if graceful and self.connected:
             try:
                 info = self._client.publish(
-                    self._status_topic, json.dumps({"state": "offline", "reason": "shutdown"}),
-                    qos=1, retain=True)
+                    self._status_topic, json.dumps({"state": "offline", "reason": "shutdown"}), qos=1, retain=True
+                )
                 info.wait_for_publish(timeout=2)
             except (RuntimeError, ValueError):
                 pass
@@ -132,8 +131,8 @@ class MqttLink:
         if s.tls_ca:
             client.tls_set(ca_certs=s.tls_ca)
         client.will_set(
-            self._status_topic, json.dumps({"state": "offline", "reason": "connection_lost"}),
-            qos=1, retain=True)
+            self._status_topic, json.dumps({"state": "offline", "reason": "connection_lost"}), qos=1, retain=True
+        )
         # paho's own in-memory queue is bounded far below its 65,535 limit by our send window.
         client.max_inflight_messages_set(64)
         client.on_connect = self._on_connect
@@ -150,8 +149,7 @@ class MqttLink:
         while not self._stop.is_set():
             try:
                 if first:
-                    self._client.connect(s.host, s.port, s.keepalive_s, clean_start=False,
-                                         properties=props)
+                    self._client.connect(s.host, s.port, s.keepalive_s, clean_start=False, properties=props)
                 else:
                     self._client.reconnect()
                 first = False
@@ -178,14 +176,16 @@ class MqttLink:
         except Exception:
             log.exception("link event handler failed for %s", event.kind)
 
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
-                    properties: Any) -> None:
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if reason_code.is_failure:
             self.last_error = f"broker refused the connection: {reason_code}"
             if reason_code.value in (134, 135):  # bad user name or password / not authorized
                 self.auth_failures += 1
-                log.error("broker refused terminal %s credentials (%s); check its enrolment",
-                          self.settings.terminal_id, reason_code)
+                log.error(
+                    "broker refused terminal %s credentials (%s); check its enrolment",
+                    self.settings.terminal_id,
+                    reason_code,
+                )
             return
         self._backoff.reset()
         self.last_error = ""
@@ -198,14 +198,12 @@ class MqttLink:
             self.reconnects += 1
         self._emit(LinkEvent("connected", session_present=bool(flags.session_present)))
 
-    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
-                       properties: Any) -> None:
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if self._connected.is_set():
             self._connected.clear()
             self._emit(LinkEvent("disconnected", reason=str(reason_code)))
 
-    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: Any,
-                    properties: Any) -> None:
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
         accepted = not getattr(reason_code, "is_failure", False)
         self._emit(LinkEvent("puback", mid=mid, accepted=accepted, reason=str(reason_code)))
 

@@ -22,6 +22,7 @@ from fleet_wire.envelope import SCHEMA_VERSION, format_ts, new_epoch, new_event_
 from fleet_wire.errors import EnvelopeInvalid
 from fleet_wire.events import TOMBSTONE, EventClass, spec_for, validate_body_json
 from fleet_wire.receipt import Receipt
+from fleet_wire.storage import transaction
 from fleet_wire.topics import check_terminal_id
 
 log = logging.getLogger(__name__)
@@ -80,11 +81,13 @@ class OutboxLimits:
 
     max_rows: int = 200_000
     max_bytes: int = 256 * 1024 * 1024
-    ttl_s: dict[EventClass, float | None] = field(default_factory=lambda: {
-        EventClass.TELEMETRY: 24 * 3600.0,
-        EventClass.OPERATIONAL: 14 * 24 * 3600.0,
-        EventClass.BUSINESS: None,
-    })
+    ttl_s: dict[EventClass, float | None] = field(
+        default_factory=lambda: {
+            EventClass.TELEMETRY: 24 * 3600.0,
+            EventClass.OPERATIONAL: 14 * 24 * 3600.0,
+            EventClass.BUSINESS: None,
+        }
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,8 +164,7 @@ class Outbox:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def enqueue(self, event_type: str, body: Any, *, ts: datetime | None = None,
-                key: str | None = None) -> OutboxItem:
+    def enqueue(self, event_type: str, body: Any, *, ts: datetime | None = None, key: str | None = None) -> OutboxItem:
         """Validate and durably store one event; returns once it is committed.
 
         With `key`, a retry of the same request (the kiosk never saw the first answer) returns the
@@ -171,7 +173,8 @@ class Outbox:
         return self.enqueue_many([(event_type, body, ts)], keys=[key])[0]
 
     def enqueue_many(
-        self, events: Iterable[tuple[str, Any, datetime | None]],
+        self,
+        events: Iterable[tuple[str, Any, datetime | None]],
         keys: Sequence[str | None] | None = None,
     ) -> list[OutboxItem]:
         """Validate and durably store several events in one transaction (all or none)."""
@@ -196,11 +199,16 @@ class Outbox:
     def _seen_keys(self, keys: list[str]) -> dict[str, tuple[int, str]]:
         if not keys:
             return {}
-        return {k: (seq, typ) for k, seq, typ in self._db.execute(
-            f"SELECT key, seq, type FROM keys WHERE key IN ({','.join('?' * len(keys))})", keys)}
+        return {
+            k: (seq, typ)
+            for k, seq, typ in self._db.execute(
+                f"SELECT key, seq, type FROM keys WHERE key IN ({','.join('?' * len(keys))})", keys
+            )
+        }
 
-    def _store(self, now: float, prepared: list[tuple[str, int, str, str, float | None]],
-               keys: list[str | None]) -> list[OutboxItem]:
+    def _store(
+        self, now: float, prepared: list[tuple[str, int, str, str, float | None]], keys: list[str | None]
+    ) -> list[OutboxItem]:
         """Insert prepared events (caller holds the lock)."""
         self._make_room(prepared)
         items: list[OutboxItem] = []
@@ -210,30 +218,24 @@ class Outbox:
         for event_type, cls, head, body_json, expires_in in prepared:
             env = f'{prefix}{seq},{head},"body":{body_json}}}'
             size = len(env)
-            rows.append((seq, event_type, cls, now, None if expires_in is None else now + expires_in,
-                         env, size))
+            rows.append((seq, event_type, cls, now, None if expires_in is None else now + expires_in, env, size))
             items.append(OutboxItem(seq, event_type, cls, env, size))
             seq += 1
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(self._db):
                 self._db.executemany(
-                    "INSERT INTO outbox (seq, type, class, created, expires, env, size)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                    "INSERT INTO outbox (seq, type, class, created, expires, env, size) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
                 key_rows = [(k, r[0], r[1], now) for k, r in zip(keys, rows) if k]
                 if key_rows:
                     # the same key twice in one call: the first wins, like two retries would
-                    self._db.executemany("INSERT OR IGNORE INTO keys (key, seq, type, created)"
-                                         " VALUES (?, ?, ?, ?)", key_rows)
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+                    self._db.executemany(
+                        "INSERT OR IGNORE INTO keys (key, seq, type, created) VALUES (?, ?, ?, ?)", key_rows
+                    )
         except sqlite3.DatabaseError as err:
             self.counters.refused += len(rows)
-            raise OutboxStorageError(
-                f"the terminal's disk refused the event ({err}); nothing was stored") from err
+            raise OutboxStorageError(f"the terminal's disk refused the event ({err}); nothing was stored") from err
         self._next_seq = seq
         self._rows += len(items)
         self._live += len(items)
@@ -274,7 +276,8 @@ class Outbox:
             while not self._fits(need_rows, need_bytes):
                 candidates = self._db.execute(
                     "SELECT seq, size FROM outbox WHERE class = ? AND type != ? ORDER BY seq LIMIT 256",
-                    (int(victim_class), TOMBSTONE)).fetchall()
+                    (int(victim_class), TOMBSTONE),
+                ).fetchall()
                 if not candidates:
                     break
                 # evict the oldest rows, just as many as the new events need
@@ -283,8 +286,10 @@ class Outbox:
                 for seq, size in candidates:
                     seqs.append(seq)
                     freed += max(0, size - _TOMBSTONE_SIZE_ESTIMATE)
-                    if (self._live - len(seqs) + need_rows <= self.limits.max_rows
-                            and self._bytes - freed + need_bytes <= self.limits.max_bytes):
+                    if (
+                        self._live - len(seqs) + need_rows <= self.limits.max_rows
+                        and self._bytes - freed + need_bytes <= self.limits.max_bytes
+                    ):
                         break
                 self._tombstone(seqs, "evicted")
                 self.counters.evicted += len(seqs)
@@ -293,11 +298,12 @@ class Outbox:
             raise OutboxFull(
                 f"outbox is full ({self._live} events, {self._bytes} bytes; limits "
                 f"{self.limits.max_rows} events, {self.limits.max_bytes} bytes) and holds nothing "
-                f"of lower priority to make room", EventClass(top_class))
+                f"of lower priority to make room",
+                EventClass(top_class),
+            )
 
     def _fits(self, rows: int, size: int) -> bool:
-        return (self._live + rows <= self.limits.max_rows
-                and self._bytes + size <= self.limits.max_bytes)
+        return self._live + rows <= self.limits.max_rows and self._bytes + size <= self.limits.max_bytes
 
     def _tombstone(self, seqs: list[int], reason: str) -> None:
         """Replace rows by small tombstones with the same seq (caller holds the lock)."""
@@ -308,22 +314,20 @@ class Outbox:
             f"SELECT seq, type, class, size FROM outbox WHERE seq IN ({','.join('?' * len(seqs))})",
             seqs,
         ).fetchall():
-            body = json.dumps({"reason": reason, "original_type": event_type, "original_class": cls},
-                              separators=(",", ":"))
-            env = (f'{{"v":{SCHEMA_VERSION},"terminal":"{self.terminal_id}","epoch":"{self.epoch}",'
-                   f'"seq":{seq},"id":"{new_event_id()}","ts":"{now_ts}","type":"{TOMBSTONE}",'
-                   f'"body":{body}}}')
+            body = json.dumps(
+                {"reason": reason, "original_type": event_type, "original_class": cls}, separators=(",", ":")
+            )
+            env = (
+                f'{{"v":{SCHEMA_VERSION},"terminal":"{self.terminal_id}","epoch":"{self.epoch}",'
+                f'"seq":{seq},"id":"{new_event_id()}","ts":"{now_ts}","type":"{TOMBSTONE}",'
+                f'"body":{body}}}'
+            )
             updates.append((TOMBSTONE, int(EventClass.TELEMETRY), env, len(env), seq))
             freed += size - len(env)
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self._db):
             self._db.executemany(
-                "UPDATE outbox SET type = ?, class = ?, expires = NULL, env = ?, size = ?"
-                " WHERE seq = ?", updates)
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+                "UPDATE outbox SET type = ?, class = ?, expires = NULL, env = ?, size = ? WHERE seq = ?", updates
+            )
         self._live -= len(updates)
         self._bytes -= freed
         log.warning("outbox %s %d events (oldest seq %d)", reason, len(updates), min(seqs))
@@ -332,11 +336,15 @@ class Outbox:
         """Turn rows past their class TTL into tombstones (and forget old keys); returns how many."""
         with self._lock:
             self._db.execute("DELETE FROM keys WHERE created < ?", (self._clock() - KEY_TTL_S,))
-            seqs = [r[0] for r in self._db.execute(
-                "SELECT seq FROM outbox WHERE expires IS NOT NULL AND expires <= ? AND type != ?",
-                (self._clock(), TOMBSTONE))]
+            seqs = [
+                r[0]
+                for r in self._db.execute(
+                    "SELECT seq FROM outbox WHERE expires IS NOT NULL AND expires <= ? AND type != ?",
+                    (self._clock(), TOMBSTONE),
+                )
+            ]
             for i in range(0, len(seqs), 500):
-                self._tombstone(seqs[i:i + 500], "expired")
+                self._tombstone(seqs[i : i + 500], "expired")
             self.counters.expired += len(seqs)
             return len(seqs)
 
@@ -351,17 +359,13 @@ class Outbox:
         where = " OR ".join(clauses)
         with self._lock:
             gone = self._db.execute(
-                f"SELECT count(*), coalesce(sum(size), 0), coalesce(sum(type != ?), 0)"
-                f" FROM outbox WHERE {where}", [TOMBSTONE, *params]).fetchone()
+                f"SELECT count(*), coalesce(sum(size), 0), coalesce(sum(type != ?), 0) FROM outbox WHERE {where}",
+                [TOMBSTONE, *params],
+            ).fetchone()
             if not gone[0]:
                 return 0
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(self._db):
                 self._db.execute(f"DELETE FROM outbox WHERE {where}", params)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             self._rows -= gone[0]
             self._bytes -= gone[1]
             self._live -= gone[2]
@@ -374,8 +378,8 @@ class Outbox:
         """Rows with seq greater than `seq`, in order, up to `limit` rows and about `max_bytes`."""
         with self._lock:
             cur = self._db.execute(
-                "SELECT seq, type, class, env, size FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
-                (seq, limit))
+                "SELECT seq, type, class, env, size FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
+            )
             return _take_bytes(cur, max_bytes)
 
     def get(self, seqs: Sequence[int], max_bytes: int) -> list[OutboxItem]:
@@ -385,7 +389,9 @@ class Outbox:
         with self._lock:
             cur = self._db.execute(
                 f"SELECT seq, type, class, env, size FROM outbox WHERE seq IN "
-                f"({','.join('?' * len(seqs))}) ORDER BY seq", list(seqs))
+                f"({','.join('?' * len(seqs))}) ORDER BY seq",
+                list(seqs),
+            )
             return _take_bytes(cur, max_bytes)
 
     def all_seqs(self) -> list[int]:
@@ -397,14 +403,17 @@ class Outbox:
         """Depth, bytes, oldest age and per-class counts."""
         with self._lock:
             oldest = self._db.execute("SELECT min(created) FROM outbox").fetchone()[0]
-            by_class = {EventClass(c).name.lower(): n for c, n in self._db.execute(
-                "SELECT class, count(*) FROM outbox WHERE type != ? GROUP BY class", (TOMBSTONE,))}
+            by_class = {
+                EventClass(c).name.lower(): n
+                for c, n in self._db.execute(
+                    "SELECT class, count(*) FROM outbox WHERE type != ? GROUP BY class", (TOMBSTONE,)
+                )
+            }
             tomb = self._rows - self._live
             if tomb:
                 by_class["tombstone"] = tomb
             age = max(0.0, self._clock() - oldest) if oldest is not None else 0.0
-            return OutboxStats(self._rows, self._live, self._bytes, age, by_class,
-                               self._next_seq, self.epoch)
+            return OutboxStats(self._rows, self._live, self._bytes, age, by_class, self._next_seq, self.epoch)
 
     @property
     def depth(self) -> int:

@@ -73,7 +73,7 @@ class SendWindow:
         resend = False
         items = []
         while self._resend and not items:
-            take, self._resend = self._resend[: self.batch_events], self._resend[self.batch_events:]
+            take, self._resend = self._resend[: self.batch_events], self._resend[self.batch_events :]
             items = self.outbox.get(take, self.batch_bytes)
             kept = {i.seq for i in items}
             # rows beyond the byte budget go back; rows already confirmed are simply gone

@@ -38,8 +38,9 @@ def require_role(*roles: Role) -> Callable[[User], User]:
 
     def check(user: CurrentUser) -> User:
         if user.role not in allowed:
-            raise HTTPException(403, f"role {user.role.value!r} may not do this; needs "
-                                     f"{' or '.join(sorted(r.value for r in allowed))}")
+            raise HTTPException(
+                403, f"role {user.role.value!r} may not do this; needs {' or '.join(sorted(r.value for r in allowed))}"
+            )
         return user
 
     return check

@@ -31,8 +31,7 @@ class AuthService:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.store = AuthStore(conn)
 
-    def create_user(self, name: str, role: Role, offices: list[str] | None = None,
-                    token: str | None = None) -> str:
+    def create_user(self, name: str, role: Role, offices: list[str] | None = None, token: str | None = None) -> str:
         """Create or replace a user; returns their bearer token (shown once)."""
         token = token or secrets.token_urlsafe(32)
         if role != Role.MANAGER:

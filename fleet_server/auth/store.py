@@ -23,11 +23,13 @@ class AuthStore:
             "INSERT INTO users (name, role, offices, token_hash, created_at, disabled) VALUES (?,?,?,?,?,0)"
             " ON CONFLICT(name) DO UPDATE SET role=excluded.role, offices=excluded.offices,"
             " token_hash=excluded.token_hash, disabled=0",
-            (name, role.value, None if offices is None else json.dumps(sorted(offices)), token_hash, _now()))
+            (name, role.value, None if offices is None else json.dumps(sorted(offices)), token_hash, _now()),
+        )
 
     def user_by_token_hash(self, token_hash: str) -> User | None:
-        row = self._db.execute("SELECT name, role, offices FROM users WHERE token_hash=? AND disabled=0",
-                               (token_hash,)).fetchone()
+        row = self._db.execute(
+            "SELECT name, role, offices FROM users WHERE token_hash=? AND disabled=0", (token_hash,)
+        ).fetchone()
         return _user(row) if row else None
 
     def get_user(self, name: str) -> User | None:
@@ -35,8 +37,9 @@ class AuthStore:
         return _user(row) if row else None
 
     def users(self) -> list[User]:
-        return [_user(r) for r in self._db.execute(
-            "SELECT name, role, offices FROM users WHERE disabled=0 ORDER BY name")]
+        return [
+            _user(r) for r in self._db.execute("SELECT name, role, offices FROM users WHERE disabled=0 ORDER BY name")
+        ]
 
     def disable_user(self, name: str) -> bool:
         return self._db.execute("UPDATE users SET disabled=1 WHERE name=?", (name,)).rowcount > 0
@@ -44,8 +47,15 @@ class AuthStore:
     def record(self, actor: str, action: str, target: str, before: Any, after: Any) -> int:
         cur = self._db.execute(
             "INSERT INTO audit (at, actor, action, target, before, after) VALUES (?,?,?,?,?,?)",
-            (_now(), actor, action, target, json.dumps(before, ensure_ascii=False, default=str),
-             json.dumps(after, ensure_ascii=False, default=str)))
+            (
+                _now(),
+                actor,
+                action,
+                target,
+                json.dumps(before, ensure_ascii=False, default=str),
+                json.dumps(after, ensure_ascii=False, default=str),
+            ),
+        )
         return int(cur.lastrowid or 0)
 
     def audit(self, limit: int = 100, actor: str | None = None, action: str | None = None) -> list[dict[str, Any]]:
@@ -61,9 +71,18 @@ class AuthStore:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC LIMIT ?"
         params.append(limit)
-        return [{"id": r[0], "at": r[1], "actor": r[2], "action": r[3], "target": r[4],
-                 "before": json.loads(r[5]), "after": json.loads(r[6])}
-                for r in self._db.execute(sql, params)]
+        return [
+            {
+                "id": r[0],
+                "at": r[1],
+                "actor": r[2],
+                "action": r[3],
+                "target": r[4],
+                "before": json.loads(r[5]),
+                "after": json.loads(r[6]),
+            }
+            for r in self._db.execute(sql, params)
+        ]
 
 
 def _user(row: tuple[str, str, str | None]) -> User:

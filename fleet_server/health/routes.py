@@ -35,8 +35,9 @@ def build_health_router() -> APIRouter:
         return fleet.health.offices(user.office_filter())
 
     @r.get("/alerts")
-    def alerts(user: ReaderUser, fleet: FleetDep, active: bool = True,
-               limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> list[dict[str, Any]]:
+    def alerts(
+        user: ReaderUser, fleet: FleetDep, active: bool = True, limit: Annotated[int, Query(ge=1, le=1000)] = 200
+    ) -> list[dict[str, Any]]:
         """Alerts firing now (or all, with active=false)."""
         return fleet.health.alerts(active, user.office_filter(), limit)
 

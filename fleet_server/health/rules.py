@@ -25,15 +25,22 @@ class Verdict:
     reason: str
 
 
-def judge(last_seen_s: float | None, reported: str | None, reported_reason: str, hb_interval_s: float,
-          now_s: float, stale_after: float = STALE_AFTER_INTERVALS,
-          offline_after: float = OFFLINE_AFTER_INTERVALS) -> Verdict:
+def judge(
+    last_seen_s: float | None,
+    reported: str | None,
+    reported_reason: str,
+    hb_interval_s: float,
+    now_s: float,
+    stale_after: float = STALE_AFTER_INTERVALS,
+    offline_after: float = OFFLINE_AFTER_INTERVALS,
+) -> Verdict:
     """The state of one terminal from what it last said and when (limits in heartbeat intervals)."""
     if last_seen_s is None:
         return Verdict(State.MISSING, "never connected since enrolment")
     if reported == "offline":
         why = {"connection_lost": "connection lost (Last Will)", "shutdown": "agent shut down"}.get(
-            reported_reason, reported_reason or "reported offline")
+            reported_reason, reported_reason or "reported offline"
+        )
         return Verdict(State.OFFLINE, why)
     silent = now_s - last_seen_s
     if silent >= offline_after * hb_interval_s:
@@ -50,7 +57,7 @@ def _day_set(spec: str) -> set[str]:
         if "-" in part:
             a, b = part.split("-")
             i, j = _DAYS.index(a), _DAYS.index(b)
-            out.update(_DAYS[i:j + 1])
+            out.update(_DAYS[i : j + 1])
         elif part:
             out.add(part)
     return out
@@ -103,4 +110,3 @@ class Hysteresis:
         else:
             self._pending.clear()
         return None
-

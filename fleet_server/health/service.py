@@ -23,6 +23,7 @@ from fleet_server.health.rules import (
     is_open,
     judge,
 )
+from fleet_wire.storage import transaction
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,13 @@ DEFAULT_HB_INTERVAL_S = 30.0
 DISK_NEARLY_FULL_PCT = 90.0
 OUTBOX_BACKLOG_OLD_S = 1800.0
 OFFICE_MOSTLY_OFFLINE = 0.5
-SEVERITY = {"terminal_offline": "warning", "office_offline": "critical", "disk_nearly_full": "warning",
-            "outbox_backlog_old": "warning", "peripheral_failed": "warning"}
+SEVERITY = {
+    "terminal_offline": "warning",
+    "office_offline": "critical",
+    "disk_nearly_full": "warning",
+    "outbox_backlog_old": "warning",
+    "peripheral_failed": "warning",
+}
 
 
 def _iso(ts: float) -> str:
@@ -77,12 +83,19 @@ class TerminalHealth:
     peripherals: dict[str, str] = field(default_factory=dict)
 
     def public(self) -> dict[str, Any]:
-        return {"terminal": self.terminal, "office": self.office, "state": self.state.value,
-                "reason": self.reason, "since": _iso(self.since) if self.since else None,
-                "last_seen": _iso(self.last_seen) if self.last_seen else None,
-                "heartbeat_interval_s": self.hb_interval_s, "agent_version": self.version,
-                "outbox": {"depth": self.outbox_depth, "oldest_age_s": self.outbox_oldest_age_s},
-                "disk_pct": self.disk_pct, "peripherals": dict(self.peripherals)}
+        return {
+            "terminal": self.terminal,
+            "office": self.office,
+            "state": self.state.value,
+            "reason": self.reason,
+            "since": _iso(self.since) if self.since else None,
+            "last_seen": _iso(self.last_seen) if self.last_seen else None,
+            "heartbeat_interval_s": self.hb_interval_s,
+            "agent_version": self.version,
+            "outbox": {"depth": self.outbox_depth, "oldest_age_s": self.outbox_oldest_age_s},
+            "disk_pct": self.disk_pct,
+            "peripherals": dict(self.peripherals),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,25 +117,44 @@ class OfficeInfo:
 
 class HealthMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.terminals = Gauge("fleet_terminals", "Terminals by office and health state", ["office", "state"],
-                               registry=registry)
-        self.alerts_active = Gauge("fleet_alerts_active", "Alerts firing now", ["kind", "severity"],
-                                   registry=registry)
+        self.terminals = Gauge(
+            "fleet_terminals", "Terminals by office and health state", ["office", "state"], registry=registry
+        )
+        self.alerts_active = Gauge("fleet_alerts_active", "Alerts firing now", ["kind", "severity"], registry=registry)
         self.alerts_raised = Counter("fleet_alerts_raised_total", "Alerts raised", ["kind"], registry=registry)
-        self.outbox_age = Gauge("fleet_office_outbox_oldest_age_seconds",
-                                "Oldest unsent event over the office's terminals", ["office"], registry=registry)
-        self.disk = Gauge("fleet_office_disk_used_ratio_max", "Fullest terminal disk in the office (0-1)",
-                          ["office"], registry=registry)
-        self.peripherals = Gauge("fleet_peripherals_failed", "Terminals whose peripheral reports a fault",
-                                 ["office", "peripheral"], registry=registry)
+        self.outbox_age = Gauge(
+            "fleet_office_outbox_oldest_age_seconds",
+            "Oldest unsent event over the office's terminals",
+            ["office"],
+            registry=registry,
+        )
+        self.disk = Gauge(
+            "fleet_office_disk_used_ratio_max",
+            "Fullest terminal disk in the office (0-1)",
+            ["office"],
+            registry=registry,
+        )
+        self.peripherals = Gauge(
+            "fleet_peripherals_failed",
+            "Terminals whose peripheral reports a fault",
+            ["office", "peripheral"],
+            registry=registry,
+        )
 
 
 class HealthService:
-    def __init__(self, db_path: str, terminals: Callable[[], dict[str, str]],
-                 offices: Callable[[], list[OfficeInfo]], registry: CollectorRegistry, *,
-                 clock: Callable[[], float] = time.time, alert_for_s: float = 120.0,
-                 alert_clear_s: float = 60.0,
-                 limits: Callable[[], dict[str, HealthLimits]] | None = None) -> None:
+    def __init__(
+        self,
+        db_path: str,
+        terminals: Callable[[], dict[str, str]],
+        offices: Callable[[], list[OfficeInfo]],
+        registry: CollectorRegistry,
+        *,
+        clock: Callable[[], float] = time.time,
+        alert_for_s: float = 120.0,
+        alert_clear_s: float = 60.0,
+        limits: Callable[[], dict[str, HealthLimits]] | None = None,
+    ) -> None:
         self._db_path = db_path
         self._terminals_source = terminals
         # terminal id → the limits of its model (from its device profile), read with the registry
@@ -143,7 +175,8 @@ class HealthService:
     def _load(self) -> None:
         self.refresh_registry()
         for terminal, state, reason, _, last_seen, doc in self._conn.execute(
-                "SELECT terminal, state, reason, since, last_seen, doc FROM terminal_status"):
+            "SELECT terminal, state, reason, since, last_seen, doc FROM terminal_status"
+        ):
             h = self._health.get(terminal)
             if h is not None:
                 self._apply(h, state, reason, _parse_iso(last_seen), doc)
@@ -152,8 +185,9 @@ class HealthService:
             self._alerts[(kind, subject)] = hy
             self._alert_rows[(kind, subject)] = aid
         for terminal, state, at in self._conn.execute(
-                "SELECT terminal, to_state, at FROM health_transitions WHERE id IN"
-                " (SELECT max(id) FROM health_transitions GROUP BY terminal)"):
+            "SELECT terminal, to_state, at FROM health_transitions WHERE id IN"
+            " (SELECT max(id) FROM health_transitions GROUP BY terminal)"
+        ):
             h = self._health.get(terminal)
             if h is not None:
                 h.state, h.since = State(state), _parse_iso(at)
@@ -216,8 +250,15 @@ class HealthService:
         with self._lock:
             healths = list(self._health.values())
             for h in healths:
-                v = judge(h.last_seen, h.reported, h.reported_reason, h.hb_interval_s, now,
-                          h.limits.stale_after, h.limits.offline_after)
+                v = judge(
+                    h.last_seen,
+                    h.reported,
+                    h.reported_reason,
+                    h.hb_interval_s,
+                    now,
+                    h.limits.stale_after,
+                    h.limits.offline_after,
+                )
                 if v.state != h.state:
                     transitions.append((h.terminal, h.state.value, v.state.value, v.reason))
                     h.state, h.since = v.state, now
@@ -262,45 +303,69 @@ class HealthService:
             if h.office not in open_now:
                 office = self._offices.get(h.office)
                 open_now[h.office] = office is None or is_open(office.hours, office.timezone, moment)
-            put(("terminal_offline", h.terminal), h.state == State.OFFLINE and open_now[h.office], h.office,
-                lambda h=h: f"terminal {h.terminal} is offline during opening hours: {h.reason}")
-            put(("disk_nearly_full", h.terminal), h.state != State.MISSING and h.disk_pct >= h.limits.disk_fail_pct,
-                h.office, lambda h=h: f"terminal {h.terminal} disk is {h.disk_pct:.0f}% full")
-            put(("outbox_backlog_old", h.terminal), h.outbox_oldest_age_s >= OUTBOX_BACKLOG_OLD_S, h.office,
-                lambda h=h: f"terminal {h.terminal} has events waiting for {h.outbox_oldest_age_s / 60:.0f} min")
+            put(
+                ("terminal_offline", h.terminal),
+                h.state == State.OFFLINE and open_now[h.office],
+                h.office,
+                lambda h=h: f"terminal {h.terminal} is offline during opening hours: {h.reason}",
+            )
+            put(
+                ("disk_nearly_full", h.terminal),
+                h.state != State.MISSING and h.disk_pct >= h.limits.disk_fail_pct,
+                h.office,
+                lambda h=h: f"terminal {h.terminal} disk is {h.disk_pct:.0f}% full",
+            )
+            put(
+                ("outbox_backlog_old", h.terminal),
+                h.outbox_oldest_age_s >= OUTBOX_BACKLOG_OLD_S,
+                h.office,
+                lambda h=h: f"terminal {h.terminal} has events waiting for {h.outbox_oldest_age_s / 60:.0f} min",
+            )
             for name, pstate in h.peripherals.items():
                 if h.limits.peripherals is not None and name not in h.limits.peripherals:
                     continue  # not part of this model: nothing to page anyone about
-                put(("peripheral_failed", f"{h.terminal}:{name}"), pstate not in ("ok", "warn"), h.office,
-                    lambda h=h, name=name, pstate=pstate: f"{name} on terminal {h.terminal}: {pstate}")
+                put(
+                    ("peripheral_failed", f"{h.terminal}:{name}"),
+                    pstate not in ("ok", "warn"),
+                    h.office,
+                    lambda h=h, name=name, pstate=pstate: f"{name} on terminal {h.terminal}: {pstate}",
+                )
         for office_id, members in by_office.items():
             down = sum(1 for h in members if h.state == State.OFFLINE)
-            put(("office_offline", office_id), len(members) >= 2 and down / len(members) > OFFICE_MOSTLY_OFFLINE,
+            put(
+                ("office_offline", office_id),
+                len(members) >= 2 and down / len(members) > OFFICE_MOSTLY_OFFLINE,
                 office_id,
-                lambda d=down, n=len(members), o=office_id: f"{d} of {n} terminals of office {o} are offline")
+                lambda d=down, n=len(members), o=office_id: f"{d} of {n} terminals of office {o} are offline",
+            )
         return out
 
-    def _persist(self, at: str, transitions: list[tuple[str, str, str, str]],
-                 fired: list[tuple[tuple[str, str], str, str]], resolved: list[tuple[str, str]]) -> None:
+    def _persist(
+        self,
+        at: str,
+        transitions: list[tuple[str, str, str, str]],
+        fired: list[tuple[tuple[str, str], str, str]],
+        resolved: list[tuple[str, str]],
+    ) -> None:
         if not (transitions or fired or resolved):
             return
         c = self._conn
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            c.executemany("INSERT INTO health_transitions (terminal, at, from_state, to_state, reason)"
-                          " VALUES (?,?,?,?,?)", [(t, at, a, b, r) for t, a, b, r in transitions])
+        with transaction(c):
+            c.executemany(
+                "INSERT INTO health_transitions (terminal, at, from_state, to_state, reason) VALUES (?,?,?,?,?)",
+                [(t, at, a, b, r) for t, a, b, r in transitions],
+            )
             for (kind, subject), office, message in fired:
-                cur = c.execute("INSERT INTO alerts (kind, subject, office_id, severity, state, message, fired_at)"
-                                " VALUES (?,?,?,?,'firing',?,?)", (kind, subject, office, SEVERITY[kind], message, at))
+                cur = c.execute(
+                    "INSERT INTO alerts (kind, subject, office_id, severity, state, message, fired_at)"
+                    " VALUES (?,?,?,?,'firing',?,?)",
+                    (kind, subject, office, SEVERITY[kind], message, at),
+                )
                 self._alert_rows[(kind, subject)] = int(cur.lastrowid or 0)
             for key in resolved:
                 aid = self._alert_rows.pop(key, None)
                 if aid is not None:
                     c.execute("UPDATE alerts SET state='resolved', resolved_at=? WHERE id=?", (at, aid))
-            c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
         for (kind, _subject), _, message in fired:
             self.metrics.alerts_raised.labels(kind).inc()
             log.warning("alert %s: %s", kind, message)
@@ -308,8 +373,11 @@ class HealthService:
             moves: dict[tuple[str, str], int] = {}
             for _, a, b, _ in transitions:
                 moves[(a, b)] = moves.get((a, b), 0) + 1
-            log.info("%d terminals changed state: %s", len(transitions),
-                     ", ".join(f"{n} {a}→{b}" for (a, b), n in sorted(moves.items())))
+            log.info(
+                "%d terminals changed state: %s",
+                len(transitions),
+                ", ".join(f"{n} {a}→{b}" for (a, b), n in sorted(moves.items())),
+            )
         else:
             for t, a, b, r in transitions:
                 log.info("terminal %s: %s → %s (%s)", t, a, b, r)
@@ -345,8 +413,11 @@ class HealthService:
 
     def terminals(self, offices: list[str] | None = None) -> list[dict[str, Any]]:
         with self._lock:
-            return [h.public() for h in sorted(self._health.values(), key=lambda h: h.terminal)
-                    if offices is None or h.office in offices]
+            return [
+                h.public()
+                for h in sorted(self._health.values(), key=lambda h: h.terminal)
+                if offices is None or h.office in offices
+            ]
 
     def terminal(self, terminal_id: str) -> dict[str, Any] | None:
         with self._lock:
@@ -355,9 +426,14 @@ class HealthService:
         if doc is None:
             return None
         with connect(self._db_path, readonly=True) as conn:
-            doc["transitions"] = [{"at": r[0], "from": r[1], "to": r[2], "reason": r[3]} for r in conn.execute(
-                "SELECT at, from_state, to_state, reason FROM health_transitions WHERE terminal=?"
-                " ORDER BY id DESC LIMIT 50", (terminal_id,))]
+            doc["transitions"] = [
+                {"at": r[0], "from": r[1], "to": r[2], "reason": r[3]}
+                for r in conn.execute(
+                    "SELECT at, from_state, to_state, reason FROM health_transitions WHERE terminal=?"
+                    " ORDER BY id DESC LIMIT 50",
+                    (terminal_id,),
+                )
+            ]
         return doc
 
     def offices(self, offices: list[str] | None = None) -> list[dict[str, Any]]:
@@ -366,14 +442,14 @@ class HealthService:
             for h in self._health.values():
                 if offices is not None and h.office not in offices:
                     continue
-                s = summary.setdefault(h.office, {"office": h.office, "terminals": 0,
-                                                  **{st.value: 0 for st in State}})
+                s = summary.setdefault(h.office, {"office": h.office, "terminals": 0, **{st.value: 0 for st in State}})
                 s["terminals"] += 1
                 s[h.state.value] += 1
         return sorted(summary.values(), key=lambda s: s["office"])
 
-    def alerts(self, active_only: bool = True, offices: list[str] | None = None,
-               limit: int = 200) -> list[dict[str, Any]]:
+    def alerts(
+        self, active_only: bool = True, offices: list[str] | None = None, limit: int = 200
+    ) -> list[dict[str, Any]]:
         sql = "SELECT id, kind, subject, office_id, severity, state, message, fired_at, resolved_at FROM alerts"
         sql += " WHERE state='firing'" if active_only else ""
         sql += " ORDER BY id DESC LIMIT ?"

@@ -41,8 +41,12 @@ class ServerLink:
         self.connected = threading.Event()
         self.connects = 0
         self.last_error = ""
-        c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=settings.client_id,
-                        protocol=MQTTProtocolVersion.MQTTv5, manual_ack=True)
+        c = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=settings.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+            manual_ack=True,
+        )
         c.username_pw_set(settings.username, settings.password)
         if settings.tls_ca:
             c.tls_set(ca_certs=settings.tls_ca)
@@ -60,8 +64,9 @@ class ServerLink:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = SESSION_EXPIRY_S
         props.ReceiveMaximum = 1000
-        self._client.connect_async(self.settings.host, self.settings.port, keepalive=30,
-                                   clean_start=False, properties=props)
+        self._client.connect_async(
+            self.settings.host, self.settings.port, keepalive=30, clean_start=False, properties=props
+        )
         self._client.loop_start()
 
     def stop(self) -> None:
@@ -75,8 +80,7 @@ class ServerLink:
     def _ack(self, mid: int, qos: int) -> None:
         self._client.ack(mid, qos)
 
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
-                    properties: Any) -> None:
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if reason_code.is_failure:
             self.last_error = f"broker refused the server: {reason_code}"
             log.error(self.last_error)
@@ -86,14 +90,17 @@ class ServerLink:
         # Status at QoS 0: a heartbeat superseded 30 s later is not worth an acknowledgement
         # round-trip each (it halved the server's CPU at 10k terminals), and the retained status
         # of every terminal is re-delivered on each (re)subscription anyway. Events stay QoS 1.
-        client.subscribe([(topics.subscription(Channel.EVENTS), 1),
-                          (topics.subscription(Channel.STATUS), 0),
-                          (topics.subscription(Channel.CMD_ACK), 1)])
+        client.subscribe(
+            [
+                (topics.subscription(Channel.EVENTS), 1),
+                (topics.subscription(Channel.STATUS), 0),
+                (topics.subscription(Channel.CMD_ACK), 1),
+            ]
+        )
         self.connected.set()
         log.info("ingest connected (session present: %s)", flags.session_present)
 
-    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
-                       properties: Any) -> None:
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         self.connected.clear()
         if getattr(self, "_stopping", False):
             log.info("ingest disconnected on shutdown")

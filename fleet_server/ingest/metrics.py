@@ -7,27 +7,41 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 class IngestMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.ingested = Counter("fleet_events_ingested_total", "Events stored for the first time",
-                                ["type"], registry=registry)
-        self.rejected = Counter("fleet_ingest_rejected_total",
-                                "Messages or events refused by validation", ["reason"], registry=registry)
-        self.duplicates = Counter("fleet_ingest_duplicates_total",
-                                  "Events received again and dropped (already stored)", registry=registry)
-        self.dropped = Counter("fleet_events_dropped_by_terminal_total",
-                               "Events a terminal dropped by policy (tombstones received)", ["reason"],
-                               registry=registry)
-        self.receipts = Counter("fleet_receipts_published_total", "Receipts sent to terminals",
-                                registry=registry)
-        self.write_errors = Counter("fleet_ingest_write_errors_total",
-                                    "Ingest batches whose database write failed (terminals re-send)",
-                                    registry=registry)
-        self.queue_depth = Gauge("fleet_ingest_queue_depth", "Messages waiting for the ingest writer",
-                                 registry=registry)
-        self.gap_events = Gauge("fleet_ingest_gap_events",
-                                "Seqs missing below the highest stored seq, summed over streams",
-                                registry=registry)
-        self.batch_seconds = Histogram("fleet_ingest_batch_seconds", "Time to validate and store one batch",
-                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-                                       registry=registry)
-        self.status_messages = Counter("fleet_status_messages_total", "Status (birth, heartbeat, will) messages",
-                                       ["state"], registry=registry)
+        self.ingested = Counter(
+            "fleet_events_ingested_total", "Events stored for the first time", ["type"], registry=registry
+        )
+        self.rejected = Counter(
+            "fleet_ingest_rejected_total", "Messages or events refused by validation", ["reason"], registry=registry
+        )
+        self.duplicates = Counter(
+            "fleet_ingest_duplicates_total", "Events received again and dropped (already stored)", registry=registry
+        )
+        self.dropped = Counter(
+            "fleet_events_dropped_by_terminal_total",
+            "Events a terminal dropped by policy (tombstones received)",
+            ["reason"],
+            registry=registry,
+        )
+        self.receipts = Counter("fleet_receipts_published_total", "Receipts sent to terminals", registry=registry)
+        self.write_errors = Counter(
+            "fleet_ingest_write_errors_total",
+            "Ingest batches whose database write failed (terminals re-send)",
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "fleet_ingest_queue_depth", "Messages waiting for the ingest writer", registry=registry
+        )
+        self.gap_events = Gauge(
+            "fleet_ingest_gap_events",
+            "Seqs missing below the highest stored seq, summed over streams",
+            registry=registry,
+        )
+        self.batch_seconds = Histogram(
+            "fleet_ingest_batch_seconds",
+            "Time to validate and store one batch",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=registry,
+        )
+        self.status_messages = Counter(
+            "fleet_status_messages_total", "Status (birth, heartbeat, will) messages", ["state"], registry=registry
+        )

@@ -191,8 +191,14 @@ class IngestService:
                 self._reject(b, now, None, m, err.reason, str(err))
                 continue
             if ref.terminal_id not in self._offices:
-                self._reject(b, now, ref.terminal_id, m, "unknown_terminal",
-                             f"terminal {ref.terminal_id!r} is not enrolled (or was revoked)")
+                self._reject(
+                    b,
+                    now,
+                    ref.terminal_id,
+                    m,
+                    "unknown_terminal",
+                    f"terminal {ref.terminal_id!r} is not enrolled (or was revoked)",
+                )
                 continue
             if ref.channel == Channel.EVENTS:
                 self._take_events(b, now, ref.terminal_id, m)
@@ -202,8 +208,7 @@ class IngestService:
             assert self._store is not None
             # one transaction (one fsync) for everything the batch holds, none when it holds nothing
             if b.events or b.dropped or b.rejects or b.streams or b.status:
-                self._store.write(b.events, b.dropped, b.rejects, list(b.streams.values()),
-                                  list(b.status.values()))
+                self._store.write(b.events, b.dropped, b.rejects, list(b.streams.values()), list(b.status.values()))
         except sqlite3.Error as err:
             # Disk full, I/O error…: nothing of this batch is stored, no receipt goes out, the
             # terminals keep their rows and re-send after their receipt time-out.
@@ -272,13 +277,25 @@ class IngestService:
             ts = format_ts(env.ts)
             if env.type == TOMBSTONE:
                 body = env.body
-                b.dropped.append((terminal, env.epoch, env.seq, body["reason"], body["original_type"],
-                                  body["original_class"], ts))
+                b.dropped.append(
+                    (terminal, env.epoch, env.seq, body["reason"], body["original_type"], body["original_class"], ts)
+                )
                 row.dropped += 1
                 b.dropped_reasons[body["reason"]] = b.dropped_reasons.get(body["reason"], 0) + 1
                 continue
-            b.events.append((terminal, env.epoch, env.seq, env.id, env.type, ts, now, office,
-                             json.dumps(env.body, ensure_ascii=False, separators=(",", ":"))))
+            b.events.append(
+                (
+                    terminal,
+                    env.epoch,
+                    env.seq,
+                    env.id,
+                    env.type,
+                    ts,
+                    now,
+                    office,
+                    json.dumps(env.body, ensure_ascii=False, separators=(",", ":")),
+                )
+            )
             row.stored += 1
             b.ingested_types[env.type] = b.ingested_types.get(env.type, 0) + 1
 
@@ -295,8 +312,14 @@ class IngestService:
             self._reject(b, now, terminal, m, "bad_status", f"status document: {err}")
             return
         reason = str(doc.get("reason", "heartbeat" if state == "online" else "unknown"))[:64]
-        b.status[terminal] = (terminal, state, reason, now, now,
-                              m.payload.decode("utf-8", "replace") if m.payload else json.dumps(doc))
+        b.status[terminal] = (
+            terminal,
+            state,
+            reason,
+            now,
+            now,
+            m.payload.decode("utf-8", "replace") if m.payload else json.dumps(doc),
+        )
         b.status_states[state] = b.status_states.get(state, 0) + 1
 
     def _stream(self, b: _Batch, terminal: str, epoch: str, now: str) -> StreamRow:
@@ -308,14 +331,31 @@ class IngestService:
                 row = StreamRow(terminal, epoch, SeqSet(), first_seen=now)
             else:
                 # copy: the live marks change only after COMMIT
-                row = StreamRow(terminal, epoch, SeqSet(old.seqs.upto, old.seqs.ranges), old.stored,
-                                old.dropped, old.quarantined, old.duplicates, old.first_seen)
+                row = StreamRow(
+                    terminal,
+                    epoch,
+                    SeqSet(old.seqs.upto, old.seqs.ranges),
+                    old.stored,
+                    old.dropped,
+                    old.quarantined,
+                    old.duplicates,
+                    old.first_seen,
+                )
             b.streams[key] = row
         row.last_seen = now
         return row
 
-    def _reject(self, b: _Batch, now: str, terminal: str | None, m: Inbound, reason: str, detail: str,
-                epoch: str | None = None, seq: int | None = None) -> None:
+    def _reject(
+        self,
+        b: _Batch,
+        now: str,
+        terminal: str | None,
+        m: Inbound,
+        reason: str,
+        detail: str,
+        epoch: str | None = None,
+        seq: int | None = None,
+    ) -> None:
         b.rejects.append((now, terminal, m.topic[:200], reason, detail[:500], epoch, seq, len(m.payload)))
         b.reject_reasons[reason] = b.reject_reasons.get(reason, 0) + 1
         log.info("rejected %s from %s: %s", reason, terminal or m.topic[:80], detail[:200])
@@ -336,4 +376,3 @@ class IngestService:
             else:
                 self._gaps.pop(key, None)
         self.metrics.gap_events.set(sum(self._gaps.values()))
-

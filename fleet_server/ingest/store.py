@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fleet_wire.receipt import SeqSet
+from fleet_wire.storage import transaction
 
 REJECTS_KEPT = 10_000  # most recent rejects kept for operators; counters keep the totals
 
@@ -32,10 +33,12 @@ class IngestStore:
     def load_streams(self) -> dict[tuple[str, str], StreamRow]:
         out = {}
         for t, e, upto, ranges, stored, dropped, quar, dup, first, last in self._db.execute(
-                "SELECT terminal, epoch, upto, ranges, stored, dropped, quarantined, duplicates,"
-                " first_seen, last_seen FROM streams"):
-            out[(t, e)] = StreamRow(t, e, SeqSet(upto, [tuple(r) for r in json.loads(ranges)]),
-                                    stored, dropped, quar, dup, first, last)
+            "SELECT terminal, epoch, upto, ranges, stored, dropped, quarantined, duplicates,"
+            " first_seen, last_seen FROM streams"
+        ):
+            out[(t, e)] = StreamRow(
+                t, e, SeqSet(upto, [tuple(r) for r in json.loads(ranges)]), stored, dropped, quar, dup, first, last
+            )
         return out
 
     def write(
@@ -47,20 +50,25 @@ class IngestStore:
         status: Sequence[tuple[str, str, str, str, str, str]] = (),
     ) -> None:
         """Store one ingest batch, the new stream marks and status rows in a single transaction."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self._db):
             if events:
                 self._db.executemany(
                     "INSERT OR IGNORE INTO events (terminal, epoch, seq, id, type, ts, received_at,"
-                    " office_id, body) VALUES (?,?,?,?,?,?,?,?,?)", events)
+                    " office_id, body) VALUES (?,?,?,?,?,?,?,?,?)",
+                    events,
+                )
             if dropped:
                 self._db.executemany(
                     "INSERT OR IGNORE INTO dropped (terminal, epoch, seq, reason, original_type,"
-                    " original_class, ts) VALUES (?,?,?,?,?,?,?)", dropped)
+                    " original_class, ts) VALUES (?,?,?,?,?,?,?)",
+                    dropped,
+                )
             if rejects:
                 self._db.executemany(
                     "INSERT INTO rejects (at, terminal, topic, reason, detail, epoch, seq, size)"
-                    " VALUES (?,?,?,?,?,?,?,?)", rejects)
+                    " VALUES (?,?,?,?,?,?,?,?)",
+                    rejects,
+                )
             if streams:
                 self._db.executemany(
                     "INSERT INTO streams (terminal, epoch, upto, ranges, stored, dropped, quarantined,"
@@ -69,23 +77,34 @@ class IngestStore:
                     " ranges=excluded.ranges, stored=excluded.stored, dropped=excluded.dropped,"
                     " quarantined=excluded.quarantined, duplicates=excluded.duplicates,"
                     " last_seen=excluded.last_seen",
-                    [(s.terminal, s.epoch, s.seqs.upto, json.dumps(s.seqs.ranges), s.stored, s.dropped,
-                      s.quarantined, s.duplicates, s.first_seen, s.last_seen) for s in streams])
+                    [
+                        (
+                            s.terminal,
+                            s.epoch,
+                            s.seqs.upto,
+                            json.dumps(s.seqs.ranges),
+                            s.stored,
+                            s.dropped,
+                            s.quarantined,
+                            s.duplicates,
+                            s.first_seen,
+                            s.last_seen,
+                        )
+                        for s in streams
+                    ],
+                )
             if status:
                 self._upsert_status(status)
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
 
     def _upsert_status(self, rows: Sequence[tuple[str, str, str, str, str, str]]) -> None:
         self._db.executemany(
-                "INSERT INTO terminal_status (terminal, state, reason, since, last_seen, doc)"
-                " VALUES (?,?,?,?,?,?) ON CONFLICT(terminal) DO UPDATE SET"
-                " since=CASE WHEN terminal_status.state=excluded.state THEN terminal_status.since"
-                " ELSE excluded.since END, state=excluded.state, reason=excluded.reason,"
-                " last_seen=excluded.last_seen, doc=excluded.doc", rows)
+            "INSERT INTO terminal_status (terminal, state, reason, since, last_seen, doc)"
+            " VALUES (?,?,?,?,?,?) ON CONFLICT(terminal) DO UPDATE SET"
+            " since=CASE WHEN terminal_status.state=excluded.state THEN terminal_status.since"
+            " ELSE excluded.since END, state=excluded.state, reason=excluded.reason,"
+            " last_seen=excluded.last_seen, doc=excluded.doc",
+            rows,
+        )
 
     def trim_rejects(self) -> None:
-        self._db.execute(
-            "DELETE FROM rejects WHERE id <= (SELECT max(id) FROM rejects) - ?", (REJECTS_KEPT,))
+        self._db.execute("DELETE FROM rejects WHERE id <= (SELECT max(id) FROM rejects) - ?", (REJECTS_KEPT,))

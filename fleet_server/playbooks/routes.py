@@ -33,8 +33,13 @@ def build_playbooks_router() -> APIRouter:
         return _service(fleet).playbooks()
 
     @router.get("/runs", response_model=list[RunPublic])
-    def list_runs(user: AdminUser, fleet: FleetDep, limit: Annotated[int, Query(ge=1, le=500)] = 50,
-                  playbook: str | None = None, target: str | None = None) -> list[RunPublic]:
+    def list_runs(
+        user: AdminUser,
+        fleet: FleetDep,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        playbook: str | None = None,
+        target: str | None = None,
+    ) -> list[RunPublic]:
         """Recent runs, newest first."""
         return _service(fleet).runs(limit, playbook, target)
 
@@ -51,17 +56,27 @@ def build_playbooks_router() -> APIRouter:
         """Start a run; 202 with the queued run, to be followed at /runs/{id}."""
         service = _service(fleet)
         try:
-            run_id = service.start_run(name, started_by=user.name, target=body.target,
-                                       extravars=body.extravars, limit=body.limit)
+            run_id = service.start_run(
+                name, started_by=user.name, target=body.target, extravars=body.extravars, limit=body.limit
+            )
         except UnknownPlaybook as err:
             raise HTTPException(404, str(err)) from err
         except NoInventory as err:
             raise HTTPException(409, str(err)) from err
         run = service.get_run(run_id)
         with fleet.lock:
-            fleet.auth.audit(user, "playbook.run", run.target, before=None,
-                             after={"run_id": run_id, "playbook": run.playbook, "limit": body.limit,
-                                    "extravars": redact(body.extravars, secret_values(body.extravars))})
+            fleet.auth.audit(
+                user,
+                "playbook.run",
+                run.target,
+                before=None,
+                after={
+                    "run_id": run_id,
+                    "playbook": run.playbook,
+                    "limit": body.limit,
+                    "extravars": redact(body.extravars, secret_values(body.extravars)),
+                },
+            )
         return RunPublic(**run.model_dump(exclude={"events"}))
 
     return router

@@ -54,17 +54,31 @@ class PlaybookRunner:
     it lives only as long as the run; everything worth keeping goes through `on_event`.
     """
 
-    def __init__(self, playbooks_dir: Path, work_dir: Path, *, envvars: Mapping[str, str] | None = None,
-                 keep_artifacts: bool = False, timeout_s: int = RUN_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        playbooks_dir: Path,
+        work_dir: Path,
+        *,
+        envvars: Mapping[str, str] | None = None,
+        keep_artifacts: bool = False,
+        timeout_s: int = RUN_TIMEOUT_S,
+    ) -> None:
         self.playbooks_dir = Path(playbooks_dir).resolve()
         self.work_dir = Path(work_dir)
         self.envvars = dict(envvars or {})
         self.keep_artifacts = keep_artifacts
         self.timeout_s = timeout_s
 
-    def run(self, playbook: str, *, inventory: dict[str, Any] | str, extravars: Mapping[str, Any],
-            on_event: Callable[[TaskEvent], None], limit: str | None = None,
-            ident: str | None = None) -> RunOutcome:
+    def run(
+        self,
+        playbook: str,
+        *,
+        inventory: dict[str, Any] | str,
+        extravars: Mapping[str, Any],
+        on_event: Callable[[TaskEvent], None],
+        limit: str | None = None,
+        ident: str | None = None,
+    ) -> RunOutcome:
         """Run `playbook` to the end, calling `on_event` for every task result."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
         private = Path(tempfile.mkdtemp(prefix=f"run-{ident or 'x'}-", dir=self.work_dir))  # 0700
@@ -91,10 +105,18 @@ class PlaybookRunner:
 
         try:
             result = ansible_runner.run(
-                private_data_dir=str(private), project_dir=str(self.playbooks_dir),
-                playbook=str(self.playbooks_dir / playbook), inventory=inventory,
-                extravars=dict(extravars), envvars=envvars, limit=limit, ident=ident,
-                event_handler=handle, quiet=True, timeout=self.timeout_s)
+                private_data_dir=str(private),
+                project_dir=str(self.playbooks_dir),
+                playbook=str(self.playbooks_dir / playbook),
+                inventory=inventory,
+                extravars=dict(extravars),
+                envvars=envvars,
+                limit=limit,
+                ident=ident,
+                event_handler=handle,
+                quiet=True,
+                timeout=self.timeout_s,
+            )
             return RunOutcome(str(result.status), int(result.rc if result.rc is not None else -1))
         except Exception as err:
             return RunOutcome("failed", -1, f"{type(err).__name__}: {err}")

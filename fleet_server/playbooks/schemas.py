@@ -18,8 +18,9 @@ class PlaybookInfo(BaseModel):
 
 class RunCreate(BaseModel):
     # Defaults to the terminal_id or office_id among the extra vars.
-    target: str | None = Field(default=None, min_length=1, max_length=200,
-                               description="terminal or office the run is for")
+    target: str | None = Field(
+        default=None, min_length=1, max_length=200, description="terminal or office the run is for"
+    )
     extravars: dict[str, Any] = Field(default_factory=dict)
     limit: str | None = Field(default=None, max_length=500, description="ansible host pattern")
 

@@ -55,21 +55,35 @@ class PlaybookService:
     not bring one.
     """
 
-    def __init__(self, db_path: str | os.PathLike[str], playbooks_dir: str | os.PathLike[str], *,
-                 registry: CollectorRegistry | None = None, work_dir: str | os.PathLike[str] | None = None,
-                 inventory: dict[str, Any] | str | None = None,
-                 base_extravars: Mapping[str, Any] | None = None,
-                 envvars: Mapping[str, str] | None = None, max_parallel: int = MAX_PARALLEL_RUNS,
-                 keep_artifacts: bool = False) -> None:
+    def __init__(
+        self,
+        db_path: str | os.PathLike[str],
+        playbooks_dir: str | os.PathLike[str],
+        *,
+        registry: CollectorRegistry | None = None,
+        work_dir: str | os.PathLike[str] | None = None,
+        inventory: dict[str, Any] | str | None = None,
+        base_extravars: Mapping[str, Any] | None = None,
+        envvars: Mapping[str, str] | None = None,
+        max_parallel: int = MAX_PARALLEL_RUNS,
+        keep_artifacts: bool = False,
+    ) -> None:
         self.playbooks_dir = Path(playbooks_dir)
         self.store = PlaybookStore(db_path)
         self.runner = PlaybookRunner(
-            self.playbooks_dir, Path(work_dir) if work_dir else Path(db_path).parent / "playbook-runs",
-            envvars=envvars, keep_artifacts=keep_artifacts)
+            self.playbooks_dir,
+            Path(work_dir) if work_dir else Path(db_path).parent / "playbook-runs",
+            envvars=envvars,
+            keep_artifacts=keep_artifacts,
+        )
         self.inventory = inventory
         self.base_extravars = dict(base_extravars or {})
-        self.runs_total = Counter("fleet_playbook_runs_total", "Finished playbook runs by playbook and outcome",
-                                  ["playbook", "status"], registry=registry or CollectorRegistry())
+        self.runs_total = Counter(
+            "fleet_playbook_runs_total",
+            "Finished playbook runs by playbook and outcome",
+            ["playbook", "status"],
+            registry=registry or CollectorRegistry(),
+        )
         self._pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="playbook-run")
         self._futures: dict[int, Future[None]] = {}
         # Runs a previous process left behind will never finish: say so instead of "running" forever.
@@ -79,8 +93,10 @@ class PlaybookService:
 
     def playbooks(self) -> list[PlaybookInfo]:
         """The playbooks that can be run, with the description from their header comment."""
-        return [PlaybookInfo(name=p.stem, file=p.name, description=_description(p))
-                for p in sorted(self.playbooks_dir.glob("*.yml"))]
+        return [
+            PlaybookInfo(name=p.stem, file=p.name, description=_description(p))
+            for p in sorted(self.playbooks_dir.glob("*.yml"))
+        ]
 
     def _resolve(self, name: str) -> str:
         stem = name.removesuffix(".yml")
@@ -91,9 +107,16 @@ class PlaybookService:
 
     # -- runs -------------------------------------------------------------------------------------
 
-    def start_run(self, playbook: str, *, started_by: str, target: str | None = None,
-                  extravars: Mapping[str, Any] | None = None,
-                  inventory: dict[str, Any] | str | None = None, limit: str | None = None) -> int:
+    def start_run(
+        self,
+        playbook: str,
+        *,
+        started_by: str,
+        target: str | None = None,
+        extravars: Mapping[str, Any] | None = None,
+        inventory: dict[str, Any] | str | None = None,
+        limit: str | None = None,
+    ) -> int:
         """Queue a run and return its id; it runs in a worker thread (queued → running → done)."""
         name = self._resolve(playbook)
         inventory = inventory if inventory is not None else self.inventory
@@ -103,26 +126,40 @@ class PlaybookService:
         target = target or str(variables.get("terminal_id") or variables.get("office_id") or limit or "all")
         secrets = secret_values(variables)
         run_id = self.store.create_run(name, target, started_by, redact(variables, secrets))
-        self._futures[run_id] = self._pool.submit(self._execute, run_id, name, variables, secrets,
-                                                  inventory, limit)
+        self._futures[run_id] = self._pool.submit(self._execute, run_id, name, variables, secrets, inventory, limit)
         return run_id
 
-    def _execute(self, run_id: int, name: str, variables: dict[str, Any], secrets: set[str],
-                 inventory: dict[str, Any] | str, limit: str | None) -> None:
+    def _execute(
+        self,
+        run_id: int,
+        name: str,
+        variables: dict[str, Any],
+        secrets: set[str],
+        inventory: dict[str, Any] | str,
+        limit: str | None,
+    ) -> None:
         status, rc, error = "failed", -1, ""
         try:
             self.store.mark_running(run_id)
 
             def record(event: TaskEvent) -> None:
                 # ansible hides no_log results, but a secret can still surface in a failure message.
-                clean = redact({"task": event.task, "message": event.message, "paths": event.paths},
-                               secrets)
-                self.store.add_event(run_id, event.host, clean["task"], event.action, event.status,
-                                     event.duration_s, clean["message"], clean["paths"],
-                                     counted=not (event.status == "failed" and event.ignored))
+                clean = redact({"task": event.task, "message": event.message, "paths": event.paths}, secrets)
+                self.store.add_event(
+                    run_id,
+                    event.host,
+                    clean["task"],
+                    event.action,
+                    event.status,
+                    event.duration_s,
+                    clean["message"],
+                    clean["paths"],
+                    counted=not (event.status == "failed" and event.ignored),
+                )
 
-            outcome = self.runner.run(f"{name}.yml", inventory=inventory, extravars=variables,
-                                      on_event=record, limit=limit, ident=str(run_id))
+            outcome = self.runner.run(
+                f"{name}.yml", inventory=inventory, extravars=variables, on_event=record, limit=limit, ident=str(run_id)
+            )
             rc, error = outcome.rc, outcome.error
             if outcome.status == "successful" and outcome.rc == 0:
                 status = "successful"

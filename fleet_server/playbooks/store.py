@@ -14,6 +14,7 @@ import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
 from fleet_server.db import connect
+from fleet_wire.storage import transaction
 
 migrations = Migrations("fleet_server.playbooks")
 
@@ -34,10 +35,11 @@ def _m0001(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX playbook_events_run ON playbook_events (run_id, id)")
 
 
-_RUN_COLUMNS = ("id, playbook, target, status, rc, started_by, extravars, error, created_at, started_at,"
-                " finished_at, ok_count, changed_count, failed_count, skipped_count")
-_COUNT_COLUMN = {"ok": "ok_count", "changed": "changed_count", "failed": "failed_count",
-                 "skipped": "skipped_count"}
+_RUN_COLUMNS = (
+    "id, playbook, target, status, rc, started_by, extravars, error, created_at, started_at,"
+    " finished_at, ok_count, changed_count, failed_count, skipped_count"
+)
+_COUNT_COLUMN = {"ok": "ok_count", "changed": "changed_count", "failed": "failed_count", "skipped": "skipped_count"}
 
 
 def now() -> str:
@@ -64,7 +66,8 @@ class PlaybookStore:
             cur = db.execute(
                 "INSERT INTO playbook_runs (playbook, target, status, started_by, extravars, created_at)"
                 " VALUES (?,?,?,?,?,?)",
-                (playbook, target, "queued", started_by, json.dumps(extravars, ensure_ascii=False), now()))
+                (playbook, target, "queued", started_by, json.dumps(extravars, ensure_ascii=False), now()),
+            )
             return int(cur.lastrowid or 0)
 
     def mark_running(self, run_id: int) -> None:
@@ -73,21 +76,32 @@ class PlaybookStore:
 
     def finish_run(self, run_id: int, status: str, rc: int, error: str = "") -> None:
         with self._conn() as db:
-            db.execute("UPDATE playbook_runs SET status=?, rc=?, error=?, finished_at=? WHERE id=?",
-                       (status, rc, error, now(), run_id))
+            db.execute(
+                "UPDATE playbook_runs SET status=?, rc=?, error=?, finished_at=? WHERE id=?",
+                (status, rc, error, now(), run_id),
+            )
 
-    def add_event(self, run_id: int, host: str, task: str, action: str, status: str,
-                  duration_s: float | None, message: str, paths: list[str], counted: bool = True) -> None:
-        with self._conn() as db:
-            db.execute("BEGIN")
+    def add_event(
+        self,
+        run_id: int,
+        host: str,
+        task: str,
+        action: str,
+        status: str,
+        duration_s: float | None,
+        message: str,
+        paths: list[str],
+        counted: bool = True,
+    ) -> None:
+        with self._conn() as db, transaction(db, immediate=False):
             db.execute(
                 "INSERT INTO playbook_events (run_id, at, host, task, action, status, duration_s, message,"
                 " paths) VALUES (?,?,?,?,?,?,?,?,?)",
-                (run_id, now(), host, task, action, status, duration_s, message, json.dumps(paths)))
+                (run_id, now(), host, task, action, status, duration_s, message, json.dumps(paths)),
+            )
             if counted:
                 column = _COUNT_COLUMN[status]  # from a fixed mapping, never from input
                 db.execute(f"UPDATE playbook_runs SET {column} = {column} + 1 WHERE id=?", (run_id,))
-            db.execute("COMMIT")
 
     def get_run(self, run_id: int) -> dict[str, Any] | None:
         with self._conn() as db:
@@ -114,8 +128,11 @@ class PlaybookStore:
 
     def events(self, run_id: int) -> list[dict[str, Any]]:
         with self._conn() as db:
-            cur = db.execute("SELECT id, run_id, at, host, task, action, status, duration_s, message, paths"
-                             " FROM playbook_events WHERE run_id=? ORDER BY id", (run_id,))
+            cur = db.execute(
+                "SELECT id, run_id, at, host, task, action, status, duration_s, message, paths"
+                " FROM playbook_events WHERE run_id=? ORDER BY id",
+                (run_id,),
+            )
             cols = [c[0] for c in cur.description]
             rows = [dict(zip(cols, r)) for r in cur.fetchall()]
         for r in rows:
@@ -127,7 +144,9 @@ class PlaybookStore:
         with self._conn() as db:
             return db.execute(
                 "UPDATE playbook_runs SET status='failed', error=?, finished_at=? "
-                "WHERE status IN ('queued', 'running')", (error, now())).rowcount
+                "WHERE status IN ('queued', 'running')",
+                (error, now()),
+            ).rowcount
 
 
 def _run(cur: sqlite3.Cursor, row: tuple[Any, ...]) -> dict[str, Any]:

@@ -36,8 +36,7 @@ class HigherIsWorse(_Strict):
     def _ordered(self) -> Self:
         if self.warn > self.fail:
             raise ValueError(
-                f"warn ({self.warn:g}) must not be above fail ({self.fail:g}):"
-                " higher values are worse for this check"
+                f"warn ({self.warn:g}) must not be above fail ({self.fail:g}): higher values are worse for this check"
             )
         return self
 
@@ -56,8 +55,7 @@ class LowerIsWorse(_Strict):
     def _ordered(self) -> Self:
         if self.warn < self.fail:
             raise ValueError(
-                f"warn ({self.warn:g}) must not be below fail ({self.fail:g}):"
-                " lower values are worse for this check"
+                f"warn ({self.warn:g}) must not be below fail ({self.fail:g}): lower values are worse for this check"
             )
         return self
 
@@ -81,9 +79,7 @@ class _Peripheral(_Strict):
 
     id: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
     model: str = Field(min_length=1, max_length=120)
-    interface: Literal[
-        "usb", "usb-hid", "usb-uvc", "usb-cdc", "serial", "ethernet", "hdmi", "edp", "vga", "sip"
-    ]
+    interface: Literal["usb", "usb-hid", "usb-uvc", "usb-cdc", "serial", "ethernet", "hdmi", "edp", "vga", "sip"]
     # A required peripheral failing takes the whole terminal out of service (no face login without
     # a camera); an optional one only disables the services that need it (A4 printouts).
     required: bool = True
@@ -118,8 +114,8 @@ class IdCardReaderParams(_Strict):
     reads_photo: bool = True
     # Foreigners' permanent residence cards and HK/Macau/Taiwan residence permits use the same
     # reader.
-    other_cards: list[Literal["foreigner-permanent-residence", "hk-macao-taiwan-residence"]] = (
-        Field(default_factory=list)
+    other_cards: list[Literal["foreigner-permanent-residence", "hk-macao-taiwan-residence"]] = Field(
+        default_factory=list
     )
 
 
@@ -175,9 +171,7 @@ class DocumentPrinter(_Peripheral):
 
 
 class QrScannerParams(_Strict):
-    symbologies: list[Literal["qr", "pdf417", "datamatrix", "code128", "ean13"]] = Field(
-        min_length=1
-    )
+    symbologies: list[Literal["qr", "pdf417", "datamatrix", "code128", "ean13"]] = Field(min_length=1)
     # Citizens show the 公积金 app's QR code on a phone screen, so the scanner must read screens.
     reads_screens: bool = True
 
@@ -233,13 +227,7 @@ class TouchScreen(_Peripheral):
 
 
 Peripheral = Annotated[
-    Camera
-    | IdCardReader
-    | ReceiptPrinter
-    | DocumentPrinter
-    | QrScanner
-    | AssistanceCaller
-    | TouchScreen,
+    Camera | IdCardReader | ReceiptPrinter | DocumentPrinter | QrScanner | AssistanceCaller | TouchScreen,
     Field(discriminator="kind"),
 ]
 PERIPHERAL_KINDS = (
@@ -368,11 +356,7 @@ def _locate(root: yaml.Node, loc: tuple[int | str, ...]) -> tuple[int | None, st
                 if str(key_node.value) == part:
                     child, key_line = value_node, key_node.start_mark.line + 1
                     break
-        elif (
-            isinstance(node, yaml.SequenceNode)
-            and isinstance(part, int)
-            and 0 <= part < len(node.value)
-        ):
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
             child = node.value[part]
         if child is None:
             if i == len(loc) - 1:
@@ -382,9 +366,7 @@ def _locate(root: yaml.Node, loc: tuple[int | str, ...]) -> tuple[int | None, st
         node = child
         # A scalar's own line; for a block mapping or list, the line of the key that opens it.
         line = (
-            key_line
-            if key_line is not None and not isinstance(child, yaml.ScalarNode)
-            else (child.start_mark.line + 1)
+            key_line if key_line is not None and not isinstance(child, yaml.ScalarNode) else (child.start_mark.line + 1)
         )
     return line, "".join(parts).lstrip(".")
 
@@ -433,11 +415,7 @@ def parse_profile(text: str, source: str) -> DeviceProfile:
         ) from None
     if not isinstance(data, dict):
         raise ProfileError(
-            [
-                ProfileProblem(
-                    source, root.start_mark.line + 1, "", "a profile must be a mapping of fields"
-                )
-            ]
+            [ProfileProblem(source, root.start_mark.line + 1, "", "a profile must be a mapping of fields")]
         )
     try:
         return DeviceProfile.model_validate(data)
@@ -458,9 +436,7 @@ def load_profile(path: Path | str) -> DeviceProfile:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise ProfileError(
-            [ProfileProblem(str(path), None, "", f"cannot read the file: {err}")]
-        ) from err
+        raise ProfileError([ProfileProblem(str(path), None, "", f"cannot read the file: {err}")]) from err
     profile = parse_profile(text, str(path))
     if profile.id != path.stem:
         line, _ = _locate(yaml.compose(text), ("id",))
@@ -504,6 +480,4 @@ def load_profiles(directory: Path | str) -> dict[str, DeviceProfile]:
 def _profile_files(directory: Path) -> Iterator[Path]:
     if not directory.is_dir():
         raise ProfileError([ProfileProblem(str(directory), None, "", "no such profile directory")])
-    yield from sorted(
-        p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file()
-    )
+    yield from sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())

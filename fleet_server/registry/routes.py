@@ -32,8 +32,11 @@ def build_registry_router() -> APIRouter:
         """Offices the caller may see, with health counts."""
         allowed = user.office_filter()
         health = {o["office"]: o for o in fleet.health.offices(allowed)}
-        return [{**o.model_dump(), "health": health.get(o.id)}
-                for o in fleet.registry.store.offices() if allowed is None or o.id in allowed]
+        return [
+            {**o.model_dump(), "health": health.get(o.id)}
+            for o in fleet.registry.store.offices()
+            if allowed is None or o.id in allowed
+        ]
 
     @r.post("/offices", status_code=201)
     def add_office(office: Office, user: AdminUser, fleet: FleetDep) -> dict[str, Any]:
@@ -55,25 +58,28 @@ def build_registry_router() -> APIRouter:
         """Terminals with their health, for the offices the caller may see."""
         allowed = user.office_filter([office] if office else None)
         health = {h["terminal"]: h for h in fleet.health.terminals(allowed)}
-        return [{**t.model_dump(), "health": health.get(t.id)} for t in fleet.registry.store.terminals()
-                if allowed is None or t.office_id in allowed]
+        return [
+            {**t.model_dump(), "health": health.get(t.id)}
+            for t in fleet.registry.store.terminals()
+            if allowed is None or t.office_id in allowed
+        ]
 
     @r.post("/terminals", status_code=201, response_model=TerminalEnrolled)
     def enrol(body: TerminalCreate, user: AdminUser, fleet: FleetDep) -> Any:
         """Enrol a terminal: registry entry + its own broker credentials (password shown once)."""
-        terminal, password = fleet.enrol_terminal(body, user)
+        terminal, password = fleet.admin.enrol_terminal(body, user)
         return TerminalEnrolled(terminal=terminal.model_dump(), mqtt_username=terminal.id, mqtt_password=password)
 
     @r.delete("/terminals/{terminal_id}", status_code=200)
     def revoke(terminal_id: str, user: AdminUser, fleet: FleetDep) -> dict[str, Any]:
         """Revoke a terminal: its broker account goes and its connection is cut."""
-        fleet.revoke_terminal(terminal_id, user)
+        fleet.admin.revoke_terminal(terminal_id, user)
         return {"terminal": terminal_id, "revoked": True}
 
     @r.post("/terminals/{terminal_id}/credentials")
     def rotate(terminal_id: str, user: AdminUser, fleet: FleetDep) -> dict[str, Any]:
         """Issue new broker credentials for a terminal (the old password stops working)."""
-        password = fleet.rotate_credentials(terminal_id, user)
+        password = fleet.admin.rotate_credentials(terminal_id, user)
         return {"terminal": terminal_id, "mqtt_username": terminal_id, "mqtt_password": password}
 
     @r.post("/offices/{office_id}/onboard", status_code=201)
@@ -82,11 +88,10 @@ def build_registry_router() -> APIRouter:
         for t in body.terminals:
             if t.office_id != office_id:
                 raise HTTPException(422, f"terminal {t.id} names office {t.office_id!r}, not {office_id!r}")
-        return fleet.onboard_office(office_id, body.terminals, user, run_playbook=body.run_playbook)
+        return fleet.admin.onboard_office(office_id, body.terminals, user, run_playbook=body.run_playbook)
 
     return r
 
 
 def registry_error_status(err: Exception) -> int:
-    return {UnknownOffice: 404, UnknownTerminal: 404, UnknownProfile: 422,
-            DuplicateTerminal: 409}.get(type(err), 400)
+    return {UnknownOffice: 404, UnknownTerminal: 404, UnknownProfile: 422, DuplicateTerminal: 409}.get(type(err), 400)

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fleet_server.registry.schemas import Office, TerminalCreate, TerminalPublic
+from fleet_wire.storage import transaction
 
 
 class RegistryError(Exception):
@@ -35,8 +36,15 @@ _TERMINAL_COLUMNS = "id, office_id, profile, tags, enabled, created_at, revoked_
 
 
 def _terminal(r: tuple[Any, ...]) -> TerminalPublic:
-    return TerminalPublic(id=r[0], office_id=r[1], profile=r[2], tags=json.loads(r[3]),
-                          enabled=bool(r[4]), created_at=r[5], revoked_at=r[6])
+    return TerminalPublic(
+        id=r[0],
+        office_id=r[1],
+        profile=r[2],
+        tags=json.loads(r[3]),
+        enabled=bool(r[4]),
+        created_at=r[5],
+        revoked_at=r[6],
+    )
 
 
 def _now() -> str:
@@ -48,28 +56,47 @@ class RegistryStore:
         self._db = conn
 
     def upsert_offices(self, offices: Iterable[Office]) -> int:
-        rows = [(o.id, o.name, o.name_en, o.district, int(o.pilot), o.timezone,
-                 json.dumps(o.hours, ensure_ascii=False), o.maintenance) for o in offices]
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        rows = [
+            (
+                o.id,
+                o.name,
+                o.name_en,
+                o.district,
+                int(o.pilot),
+                o.timezone,
+                json.dumps(o.hours, ensure_ascii=False),
+                o.maintenance,
+            )
+            for o in offices
+        ]
+        with transaction(self._db):
             self._db.executemany(
                 "INSERT INTO offices (id, name, name_en, district, pilot, timezone, hours, maintenance)"
                 " VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET name=excluded.name,"
                 " name_en=excluded.name_en, district=excluded.district, pilot=excluded.pilot,"
                 " timezone=excluded.timezone, hours=excluded.hours, maintenance=excluded.maintenance",
-                rows)
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+                rows,
+            )
         return len(rows)
 
     def offices(self) -> list[Office]:
         cur = self._db.execute(
             "SELECT id, name, name_en, district, pilot, timezone, hours, maintenance FROM offices"
-            " ORDER BY pilot DESC, id")
-        return [Office(id=r[0], name=r[1], name_en=r[2], district=r[3], pilot=bool(r[4]),
-                       timezone=r[5], hours=json.loads(r[6]), maintenance=r[7]) for r in cur]
+            " ORDER BY pilot DESC, id"
+        )
+        return [
+            Office(
+                id=r[0],
+                name=r[1],
+                name_en=r[2],
+                district=r[3],
+                pilot=bool(r[4]),
+                timezone=r[5],
+                hours=json.loads(r[6]),
+                maintenance=r[7],
+            )
+            for r in cur
+        ]
 
     def add_terminal(self, terminal: TerminalCreate, password_hash: str) -> TerminalPublic:
         if not self._db.execute("SELECT 1 FROM offices WHERE id=?", (terminal.office_id,)).fetchone():
@@ -79,22 +106,28 @@ class RegistryStore:
             self._db.execute(
                 "INSERT INTO terminals (id, office_id, profile, tags, password_hash, enabled, created_at)"
                 " VALUES (?,?,?,?,?,1,?)",
-                (terminal.id, terminal.office_id, terminal.profile, json.dumps(terminal.tags),
-                 password_hash, created))
+                (terminal.id, terminal.office_id, terminal.profile, json.dumps(terminal.tags), password_hash, created),
+            )
         except sqlite3.IntegrityError as err:
             raise DuplicateTerminal(f"terminal {terminal.id!r} is already enrolled") from err
-        return TerminalPublic(id=terminal.id, office_id=terminal.office_id, profile=terminal.profile,
-                              tags=terminal.tags, enabled=True, created_at=created)
+        return TerminalPublic(
+            id=terminal.id,
+            office_id=terminal.office_id,
+            profile=terminal.profile,
+            tags=terminal.tags,
+            enabled=True,
+            created_at=created,
+        )
 
     def revoke_terminal(self, terminal_id: str) -> None:
-        cur = self._db.execute("UPDATE terminals SET enabled=0, revoked_at=? WHERE id=?",
-                               (_now(), terminal_id))
+        cur = self._db.execute("UPDATE terminals SET enabled=0, revoked_at=? WHERE id=?", (_now(), terminal_id))
         if cur.rowcount == 0:
             raise UnknownTerminal(f"terminal {terminal_id!r} is not in the registry")
 
     def set_password_hash(self, terminal_id: str, password_hash: str) -> None:
-        cur = self._db.execute("UPDATE terminals SET password_hash=? WHERE id=? AND enabled=1",
-                               (password_hash, terminal_id))
+        cur = self._db.execute(
+            "UPDATE terminals SET password_hash=? WHERE id=? AND enabled=1", (password_hash, terminal_id)
+        )
         if cur.rowcount == 0:
             raise UnknownTerminal(f"terminal {terminal_id!r} is not enrolled (or was revoked)")
 

@@ -28,10 +28,11 @@ def get_usage(fleet: FleetDep) -> UsageService:
 
 
 UsageDep = Annotated[UsageService, Depends(get_usage)]
-OfficeQuery = Annotated[list[str] | None, Query(
-    alias="office", description="office id; repeat for several; default: every office you may see")]
-DateFrom = Annotated[date | None, Query(
-    description="first office-local day (ISO), default: 6 days before date_to")]
+OfficeQuery = Annotated[
+    list[str] | None,
+    Query(alias="office", description="office id; repeat for several; default: every office you may see"),
+]
+DateFrom = Annotated[date | None, Query(description="first office-local day (ISO), default: 6 days before date_to")]
 DateTo = Annotated[date | None, Query(description="last office-local day (ISO), inclusive; default: today")]
 Metric = Literal[tuple(charts.OFFICE_METRICS)]  # type: ignore[valid-type]
 
@@ -56,9 +57,12 @@ def _offices(usage: UsageService, user: User, requested: list[str] | None) -> li
             raise HTTPException(404, str(UnknownOffice(unknown, sorted(known))))
         hidden = [o for o in requested if not user.sees_office(o)]
         if hidden:
-            raise HTTPException(403, f"user {user.name!r} may not see usage of office "
-                                     f"{', '.join(repr(o) for o in hidden)}; assigned: "
-                                     f"{', '.join(sorted(user.offices or ()))}")
+            raise HTTPException(
+                403,
+                f"user {user.name!r} may not see usage of office "
+                f"{', '.join(repr(o) for o in hidden)}; assigned: "
+                f"{', '.join(sorted(user.offices or ()))}",
+            )
     return user.office_filter(requested or None)
 
 
@@ -75,66 +79,105 @@ def build_usage_router() -> APIRouter:
     router = APIRouter(prefix="/api/v1/usage", tags=["usage"])
 
     @router.get("/items", response_model=ItemTable)
-    def items(user: ReaderUser, usage: UsageDep, office: OfficeQuery = None, date_from: DateFrom = None,
-              date_to: DateTo = None) -> ItemTable:
+    def items(
+        user: ReaderUser,
+        usage: UsageDep,
+        office: OfficeQuery = None,
+        date_from: DateFrom = None,
+        date_to: DateTo = None,
+    ) -> ItemTable:
         """Per office x service item: started, completed, abandoned, rates, median and p90 duration."""
         offices = _offices(usage, user, office)
         with _domain_errors():
             return usage.item_table(offices, *_range(usage, date_from, date_to))
 
     @router.get("/hourly", response_model=HourTable)
-    def hourly(user: ReaderUser, usage: UsageDep, office: OfficeQuery = None, date_from: DateFrom = None,
-               date_to: DateTo = None) -> HourTable:
+    def hourly(
+        user: ReaderUser,
+        usage: UsageDep,
+        office: OfficeQuery = None,
+        date_from: DateFrom = None,
+        date_to: DateTo = None,
+    ) -> HourTable:
         """The stored hour buckets per office x day x hour x service item."""
         offices = _offices(usage, user, office)
         with _domain_errors():
             return usage.hour_table(offices, *_range(usage, date_from, date_to))
 
     @router.get("/busy-hours", response_model=BusyHours)
-    def busy_hours(user: ReaderUser, usage: UsageDep, office: OfficeQuery = None, date_from: DateFrom = None,
-                   date_to: DateTo = None) -> BusyHours:
+    def busy_hours(
+        user: ReaderUser,
+        usage: UsageDep,
+        office: OfficeQuery = None,
+        date_from: DateFrom = None,
+        date_to: DateTo = None,
+    ) -> BusyHours:
         """Share of sessions by office-local weekday x hour, and by hour of day."""
         offices = _offices(usage, user, office)
         with _domain_errors():
             return usage.busy_hours(offices, *_range(usage, date_from, date_to))
 
     @router.get("/offices", response_model=OfficeComparison)
-    def compare_offices(user: ReaderUser, usage: UsageDep, office: OfficeQuery = None,
-                        date_from: DateFrom = None, date_to: DateTo = None) -> OfficeComparison:
+    def compare_offices(
+        user: ReaderUser,
+        usage: UsageDep,
+        office: OfficeQuery = None,
+        date_from: DateFrom = None,
+        date_to: DateTo = None,
+    ) -> OfficeComparison:
         """Offices side by side: completion and abandon rates, durations, sessions per terminal-day."""
         offices = _offices(usage, user, office)
         with _domain_errors():
             return usage.compare_offices(offices, *_range(usage, date_from, date_to))
 
     @router.get("/periods", response_model=PeriodComparison)
-    def compare_periods(user: ReaderUser, usage: UsageDep,
-                        base_from: Annotated[date, Query(
-                            description="first day of the base period, e.g. the pilot")],
-                        base_to: Annotated[date, Query(description="last day of the base period")],
-                        office: OfficeQuery = None, date_from: DateFrom = None,
-                        date_to: DateTo = None) -> PeriodComparison:
+    def compare_periods(
+        user: ReaderUser,
+        usage: UsageDep,
+        base_from: Annotated[date, Query(description="first day of the base period, e.g. the pilot")],
+        base_to: Annotated[date, Query(description="last day of the base period")],
+        office: OfficeQuery = None,
+        date_from: DateFrom = None,
+        date_to: DateTo = None,
+    ) -> PeriodComparison:
         """Each office in a base period (e.g. the pilot) next to another period, with the changes."""
         offices = _offices(usage, user, office)
         with _domain_errors():
             return usage.compare_periods(offices, base_from, base_to, *_range(usage, date_from, date_to))
 
-    @router.get("/export.csv", response_class=Response,
-                responses={200: {"content": {"text/csv": {}}, "description": "UTF-8 CSV with BOM"}})
-    def export_csv(user: ReaderUser, usage: UsageDep, office: OfficeQuery = None, date_from: DateFrom = None,
-                   date_to: DateTo = None,
-                   granularity: Literal["total", "day", "hour"] = "total") -> Response:
+    @router.get(
+        "/export.csv",
+        response_class=Response,
+        responses={200: {"content": {"text/csv": {}}, "description": "UTF-8 CSV with BOM"}},
+    )
+    def export_csv(
+        user: ReaderUser,
+        usage: UsageDep,
+        office: OfficeQuery = None,
+        date_from: DateFrom = None,
+        date_to: DateTo = None,
+        granularity: Literal["total", "day", "hour"] = "total",
+    ) -> Response:
         """The rollups as CSV for Excel: one row per office x item (x day, x hour)."""
         offices = _offices(usage, user, office)
         first, last = _range(usage, date_from, date_to)
         with _domain_errors():
             text = usage.export_csv(offices, first, last, granularity)
         filename = f"usage-{granularity}-{first}-{last}.csv"
-        return Response(text.encode("utf-8"), media_type="text/csv; charset=utf-8",
-                         headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+        return Response(
+            text.encode("utf-8"),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+        )
 
     @router.get("/charts/busy-hours.svg", response_class=Response)
-    def busy_hours_chart(user: ReaderUser, usage: UsageDep, office: OfficeQuery = None,
-                         date_from: DateFrom = None, date_to: DateTo = None) -> Response:
+    def busy_hours_chart(
+        user: ReaderUser,
+        usage: UsageDep,
+        office: OfficeQuery = None,
+        date_from: DateFrom = None,
+        date_to: DateTo = None,
+    ) -> Response:
         """Bar chart of the busy-hour profile."""
         offices = _offices(usage, user, office)
         with _domain_errors():
@@ -146,21 +189,29 @@ def build_usage_router() -> APIRouter:
         return _svg(charts.busy_hours_svg(profile, title))
 
     @router.get("/charts/items.svg", response_class=Response)
-    def items_chart(user: ReaderUser, usage: UsageDep,
-                    office: Annotated[str, Query(description="one office id")],
-                    date_from: DateFrom = None, date_to: DateTo = None) -> Response:
+    def items_chart(
+        user: ReaderUser,
+        usage: UsageDep,
+        office: Annotated[str, Query(description="one office id")],
+        date_from: DateFrom = None,
+        date_to: DateTo = None,
+    ) -> Response:
         """Stacked completed / abandoned bars per service item of one office."""
         offices = _offices(usage, user, [office])
         with _domain_errors():
             table = usage.item_table(offices, *_range(usage, date_from, date_to))
-        title = (f"业务事项 service items · {_office_names(usage, [office])[0]}"
-                 f" · {table.date_from} – {table.date_to}")
+        title = f"业务事项 service items · {_office_names(usage, [office])[0]} · {table.date_from} – {table.date_to}"
         return _svg(charts.items_svg(table, title))
 
     @router.get("/charts/offices.svg", response_class=Response)
-    def offices_chart(user: ReaderUser, usage: UsageDep, office: OfficeQuery = None,
-                      date_from: DateFrom = None, date_to: DateTo = None,
-                      metric: Metric = "completion_rate") -> Response:
+    def offices_chart(
+        user: ReaderUser,
+        usage: UsageDep,
+        office: OfficeQuery = None,
+        date_from: DateFrom = None,
+        date_to: DateTo = None,
+        metric: Metric = "completion_rate",
+    ) -> Response:
         """Bars comparing one figure across offices."""
         offices = _offices(usage, user, office)
         with _domain_errors():
@@ -176,5 +227,4 @@ def _office_names(usage: UsageService, office_ids: list[str]) -> list[str]:
 
 
 def _svg(text: str) -> Response:
-    return Response(text, media_type="image/svg+xml; charset=utf-8",
-                    headers={"Cache-Control": "private, max-age=60"})
+    return Response(text, media_type="image/svg+xml; charset=utf-8", headers={"Cache-Control": "private, max-age=60"})

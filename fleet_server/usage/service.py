@@ -21,6 +21,7 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from importlib import resources
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -68,8 +69,7 @@ class UnknownOffice(UsageError):
 
     def __init__(self, office_ids: Sequence[str], known: Sequence[str]) -> None:
         self.office_ids = list(office_ids)
-        super().__init__(f"unknown office {', '.join(repr(o) for o in office_ids)}; "
-                         f"known offices: {', '.join(known)}")
+        super().__init__(f"unknown office {', '.join(repr(o) for o in office_ids)}; known offices: {', '.join(known)}")
 
 
 class BadQuery(UsageError):
@@ -82,33 +82,49 @@ class ItemName:
     name_en: str
 
 
-def load_item_names() -> dict[str, ItemName]:
-    """Service item names by code, from the catalogue shipped with the wire package."""
-    text = resources.files("fleet_wire").joinpath("catalog/service_items.yaml").read_text("utf-8")
+def load_item_names(path: Path | None = None) -> dict[str, ItemName]:
+    """Service item names by code, from `path` or the catalogue shipped with the wire package."""
+    if path is not None:
+        text = path.read_text("utf-8")
+    else:
+        text = resources.files("fleet_wire").joinpath("catalog/service_items.yaml").read_text("utf-8")
     doc: Any = yaml.safe_load(text)
     return {i["code"]: ItemName(i["name"], i["name_en"]) for i in doc["items"]}
 
 
 class UsageMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.sessions = Counter("fleet_usage_sessions_total",
-                                "Service events stored, by office and outcome (each stored once)",
-                                ["office", "outcome"], registry=registry)
-        self.dirty = Gauge("fleet_usage_dirty_buckets", "Office-days waiting for a rollup rebuild",
-                           registry=registry)
-        self.lag = Gauge("fleet_usage_rollup_lag_seconds",
-                         "Age of the oldest office-day waiting for a rebuild (0 when none)",
-                         registry=registry)
-        self.rebuilt = Counter("fleet_usage_rebuilt_buckets_total", "Office-days rebuilt from raw events",
-                               registry=registry)
-        self.errors = Counter("fleet_usage_rebuild_errors_total",
-                              "Office-day rebuilds that failed (retried on the next tick)", registry=registry)
+        self.sessions = Counter(
+            "fleet_usage_sessions_total",
+            "Service events stored, by office and outcome (each stored once)",
+            ["office", "outcome"],
+            registry=registry,
+        )
+        self.dirty = Gauge("fleet_usage_dirty_buckets", "Office-days waiting for a rollup rebuild", registry=registry)
+        self.lag = Gauge(
+            "fleet_usage_rollup_lag_seconds",
+            "Age of the oldest office-day waiting for a rebuild (0 when none)",
+            registry=registry,
+        )
+        self.rebuilt = Counter(
+            "fleet_usage_rebuilt_buckets_total", "Office-days rebuilt from raw events", registry=registry
+        )
+        self.errors = Counter(
+            "fleet_usage_rebuild_errors_total",
+            "Office-day rebuilds that failed (retried on the next tick)",
+            registry=registry,
+        )
 
 
 class UsageService:
-    def __init__(self, db_path: Any, registry: CollectorRegistry, *,
-                 item_names: dict[str, ItemName] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        db_path: Any,
+        registry: CollectorRegistry,
+        *,
+        item_names: dict[str, ItemName] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._db_path = db_path
         self.metrics = UsageMetrics(registry)
         self.items = item_names if item_names is not None else load_item_names()
@@ -181,8 +197,12 @@ class UsageService:
             pairs.add((office, fig.local_day(hour_prefix + ":00:00.000Z", tz).isoformat()))
             pairs.add((office, fig.local_day(hour_prefix + ":59:59.999Z", tz).isoformat()))
         if include_rolled_up:
-            pairs.update((r[0], r[1]) for r in self._work_conn.execute(
-                "SELECT office_id, day FROM usage_office_day UNION SELECT office_id, day FROM usage_day"))
+            pairs.update(
+                (r[0], r[1])
+                for r in self._work_conn.execute(
+                    "SELECT office_id, day FROM usage_office_day UNION SELECT office_id, day FROM usage_day"
+                )
+            )
         if pairs:
             store.mark_dirty(sorted(pairs), self._now())
         self.metrics.dirty.set(store.dirty_count())
@@ -228,8 +248,15 @@ class UsageService:
 
     def schedule(self, scheduler: Any, interval_s: float = RECOMPUTE_INTERVAL_S) -> None:
         """Add the rollup job to an APScheduler scheduler."""
-        scheduler.add_job(self.tick, "interval", seconds=interval_s, id="usage-rollups",
-                          max_instances=1, coalesce=True, replace_existing=True)
+        scheduler.add_job(
+            self.tick,
+            "interval",
+            seconds=interval_s,
+            id="usage-rollups",
+            max_instances=1,
+            coalesce=True,
+            replace_existing=True,
+        )
 
     def _rebuild(self, store: UsageStore, office: str, day: date, version: int) -> None:
         tz = self._office_tz(office, self._work_conn)
@@ -301,8 +328,10 @@ class UsageService:
         acc: dict[tuple[str, str], _Acc] = {}
         for r in rows:
             acc.setdefault((str(r[0]), str(r[2])), _Acc()).add_day_row(r)
-        out = [ItemRow(office_id=o, service_code=c, **self._names(c), **a.figures().model_dump())
-               for (o, c), a in acc.items()]
+        out = [
+            ItemRow(office_id=o, service_code=c, **self._names(c), **a.figures().model_dump())
+            for (o, c), a in acc.items()
+        ]
         out.sort(key=lambda x: (x.office_id, -x.started, x.service_code))
         return ItemTable(date_from=date_from, date_to=date_to, offices=chosen, rows=out)
 
@@ -310,13 +339,23 @@ class UsageService:
         """Per office x day x hour x service item buckets, as stored."""
         chosen = self._check(offices, date_from, date_to)
         if (date_to - date_from).days + 1 > MAX_HOURLY_DAYS:
-            raise BadQuery(f"hourly figures cover at most {MAX_HOURLY_DAYS} days; "
-                           f"{date_from}..{date_to} is longer (ask for day figures instead)")
+            raise BadQuery(
+                f"hourly figures cover at most {MAX_HOURLY_DAYS} days; "
+                f"{date_from}..{date_to} is longer (ask for day figures instead)"
+            )
         with self._reader() as store:
             rows = store.hour_rows(offices, date_from.isoformat(), date_to.isoformat())
-        out = [HourRow(office_id=str(r[0]), day=date.fromisoformat(str(r[1])), hour=int(r[2]),
-                       service_code=str(r[3]), **self._names(str(r[3])),
-                       **_stored_figures(r[5:9], r[10], r[11]).model_dump()) for r in rows]
+        out = [
+            HourRow(
+                office_id=str(r[0]),
+                day=date.fromisoformat(str(r[1])),
+                hour=int(r[2]),
+                service_code=str(r[3]),
+                **self._names(str(r[3])),
+                **_stored_figures(r[5:9], r[10], r[11]).model_dump(),
+            )
+            for r in rows
+        ]
         return HourTable(date_from=date_from, date_to=date_to, offices=chosen, rows=out)
 
     def busy_hours(self, offices: list[str] | None, date_from: date, date_to: date) -> BusyHours:
@@ -331,11 +370,13 @@ class UsageService:
         total = sum(cells.values())
         by_hour = [sum(n for (_, h), n in cells.items() if h == hour) for hour in range(24)]
         return BusyHours(
-            date_from=date_from, date_to=date_to, offices=chosen, started=total,
-            cells=[BusyCell(weekday=w, hour=h, started=n, share=n / total)
-                   for (w, h), n in sorted(cells.items()) if n],
-            by_hour=[BusyHour(hour=h, started=n, share=n / total if total else 0.0)
-                     for h, n in enumerate(by_hour)])
+            date_from=date_from,
+            date_to=date_to,
+            offices=chosen,
+            started=total,
+            cells=[BusyCell(weekday=w, hour=h, started=n, share=n / total) for (w, h), n in sorted(cells.items()) if n],
+            by_hour=[BusyHour(hour=h, started=n, share=n / total if total else 0.0) for h, n in enumerate(by_hour)],
+        )
 
     def compare_offices(self, offices: list[str] | None, date_from: date, date_to: date) -> OfficeComparison:
         """Per-office rates over a range: completion, abandon, durations, sessions per terminal-day."""
@@ -352,28 +393,41 @@ class UsageService:
         out = []
         for office in chosen:
             a, m, td = per[office], meta[office], terminal_days.get(office, 0)
-            out.append(OfficeFigures(office_id=office, name=m.name, name_en=m.name_en, pilot=m.pilot,
-                                     terminal_days=td, sessions_per_terminal_day=fig.ratio(a.started, td),
-                                     **a.figures().model_dump()))
+            out.append(
+                OfficeFigures(
+                    office_id=office,
+                    name=m.name,
+                    name_en=m.name_en,
+                    pilot=m.pilot,
+                    terminal_days=td,
+                    sessions_per_terminal_day=fig.ratio(a.started, td),
+                    **a.figures().model_dump(),
+                )
+            )
         return OfficeComparison(date_from=date_from, date_to=date_to, offices=out, total=total.figures())
 
-    def compare_periods(self, offices: list[str] | None, base_from: date, base_to: date,
-                        date_from: date, date_to: date) -> PeriodComparison:
+    def compare_periods(
+        self, offices: list[str] | None, base_from: date, base_to: date, date_from: date, date_to: date
+    ) -> PeriodComparison:
         """Each office's figures in a base period (e.g. the pilot) next to another period."""
         base = self.compare_offices(offices, base_from, base_to)
         current = self.compare_offices(offices, date_from, date_to)
         out = []
         for b, c in zip(base.offices, current.offices, strict=True):
-            out.append(PeriodFigures(
-                office_id=b.office_id, name=b.name, base=b, current=c,
-                started_change=(c.started / b.started - 1.0) if b.started else None,
-                completion_rate_change=_diff(c.completion_rate, b.completion_rate),
-                median_duration_change_s=_diff(c.median_duration_s, b.median_duration_s)))
-        return PeriodComparison(base_from=base_from, base_to=base_to, date_from=date_from,
-                                date_to=date_to, offices=out)
+            out.append(
+                PeriodFigures(
+                    office_id=b.office_id,
+                    name=b.name,
+                    base=b,
+                    current=c,
+                    started_change=(c.started / b.started - 1.0) if b.started else None,
+                    completion_rate_change=_diff(c.completion_rate, b.completion_rate),
+                    median_duration_change_s=_diff(c.median_duration_s, b.median_duration_s),
+                )
+            )
+        return PeriodComparison(base_from=base_from, base_to=base_to, date_from=date_from, date_to=date_to, offices=out)
 
-    def export_csv(self, offices: list[str] | None, date_from: date, date_to: date,
-                   granularity: str = "total") -> str:
+    def export_csv(self, offices: list[str] | None, date_from: date, date_to: date, granularity: str = "total") -> str:
         """CSV of the rollups; starts with a BOM so Excel reads the Chinese names as UTF-8."""
         if granularity not in EXPORT_GRANULARITIES:
             raise BadQuery(f"granularity {granularity!r} is not one of {', '.join(EXPORT_GRANULARITIES)}")
@@ -389,8 +443,15 @@ class UsageService:
         if granularity == "total":
             table = self.item_table(offices, date_from, date_to)
             for row in table.rows:
-                writer.writerow([row.office_id, names.get(row.office_id, ""), date_from.isoformat(),
-                                 date_to.isoformat(), *_csv_values(row)])
+                writer.writerow(
+                    [
+                        row.office_id,
+                        names.get(row.office_id, ""),
+                        date_from.isoformat(),
+                        date_to.isoformat(),
+                        *_csv_values(row),
+                    ]
+                )
         elif granularity == "day":
             self._check(offices, date_from, date_to)
             with self._reader() as store:
@@ -398,13 +459,13 @@ class UsageService:
             for r in rows:
                 a = _Acc()
                 a.add_day_row(r)
-                item = ItemRow(office_id=str(r[0]), service_code=str(r[2]), **self._names(str(r[2])),
-                               **a.figures().model_dump())
+                item = ItemRow(
+                    office_id=str(r[0]), service_code=str(r[2]), **self._names(str(r[2])), **a.figures().model_dump()
+                )
                 writer.writerow([item.office_id, names.get(item.office_id, ""), r[1], *_csv_values(item)])
         else:
             for h in self.hour_table(offices, date_from, date_to).rows:
-                writer.writerow([h.office_id, names.get(h.office_id, ""), h.day.isoformat(), h.hour,
-                                 *_csv_values(h)])
+                writer.writerow([h.office_id, names.get(h.office_id, ""), h.day.isoformat(), h.hour, *_csv_values(h)])
         return "\ufeff" + buf.getvalue()
 
     def _names(self, code: str) -> dict[str, str]:
@@ -427,8 +488,17 @@ class UsageService:
 
 
 CSV_ITEM_COLUMNS = ("service_code", "item_name", "item_name_en")
-CSV_FIGURE_COLUMNS = ("started", "completed", "abandoned", "face_login_sessions", "completion_rate",
-                      "abandon_rate", "face_login_share", "median_duration_s", "p90_duration_s")
+CSV_FIGURE_COLUMNS = (
+    "started",
+    "completed",
+    "abandoned",
+    "face_login_sessions",
+    "completion_rate",
+    "abandon_rate",
+    "face_login_share",
+    "median_duration_s",
+    "p90_duration_s",
+)
 
 
 def _csv_values(row: ItemRow | HourRow) -> list[Any]:
@@ -457,29 +527,44 @@ class _Acc:
 
     def figures(self) -> Figures:
         merged = list(heapq.merge(*self._durations))
-        return _figures(self.started, self.completed, self.abandoned, self.face,
-                        fig.median(merged), fig.p90(merged))
+        return _figures(self.started, self.completed, self.abandoned, self.face, fig.median(merged), fig.p90(merged))
 
 
-def _figures(started: int, completed: int, abandoned: int, face: int, med: float | None,
-             p90: float | None) -> Figures:
+def _figures(started: int, completed: int, abandoned: int, face: int, med: float | None, p90: float | None) -> Figures:
     ended = completed + abandoned
-    return Figures(started=started, completed=completed, abandoned=abandoned, face_login_sessions=face,
-                   completion_rate=fig.ratio(completed, ended), abandon_rate=fig.ratio(abandoned, ended),
-                   face_login_share=fig.ratio(face, started), median_duration_s=med, p90_duration_s=p90)
+    return Figures(
+        started=started,
+        completed=completed,
+        abandoned=abandoned,
+        face_login_sessions=face,
+        completion_rate=fig.ratio(completed, ended),
+        abandon_rate=fig.ratio(abandoned, ended),
+        face_login_share=fig.ratio(face, started),
+        median_duration_s=med,
+        p90_duration_s=p90,
+    )
 
 
 def _stored_figures(counts: Sequence[Any], med: Any, p90: Any) -> Figures:
     c = [int(x) for x in counts]
-    return _figures(c[0], c[1], c[2], c[3], None if med is None else float(med),
-                    None if p90 is None else float(p90))
+    return _figures(c[0], c[1], c[2], c[3], None if med is None else float(med), None if p90 is None else float(p90))
 
 
 def _bucket(code: str, hour: int | None, weekday: int, t: fig.Tally) -> BucketRow:
     durations = t.sorted_durations()
-    return BucketRow(code, hour, weekday, t.started, t.completed, t.abandoned, t.face_login_sessions,
-                     sum(durations), fig.median(durations), fig.p90(durations),
-                     durations if hour is None else ())
+    return BucketRow(
+        code,
+        hour,
+        weekday,
+        t.started,
+        t.completed,
+        t.abandoned,
+        t.face_login_sessions,
+        sum(durations),
+        fig.median(durations),
+        fig.p90(durations),
+        durations if hour is None else (),
+    )
 
 
 def _diff(a: float | None, b: float | None) -> float | None:

@@ -11,6 +11,8 @@ from typing import Any
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
+from fleet_wire.storage import transaction
+
 migrations = Migrations("fleet_server.usage")
 
 _COUNTS = "started, completed, abandoned, face_login_sessions"
@@ -81,112 +83,172 @@ class UsageStore:
     # -- registry reads ----------------------------------------------------------------------------
 
     def offices(self) -> list[OfficeRow]:
-        return [OfficeRow(r[0], r[1], r[2], bool(r[3]), r[4]) for r in self._db.execute(
-            "SELECT id, name, name_en, pilot, timezone FROM offices ORDER BY pilot DESC, id")]
+        return [
+            OfficeRow(r[0], r[1], r[2], bool(r[3]), r[4])
+            for r in self._db.execute("SELECT id, name, name_en, pilot, timezone FROM offices ORDER BY pilot DESC, id")
+        ]
 
     # -- dirty marks -------------------------------------------------------------------------------
 
     def mark_dirty(self, pairs: Iterable[tuple[str, str]], now: str, received_upto: str | None = None) -> None:
         """Mark office-days; with `received_upto`, move the watermark forward in the same transaction."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self._db):
             self._db.executemany(
                 "INSERT INTO usage_dirty (office_id, day, version, marked_at) VALUES (?,?,1,?)"
                 " ON CONFLICT(office_id, day) DO UPDATE SET version=version+1, marked_at=excluded.marked_at",
-                [(o, d, now) for o, d in pairs])
+                [(o, d, now) for o, d in pairs],
+            )
             if received_upto is not None:
                 self._db.execute(
                     "INSERT INTO usage_state (key, value) VALUES ('watermark', ?) ON CONFLICT(key)"
-                    " DO UPDATE SET value=max(value, excluded.value)", (received_upto,))
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+                    " DO UPDATE SET value=max(value, excluded.value)",
+                    (received_upto,),
+                )
 
     def dirty_count(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM usage_dirty").fetchone()[0])
 
     def dirty_batch(self, limit: int) -> list[tuple[str, str, int]]:
-        return [(r[0], r[1], int(r[2])) for r in self._db.execute(
-            "SELECT office_id, day, version FROM usage_dirty ORDER BY marked_at, office_id, day LIMIT ?",
-            (limit,))]
+        return [
+            (r[0], r[1], int(r[2]))
+            for r in self._db.execute(
+                "SELECT office_id, day, version FROM usage_dirty ORDER BY marked_at, office_id, day LIMIT ?", (limit,)
+            )
+        ]
 
     # -- raw events --------------------------------------------------------------------------------
 
     def service_events(self, office_id: str, ts_from: str, ts_to: str) -> list[tuple[str, str, str, str]]:
         """(terminal, type, ts, body) of the office's service events with ts_from <= ts < ts_to."""
-        return list(self._db.execute(
-            "SELECT terminal, type, ts, body FROM events WHERE office_id=? AND ts>=? AND ts<?"
-            " AND type IN ('service.started','service.completed','service.abandoned')",
-            (office_id, ts_from, ts_to)))
+        return list(
+            self._db.execute(
+                "SELECT terminal, type, ts, body FROM events WHERE office_id=? AND ts>=? AND ts<?"
+                " AND type IN ('service.started','service.completed','service.abandoned')",
+                (office_id, ts_from, ts_to),
+            )
+        )
 
     def received_since(self, received_at: str) -> list[tuple[str, str]]:
         """(office, UTC hour prefix of ts) of service events received at or after `received_at`."""
-        return list(self._db.execute(
-            "SELECT DISTINCT office_id, substr(ts, 1, 13) FROM events WHERE received_at>=?"
-            " AND type IN ('service.started','service.completed','service.abandoned')", (received_at,)))
+        return list(
+            self._db.execute(
+                "SELECT DISTINCT office_id, substr(ts, 1, 13) FROM events WHERE received_at>=?"
+                " AND type IN ('service.started','service.completed','service.abandoned')",
+                (received_at,),
+            )
+        )
 
     # -- rebuild -----------------------------------------------------------------------------------
 
-    def replace_day(self, office_id: str, day: str, version: int, hours: Sequence[BucketRow],
-                    days: Sequence[BucketRow], terminals_active: int) -> bool:
+    def replace_day(
+        self,
+        office_id: str,
+        day: str,
+        version: int,
+        hours: Sequence[BucketRow],
+        days: Sequence[BucketRow],
+        terminals_active: int,
+    ) -> bool:
         """Swap in the rebuilt buckets of one office-day; clear its mark unless re-marked since.
 
         Returns whether the mark was cleared.
         """
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self._db):
             for table in ("usage_hour", "usage_day", "usage_office_day"):
                 self._db.execute(f"DELETE FROM {table} WHERE office_id=? AND day=?", (office_id, day))
             self._db.executemany(
                 f"INSERT INTO usage_hour (office_id, day, hour, service_code, weekday, {_COUNTS},"
                 " duration_sum_s, duration_median_s, duration_p90_s) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                [(office_id, day, b.hour, b.service_code, b.weekday, b.started, b.completed, b.abandoned,
-                  b.face_login_sessions, b.duration_sum_s, b.duration_median_s, b.duration_p90_s)
-                 for b in hours])
+                [
+                    (
+                        office_id,
+                        day,
+                        b.hour,
+                        b.service_code,
+                        b.weekday,
+                        b.started,
+                        b.completed,
+                        b.abandoned,
+                        b.face_login_sessions,
+                        b.duration_sum_s,
+                        b.duration_median_s,
+                        b.duration_p90_s,
+                    )
+                    for b in hours
+                ],
+            )
             self._db.executemany(
                 f"INSERT INTO usage_day (office_id, day, service_code, weekday, {_COUNTS}, duration_sum_s,"
                 " duration_median_s, duration_p90_s, durations) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                [(office_id, day, b.service_code, b.weekday, b.started, b.completed, b.abandoned,
-                  b.face_login_sessions, b.duration_sum_s, b.duration_median_s, b.duration_p90_s,
-                  json.dumps(list(b.durations))) for b in days])
+                [
+                    (
+                        office_id,
+                        day,
+                        b.service_code,
+                        b.weekday,
+                        b.started,
+                        b.completed,
+                        b.abandoned,
+                        b.face_login_sessions,
+                        b.duration_sum_s,
+                        b.duration_median_s,
+                        b.duration_p90_s,
+                        json.dumps(list(b.durations)),
+                    )
+                    for b in days
+                ],
+            )
             if terminals_active:
-                self._db.execute("INSERT INTO usage_office_day (office_id, day, terminals_active)"
-                                 " VALUES (?,?,?)", (office_id, day, terminals_active))
-            cleared = self._db.execute("DELETE FROM usage_dirty WHERE office_id=? AND day=? AND version=?",
-                                       (office_id, day, version)).rowcount > 0
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+                self._db.execute(
+                    "INSERT INTO usage_office_day (office_id, day, terminals_active) VALUES (?,?,?)",
+                    (office_id, day, terminals_active),
+                )
+            cleared = (
+                self._db.execute(
+                    "DELETE FROM usage_dirty WHERE office_id=? AND day=? AND version=?", (office_id, day, version)
+                ).rowcount
+                > 0
+            )
         return cleared
 
     def get_state(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM usage_state WHERE key=?", (key,)).fetchone()
         return row[0] if row else None
 
-
     # -- rollup reads ------------------------------------------------------------------------------
 
     def day_rows(self, offices: Sequence[str] | None, day_from: str, day_to: str) -> list[tuple[Any, ...]]:
         """(office, day, code, weekday, started, completed, abandoned, face, sum, median, p90, durations)."""
         where, params = _in("office_id", offices)
-        return list(self._db.execute(
-            f"SELECT office_id, day, service_code, weekday, {_COUNTS}, duration_sum_s, duration_median_s,"
-            f" duration_p90_s, durations FROM usage_day WHERE {where} AND day>=? AND day<=?"
-            " ORDER BY office_id, day, service_code", (*params, day_from, day_to)))
+        return list(
+            self._db.execute(
+                f"SELECT office_id, day, service_code, weekday, {_COUNTS}, duration_sum_s, duration_median_s,"
+                f" duration_p90_s, durations FROM usage_day WHERE {where} AND day>=? AND day<=?"
+                " ORDER BY office_id, day, service_code",
+                (*params, day_from, day_to),
+            )
+        )
 
     def hour_rows(self, offices: Sequence[str] | None, day_from: str, day_to: str) -> list[tuple[Any, ...]]:
         """(office, day, hour, code, weekday, started, completed, abandoned, face, sum, median, p90)."""
         where, params = _in("office_id", offices)
-        return list(self._db.execute(
-            f"SELECT office_id, day, hour, service_code, weekday, {_COUNTS}, duration_sum_s,"
-            f" duration_median_s, duration_p90_s FROM usage_hour WHERE {where} AND day>=? AND day<=?"
-            " ORDER BY office_id, day, hour, service_code", (*params, day_from, day_to)))
+        return list(
+            self._db.execute(
+                f"SELECT office_id, day, hour, service_code, weekday, {_COUNTS}, duration_sum_s,"
+                f" duration_median_s, duration_p90_s FROM usage_hour WHERE {where} AND day>=? AND day<=?"
+                " ORDER BY office_id, day, hour, service_code",
+                (*params, day_from, day_to),
+            )
+        )
 
     def terminal_days(self, offices: Sequence[str] | None, day_from: str, day_to: str) -> dict[str, int]:
         """Per office: the sum over days of terminals that had any service event that day."""
         where, params = _in("office_id", offices)
-        return {r[0]: int(r[1]) for r in self._db.execute(
-            f"SELECT office_id, sum(terminals_active) FROM usage_office_day WHERE {where}"
-            " AND day>=? AND day<=? GROUP BY office_id", (*params, day_from, day_to))}
+        return {
+            r[0]: int(r[1])
+            for r in self._db.execute(
+                f"SELECT office_id, sum(terminals_active) FROM usage_office_day WHERE {where}"
+                " AND day>=? AND day<=? GROUP BY office_id",
+                (*params, day_from, day_to),
+            )
+        }

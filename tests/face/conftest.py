@@ -99,9 +99,7 @@ def face_service(tmp_path: Path, engine: FaceEngine) -> Iterator[FaceService]:
     from edge_agent.face.service import FaceService
     from edge_agent.face.templates import TemplateStore
 
-    settings = FaceSettings(
-        key_file=tmp_path / "face" / "template.key", gallery_dir=tmp_path / "face" / "templates"
-    )
+    settings = FaceSettings(key_file=tmp_path / "face" / "template.key", gallery_dir=tmp_path / "face" / "templates")
     events: list[tuple[str, dict[str, object]]] = []
     registry = CollectorRegistry()
     svc = FaceService(

@@ -27,9 +27,7 @@ def face_box(engine: FaceEngine, rgb: np.ndarray) -> Detection:
     return faces[0]
 
 
-def crop_around(
-    rgb: np.ndarray, box: Detection, face_share: float, out_w: int, out_h: int
-) -> np.ndarray:
+def crop_around(rgb: np.ndarray, box: Detection, face_share: float, out_w: int, out_h: int) -> np.ndarray:
     """Crop so the face is `face_share` of the output width, centred, then resize to out_w×out_h."""
     cx, cy = (box.left + box.right) / 2, (box.top + box.bottom) / 2
     crop_w = box.width / face_share
@@ -57,9 +55,7 @@ def id_photo(rgb: np.ndarray, box: Detection) -> np.ndarray:
 # Quality 75 keeps a 640×480 frame near 40 KB, as a kiosk app would send it.
 def jpeg(rgb: np.ndarray, quality: int = 75) -> bytes:
     """Encode as JPEG in memory."""
-    ok, buf = cv2.imencode(
-        ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
-    )
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
     assert ok
     return buf.tobytes()
 
@@ -101,9 +97,7 @@ def cut_at_edge(rgb: np.ndarray) -> np.ndarray:
 
 def far_away(rgb: np.ndarray, scale: float = 0.4) -> np.ndarray:
     """The same scene from further away: shrink it into the middle of a grey frame."""
-    small = cv2.resize(
-        rgb, (int(FRAME_W * scale), int(FRAME_H * scale)), interpolation=cv2.INTER_AREA
-    )
+    small = cv2.resize(rgb, (int(FRAME_W * scale), int(FRAME_H * scale)), interpolation=cv2.INTER_AREA)
     out = np.full_like(rgb, 128)
     y, x = (FRAME_H - small.shape[0]) // 2, (FRAME_W - small.shape[1]) // 2
     out[y : y + small.shape[0], x : x + small.shape[1]] = small

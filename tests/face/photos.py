@@ -26,9 +26,7 @@ def _pip_download(args: list[str], dest: Path) -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
     files = list(dest.iterdir())
     if proc.returncode != 0 or not files:
-        raise RuntimeError(
-            f"`{' '.join(cmd)}` failed (rc={proc.returncode}):\n{proc.stderr[-2000:]}"
-        )
+        raise RuntimeError(f"`{' '.join(cmd)}` failed (rc={proc.returncode}):\n{proc.stderr[-2000:]}")
     return files[0]
 
 

@@ -31,9 +31,7 @@ def api(tmp_path: Path, engine: Any) -> Iterator[tuple[TestClient, FaceService, 
     from edge_agent.config import AgentSettings
     from edge_agent.face import FaceSettings, build_face_service
 
-    agent = Agent(
-        AgentSettings(environment="test", terminal_id="t-face-api", data_dir=tmp_path / "agent")
-    )
+    agent = Agent(AgentSettings(environment="test", terminal_id="t-face-api", data_dir=tmp_path / "agent"))
     svc = build_face_service(agent, FaceSettings(max_image_bytes=40_000), engine=engine)
     with TestClient(create_api(agent, extra_routers=[build_face_router(svc)])) as client:
         yield client, svc, agent
@@ -44,18 +42,12 @@ def test_enrol_verify_compare_identify_list_erase_over_http(
     api: tuple[TestClient, FaceService, Any], frames: Frames
 ) -> None:
     client, svc, agent = api
-    r = client.post(
-        "/v1/face/enrol", json={"citizen_id": CITIZEN, "image": b64(frames.obama_enrol)}
-    )
+    r = client.post("/v1/face/enrol", json={"citizen_id": CITIZEN, "image": b64(frames.obama_enrol)})
     assert r.status_code == 200 and r.json()["decision"] == "enrolled", r.text
-    r = client.post(
-        "/v1/face/verify", json={"citizen_id": CITIZEN, "image": b64(frames.obama_live)}
-    )
+    r = client.post("/v1/face/verify", json={"citizen_id": CITIZEN, "image": b64(frames.obama_live)})
     body = r.json()
     assert (r.status_code, body["decision"], body["reason"]) == (200, "match", "ok")
-    assert (
-        body["score"] <= body["threshold"] and body["model_version"] == svc.settings.model_version
-    )
+    assert body["score"] <= body["threshold"] and body["model_version"] == svc.settings.model_version
     r = client.post("/v1/face/verify", json={"citizen_id": CITIZEN, "image": b64(frames.biden)})
     assert r.json()["decision"] == "no_match" and r.json()["message"]["zh"]
     r = client.post(
@@ -77,13 +69,9 @@ def test_enrol_verify_compare_identify_list_erase_over_http(
     assert agent.outbox.stats().depth >= 6
 
 
-def test_unknown_citizen_is_404_not_a_crash(
-    api: tuple[TestClient, FaceService, Any], frames: Frames
-) -> None:
+def test_unknown_citizen_is_404_not_a_crash(api: tuple[TestClient, FaceService, Any], frames: Frames) -> None:
     client, _, _ = api
-    r = client.post(
-        "/v1/face/verify", json={"citizen_id": "nobody", "image": b64(frames.obama_live)}
-    )
+    r = client.post("/v1/face/verify", json={"citizen_id": "nobody", "image": b64(frames.obama_live)})
     assert (r.status_code, r.json()["error"]) == (404, "unknown_citizen")
     r = client.post("/v1/face/erase", json={"citizen_id": "nobody"})
     assert (r.status_code, r.json()["error"]) == (404, "unknown_citizen")
@@ -124,9 +112,7 @@ def test_bad_image_gets_4xx_with_reason(
         assert (r.status_code, r.json()["error"]) == (status, code), (path, r.text)
         assert r.json()["detail"] and r.json()["where"] == "image"
     # The ID photo is checked first; a small live image keeps the body under the API's request cap.
-    r = client.post(
-        "/v1/face/compare-id", json={"image": b64(frames.obama_id_photo), "id_photo": make(frames)}
-    )
+    r = client.post("/v1/face/compare-id", json={"image": b64(frames.obama_id_photo), "id_photo": make(frames)})
     assert (r.status_code, r.json()["error"], r.json()["where"]) == (
         status,
         "id_photo_" + code,
@@ -136,9 +122,7 @@ def test_bad_image_gets_4xx_with_reason(
 
 
 @pytest.mark.parametrize("body", [None, b"", b"{}", b"not json", b'{"citizen_id": "x"}'])
-def test_empty_or_malformed_body_gets_422(
-    api: tuple[TestClient, FaceService, Any], body: bytes | None
-) -> None:
+def test_empty_or_malformed_body_gets_422(api: tuple[TestClient, FaceService, Any], body: bytes | None) -> None:
     client, _, _ = api
     r = client.post("/v1/face/verify", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["error"] == "invalid_request"
@@ -146,15 +130,11 @@ def test_empty_or_malformed_body_gets_422(
 
 def test_bad_citizen_id_gets_422(api: tuple[TestClient, FaceService, Any], frames: Frames) -> None:
     client, _, _ = api
-    r = client.post(
-        "/v1/face/enrol", json={"citizen_id": "../../etc/passwd", "image": b64(frames.obama_live)}
-    )
+    r = client.post("/v1/face/enrol", json={"citizen_id": "../../etc/passwd", "image": b64(frames.obama_live)})
     assert r.status_code == 422 and r.json()["where"].endswith("citizen_id")
 
 
-def test_camera_route_without_camera_is_503(
-    api: tuple[TestClient, FaceService, Any], frames: Frames
-) -> None:
+def test_camera_route_without_camera_is_503(api: tuple[TestClient, FaceService, Any], frames: Frames) -> None:
     client, svc, _ = api
     svc.enrol(CITIZEN, frames.obama_enrol)
     r = client.post("/v1/face/verify/camera", json={"citizen_id": CITIZEN})

@@ -14,9 +14,7 @@ from tests.face.conftest import Frames
 pytestmark = pytest.mark.face
 
 
-def test_same_person_matches_at_the_configured_threshold(
-    face_service: FaceService, frames: Frames
-) -> None:
+def test_same_person_matches_at_the_configured_threshold(face_service: FaceService, frames: Frames) -> None:
     enrolled = face_service.enrol("110101199001011234", frames.obama_enrol)
     assert (enrolled.decision, enrolled.reason) == ("enrolled", "ok")
     for live in (frames.obama_live, frames.obama_live2):
@@ -33,15 +31,11 @@ def test_different_people_do_not_match(face_service: FaceService, frames: Frames
         assert out.score is not None and out.score > face_service.settings.threshold
 
 
-def test_stricter_threshold_from_configuration_is_applied(
-    face_service: FaceService, frames: Frames
-) -> None:
+def test_stricter_threshold_from_configuration_is_applied(face_service: FaceService, frames: Frames) -> None:
     face_service.enrol("obama", frames.obama_enrol)
     loose = face_service.verify("obama", frames.obama_live2)
     assert loose.decision == "match" and loose.score is not None
-    face_service.settings = face_service.settings.model_copy(
-        update={"threshold": loose.score - 0.01}
-    )
+    face_service.settings = face_service.settings.model_copy(update={"threshold": loose.score - 0.01})
     strict = face_service.verify("obama", frames.obama_live2)
     assert strict.decision == "no_match" and strict.threshold == pytest.approx(loose.score - 0.01)
 
@@ -82,9 +76,7 @@ def test_compare_with_id_card_chip_photo(face_service: FaceService, frames: Fram
     assert (refused.decision, refused.reason) == ("rejected", "id_photo_no_face")
 
 
-def test_identify_returns_top_k_with_the_right_person_first(
-    face_service: FaceService, frames: Frames
-) -> None:
+def test_identify_returns_top_k_with_the_right_person_first(face_service: FaceService, frames: Frames) -> None:
     face_service.enrol("obama", frames.obama_enrol)
     face_service.enrol("biden", frames.biden)
     face_service.enrol("astronaut", frames.astronaut)
@@ -139,9 +131,7 @@ def test_metrics_count_outcomes_and_gallery_size(face_service: FaceService, fram
     assert reg.get_sample_value("edge_face_latency_seconds_sum", {"mode": "verify"}) > 0
 
 
-def test_video_file_source_loops_and_verifies(
-    tmp_path: Path, face_service: FaceService, frames: Frames
-) -> None:
+def test_video_file_source_loops_and_verifies(tmp_path: Path, face_service: FaceService, frames: Frames) -> None:
     import cv2
 
     from edge_agent.face.camera import open_frame_source

@@ -26,9 +26,7 @@ def test_frontal_face_passes_pose_and_turned_or_tilted_face_does_not() -> None:
     turned[4, 0] += 0.5 * (FRONTAL[0, 0] - FRONTAL[2, 0])  # nose far off the eyes' midline
     assert check_pose(turned, limits) == Reason.TURNED_AWAY
     angle = np.radians(40)
-    rot = np.array(
-        [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]], dtype=np.float32
-    )
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]], dtype=np.float32)
     tilted = (FRONTAL - FRONTAL.mean(axis=0)) @ rot.T + FRONTAL.mean(axis=0)
     assert check_pose(tilted, limits) == Reason.TURNED_AWAY
 
@@ -37,19 +35,10 @@ def test_weak_small_second_detection_is_not_several_faces() -> None:
     limits = QualityLimits()
     best = Detection(100, 100, 300, 300, 1.8)
     assert check_detections([best, Detection(500, 10, 560, 70, -0.4)], 640, 480, limits) is None
-    assert (
-        check_detections([best, Detection(350, 100, 520, 270, 0.2)], 640, 480, limits)
-        == Reason.SEVERAL_FACES
-    )
+    assert check_detections([best, Detection(350, 100, 520, 270, 0.2)], 640, 480, limits) == Reason.SEVERAL_FACES
     assert check_detections([], 640, 480, limits) == Reason.NO_FACE
-    assert (
-        check_detections([Detection(-80, 100, 120, 300, 1.0)], 640, 480, limits)
-        == Reason.FACE_CUT_OFF
-    )
-    assert (
-        check_detections([Detection(10, 10, 90, 90, 1.0)], 640, 480, limits)
-        == Reason.FACE_TOO_SMALL
-    )
+    assert check_detections([Detection(-80, 100, 120, 300, 1.0)], 640, 480, limits) == Reason.FACE_CUT_OFF
+    assert check_detections([Detection(10, 10, 90, 90, 1.0)], 640, 480, limits) == Reason.FACE_TOO_SMALL
 
 
 def test_every_reason_has_both_messages() -> None:
@@ -67,9 +56,7 @@ def test_every_reason_has_both_messages() -> None:
     seed=st.integers(0, 2**31 - 1),
     drop=st.lists(st.integers(0, 59), max_size=10),
 )
-def test_gallery_search_equals_brute_force_after_any_removals(
-    n: int, k: int, seed: int, drop: list[int]
-) -> None:
+def test_gallery_search_equals_brute_force_after_any_removals(n: int, k: int, seed: int, drop: list[int]) -> None:
     rng = np.random.default_rng(seed)
     vectors = rng.normal(0, 0.1, (n, 128)).astype(np.float32)
     gallery = Gallery()

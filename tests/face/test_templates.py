@@ -34,9 +34,7 @@ def vector_traces(vec: np.ndarray) -> list[bytes]:
     return traces
 
 
-def test_template_file_is_ciphertext_named_by_keyed_hash(
-    face_service: FaceService, frames: Frames
-) -> None:
+def test_template_file_is_ciphertext_named_by_keyed_hash(face_service: FaceService, frames: Frames) -> None:
     out = face_service.enrol(CITIZEN, frames.obama_enrol)
     tid = out.template_id
     assert tid and len(tid) == 64 and CITIZEN not in tid
@@ -64,9 +62,7 @@ def test_keyed_hash_differs_between_terminals(tmp_path: Path) -> None:
     a = TemplateStore(tmp_path / "a", tmp_path / "a.key")
     b = TemplateStore(tmp_path / "b", tmp_path / "b.key")
     assert a.template_id(CITIZEN) != b.template_id(CITIZEN)
-    assert a.template_id(CITIZEN) == TemplateStore(tmp_path / "a", tmp_path / "a.key").template_id(
-        CITIZEN
-    )
+    assert a.template_id(CITIZEN) == TemplateStore(tmp_path / "a", tmp_path / "a.key").template_id(CITIZEN)
 
 
 def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
@@ -86,9 +82,7 @@ def test_swapped_template_files_do_not_decrypt(face_service: FaceService, frames
         face_service.store.load(b)
 
 
-def test_gallery_survives_restart_and_list_shows_metadata_only(
-    face_service: FaceService, frames: Frames
-) -> None:
+def test_gallery_survives_restart_and_list_shows_metadata_only(face_service: FaceService, frames: Frames) -> None:
     face_service.enrol(CITIZEN, frames.obama_enrol)
     face_service.enrol("other-1", frames.biden)
     fresh = FaceService(
@@ -108,9 +102,7 @@ def test_gallery_survives_restart_and_list_shows_metadata_only(
     }
 
 
-def test_erase_leaves_nothing_behind(
-    face_service: FaceService, frames: Frames, tmp_path: Path
-) -> None:
+def test_erase_leaves_nothing_behind(face_service: FaceService, frames: Frames, tmp_path: Path) -> None:
     face_service.enrol("keep-me", frames.biden)
     tid = face_service.enrol(CITIZEN, frames.obama_enrol).template_id
     assert tid is not None
@@ -120,9 +112,7 @@ def test_erase_leaves_nothing_behind(
     assert (out.decision, out.template_id) == ("erased", tid)
     assert face_service.gallery.vector(tid) is None and tid not in face_service.gallery
     assert not np.any(np.all(face_service.gallery.raw_matrix() == vec, axis=1))
-    assert [i.template_id for i in face_service.list_templates()] == [
-        face_service.store.template_id("keep-me")
-    ]
+    assert [i.template_id for i in face_service.list_templates()] == [face_service.store.template_id("keep-me")]
     on_disk = all_bytes_under(tmp_path)
     for trace in [CITIZEN.encode(), tid.encode(), *vector_traces(vec)]:
         assert trace not in on_disk
@@ -142,9 +132,7 @@ def test_erase_leaves_nothing_behind(
     assert fresh.load_gallery() == 1
 
 
-def test_events_carry_only_decision_score_reason_latency_and_model(
-    face_service: FaceService, frames: Frames
-) -> None:
+def test_events_carry_only_decision_score_reason_latency_and_model(face_service: FaceService, frames: Frames) -> None:
     face_service.enrol(CITIZEN, frames.obama_enrol)
     face_service.verify(CITIZEN, frames.obama_live)
     face_service.identify(frames.biden)
@@ -157,9 +145,7 @@ def test_events_carry_only_decision_score_reason_latency_and_model(
         assert CITIZEN not in repr(body)
 
 
-def test_images_are_never_written_to_disk(
-    face_service: FaceService, frames: Frames, tmp_path: Path
-) -> None:
+def test_images_are_never_written_to_disk(face_service: FaceService, frames: Frames, tmp_path: Path) -> None:
     face_service.enrol(CITIZEN, frames.obama_enrol)
     face_service.verify(CITIZEN, frames.obama_live)
     face_service.compare_id_photo(frames.obama_live, frames.obama_id_photo)

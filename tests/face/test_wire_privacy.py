@@ -69,13 +69,12 @@ def image_traces(image: bytes) -> list[bytes]:
     return traces
 
 
-def test_broker_sees_no_image_template_or_citizen_id(
-    tmp_path: Path, engine: Any, frames: Frames
-) -> None:
+def test_broker_sees_no_image_template_or_citizen_id(tmp_path: Path, engine: Any, frames: Frames) -> None:
     from edge_agent.api.app import create_api
     from edge_agent.api.face_routes import build_face_router
     from edge_agent.face import FaceSettings, build_face_service
-    from fleet_server.devstack import DevStack, wait_for
+    from fleet_dev.devstack import DevStack
+    from fleet_dev.proc import wait_for
 
     st = DevStack(tmp_path / "stack")
     capture = agent = None
@@ -100,18 +99,13 @@ def test_broker_sees_no_image_template_or_citizen_id(
             for path, body in calls:
                 assert client.post(path, json=body).status_code == 200, path
             tid = svc.store.template_id(CITIZEN)
-        vectors = [
-            engine.analyse(svc_rgb, svc._live, 320).vector
-            for svc_rgb in [_decode(i) for i in images]
-        ]
+        vectors = [engine.analyse(svc_rgb, svc._live, 320).vector for svc_rgb in [_decode(i) for i in images]]
         wait_for(
             lambda: st.stored(TERMINAL) >= len(calls),
             timeout_s=30,
             what="face events at the server",
         )
-        wait_for(
-            lambda: agent.outbox.stats().depth == 0, timeout_s=30, what="outbox drained by receipts"
-        )
+        wait_for(lambda: agent.outbox.stats().depth == 0, timeout_s=30, what="outbox drained by receipts")
         seen = capture.all()
     finally:
         if agent is not None:
@@ -122,10 +116,7 @@ def test_broker_sees_no_image_template_or_citizen_id(
 
     event_msgs = [(t, p) for t, p in seen if t.endswith("/events")]
     decisions = [
-        env["body"]
-        for _, p in event_msgs
-        for env in json.loads(p)["events"]
-        if env["type"] == "face.decision"
+        env["body"] for _, p in event_msgs for env in json.loads(p)["events"] if env["type"] == "face.decision"
     ]
     # The capture saw every decision (so the checks below are not vacuous).
     assert [d["mode"] for d in decisions] == [

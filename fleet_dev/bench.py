@@ -7,10 +7,7 @@ import os
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -29,8 +26,9 @@ def raw_qos1_rate(port: int, username: str, password: str, n: int, size: int) ->
         if count[0] >= n:
             got.set()
 
-    sub = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="bench-sub",
-                      protocol=MQTTProtocolVersion.MQTTv5)
+    sub = paho.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2, client_id="bench-sub", protocol=MQTTProtocolVersion.MQTTv5
+    )
     sub.username_pw_set(username, password)
     sub.on_message = on_message
     subscribed = threading.Event()
@@ -39,8 +37,9 @@ def raw_qos1_rate(port: int, username: str, password: str, n: int, size: int) ->
     sub.loop_start()
     sub.subscribe("fleet/v1/bench/raw", qos=1)
     subscribed.wait(10)
-    pub = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="bench-pub",
-                      protocol=MQTTProtocolVersion.MQTTv5)
+    pub = paho.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2, client_id="bench-pub", protocol=MQTTProtocolVersion.MQTTv5
+    )
     pub.username_pw_set(username, password)
     pub.max_inflight_messages_set(100)
     pub.max_queued_messages_set(0)

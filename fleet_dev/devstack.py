@@ -7,23 +7,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from fleet_dev.broker import Mosquitto
+from fleet_dev.proc import die_with_parent, free_port
 from fleet_server.app import FleetServer
-from fleet_server.broker.mosquitto import (
-    BrokerConfig,
-    Mosquitto,
-    die_with_parent,
-    free_port,
-    new_password,
-    write_broker_files,
-)
+from fleet_server.broker.mosquitto import BrokerConfig, new_password, write_broker_files
 from fleet_server.config import ServerSettings
 from fleet_server.registry.schemas import TerminalCreate
 
@@ -45,21 +39,34 @@ class DevStack:
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
-        self.broker_config = BrokerConfig(self.root / "broker", self.port,
-                                          max_queued_messages=self.max_queued_messages,
-                                          persistence=self.broker_persistence)
-        self.settings = ServerSettings(environment="development", db_path=self.root / "fleet.db",
-                                       broker_port=self.port, broker_password=self.server_password,
-                                       admin_token=self.admin_token)
-        self.server = FleetServer(self.settings, CollectorRegistry(), **self.server_options)
+        self.broker_config = BrokerConfig(
+            self.root / "broker",
+            self.port,
+            max_queued_messages=self.max_queued_messages,
+            persistence=self.broker_persistence,
+        )
+        self.settings = ServerSettings(
+            environment="development",
+            db_path=self.root / "fleet.db",
+            broker_port=self.port,
+            broker_password=self.server_password,
+            admin_token=self.admin_token,
+        )
+        self.server = self._new_server()
+
+    def _new_server(self) -> FleetServer:
+        return FleetServer(
+            self.settings, CollectorRegistry(), broker_accounts=_DevBrokerAccounts(self), **self.server_options
+        )
 
     # -- set-up -----------------------------------------------------------------------------------
 
     def enrol(self, terminal_id: str, office_id: str, profile: str = "generic") -> str:
         """Enrol a terminal and return its broker password."""
         assert self.server is not None
-        _, password = self.server.enrol_terminal(
-            TerminalCreate(id=terminal_id, office_id=office_id, profile=profile), "devstack")
+        _, password = self.server.admin.enrol_terminal(
+            TerminalCreate(id=terminal_id, office_id=office_id, profile=profile), "devstack"
+        )
         self.passwords[terminal_id] = password
         self.offices[terminal_id] = office_id
         return password
@@ -73,20 +80,7 @@ class DevStack:
         self.write_broker_files()
         self.broker = Mosquitto(self.broker_config)
         self.broker.start()
-        self._wire_broker()
         return self.broker
-
-    def _wire_broker(self) -> None:
-        """Let the server regenerate credentials and reload our broker after registry changes."""
-        if self.server is None or self.broker is None:
-            return
-        broker, config = self.broker, self.broker_config
-
-        def apply(creds: Any) -> None:
-            write_broker_files(config, creds)
-            broker.reload()
-
-        self.server.broker_apply = apply
 
     def reload_broker(self) -> None:
         self.write_broker_files()
@@ -95,8 +89,7 @@ class DevStack:
 
     def start_server(self) -> FleetServer:
         if self.server is None:
-            self.server = FleetServer(self.settings, CollectorRegistry(), **self.server_options)
-            self._wire_broker()
+            self.server = self._new_server()
         self.server.start()
         self.server.ingest.refresh_terminals()
         return self.server
@@ -105,13 +98,24 @@ class DevStack:
         """Run the server as its own process (`fleet-server run`), e.g. to kill -9 it."""
         if self.server is not None and not self.server._running:
             self.stop_server()
-        env = {**os.environ, "FLEET_ENVIRONMENT": "development", "FLEET_DB_PATH": str(self.settings.db_path),
-               "FLEET_BROKER_PORT": str(self.port), "FLEET_BROKER_PASSWORD": self.server_password,
-               "FLEET_ADMIN_TOKEN": self.admin_token,
-               "FLEET_HTTP_PORT": str(http_port or free_port())}
+        env = {
+            **os.environ,
+            "FLEET_ENVIRONMENT": "development",
+            "FLEET_DB_PATH": str(self.settings.db_path),
+            "FLEET_BROKER_PORT": str(self.port),
+            "FLEET_BROKER_PASSWORD": self.server_password,
+            "FLEET_ADMIN_TOKEN": self.admin_token,
+            "FLEET_HTTP_PORT": str(http_port or free_port()),
+        }
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 - the child process owns it
-        return subprocess.Popen([sys.executable, "-m", "fleet_server", "run"], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
+        return subprocess.Popen(
+            [sys.executable, "-m", "fleet_server", "run"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
 
     def stop_server(self) -> None:
         """Stop the in-process server (its broker session keeps queueing for it)."""
@@ -128,10 +132,16 @@ class DevStack:
 
     def agent_settings(self, terminal_id: str, **overrides: Any) -> dict[str, Any]:
         base: dict[str, Any] = dict(
-            environment="development", terminal_id=terminal_id, office_id=self.offices[terminal_id],
-            broker_port=self.port, password=self.passwords[terminal_id],
-            data_dir=str(self.root / "agents" / terminal_id), api_port=0,
-            heartbeat_interval_s=5.0, receipt_timeout_s=2.0)
+            environment="development",
+            terminal_id=terminal_id,
+            office_id=self.offices[terminal_id],
+            broker_port=self.port,
+            password=self.passwords[terminal_id],
+            data_dir=str(self.root / "agents" / terminal_id),
+            api_port=0,
+            heartbeat_interval_s=5.0,
+            receipt_timeout_s=2.0,
+        )
         base.update(overrides)
         return base
 
@@ -147,9 +157,14 @@ class DevStack:
         for key, value in self.agent_settings(terminal_id, **overrides).items():
             env[f"EDGE_{key.upper()}"] = str(value)
         log = open(self.root / f"agent-{terminal_id}.log", "ab")  # noqa: SIM115 - the child process owns it
-        return subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--no-api"], env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=die_with_parent)
+        return subprocess.Popen(
+            [sys.executable, "-m", "edge_agent", "run", "--no-api"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
 
     # -- reading back -----------------------------------------------------------------------------
 
@@ -163,20 +178,37 @@ class DevStack:
             return int(conn.execute("SELECT count(*) FROM events WHERE terminal=?", (terminal_id,)).fetchone()[0])
 
 
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0, interval_s: float = 0.05,
-             what: str = "condition") -> None:
-    """Poll until `predicate()` holds; raise TimeoutError naming `what` otherwise."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval_s)
-    raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-
-
 def service_events(n: int, prefix: str = "s") -> Iterable[tuple[str, dict[str, Any], None]]:
     """n realistic business events (a completed rent withdrawal each)."""
     for i in range(n):
-        yield ("service.completed",
-               {"session": f"{prefix}-{i}", "service_code": "TQ02", "duration_s": 120.0 + i % 60,
-                "face_login": True}, None)
+        yield (
+            "service.completed",
+            {"session": f"{prefix}-{i}", "service_code": "TQ02", "duration_s": 120.0 + i % 60, "face_login": True},
+            None,
+        )
+
+
+class _DevBrokerAccounts:
+    """The dev stack's broker: rewrite its password file and ACL and SIGHUP it after each change."""
+
+    def __init__(self, stack: DevStack) -> None:
+        self.stack = stack
+
+    def _apply(self) -> None:
+        if self.stack.broker is not None and self.stack.server is not None:
+            self.stack.reload_broker()
+
+    def terminal_enrolled(self, terminal_id: str, password: str) -> None:
+        self._apply()
+
+    def terminal_password_changed(self, terminal_id: str, password: str) -> None:
+        self._apply()
+
+    def terminal_revoked(self, terminal_id: str) -> None:
+        self._apply()
+
+    def reconcile(self, credentials: Any) -> None:
+        self._apply()
+
+    def close(self) -> None:
+        pass

@@ -67,8 +67,15 @@ class PlannedEvent:
 
 
 class TrafficModel:
-    def __init__(self, catalogue: Catalogue, rng: random.Random, *, peak_sessions_per_hour: float = 30.0,
-                 abandon_rate: float = 0.12, always_open: bool = False) -> None:
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        rng: random.Random,
+        *,
+        peak_sessions_per_hour: float = 30.0,
+        abandon_rate: float = 0.12,
+        always_open: bool = False,
+    ) -> None:
         self.items = catalogue.items
         self.weights = [i.weight for i in catalogue.items]
         self.rng = rng
@@ -102,43 +109,86 @@ class TrafficModel:
         self._n += 1
         session = f"{terminal_id}-{int(start.timestamp())}-{self._n}"
         face = item.face_login
-        out = [PlannedEvent(start, "service.started",
-                            {"session": session, "service_code": item.code, "face_login": face})]
+        out = [
+            PlannedEvent(start, "service.started", {"session": session, "service_code": item.code, "face_login": face})
+        ]
         t = start
         if face:
             t += timedelta(seconds=self.rng.uniform(4, 12))
             ok = self.rng.random() > 0.04
-            out.append(PlannedEvent(t, "face.decision", {
-                "mode": "verify", "decision": "match" if ok else "no_match",
-                "score": round(self.rng.uniform(0.25, 0.45) if ok else self.rng.uniform(0.62, 0.9), 3),
-                "reason": "ok" if ok else "below_threshold",
-                "latency_ms": round(self.rng.uniform(120, 260), 1), "model_version": "dlib-resnet-v1"}))
+            out.append(
+                PlannedEvent(
+                    t,
+                    "face.decision",
+                    {
+                        "mode": "verify",
+                        "decision": "match" if ok else "no_match",
+                        "score": round(self.rng.uniform(0.25, 0.45) if ok else self.rng.uniform(0.62, 0.9), 3),
+                        "reason": "ok" if ok else "below_threshold",
+                        "latency_ms": round(self.rng.uniform(120, 260), 1),
+                        "model_version": "dlib-resnet-v1",
+                    },
+                )
+            )
             if not ok:
                 dur = (t - start).total_seconds() + self.rng.uniform(5, 30)
-                out.append(PlannedEvent(start + timedelta(seconds=dur), "service.abandoned", {
-                    "session": session, "service_code": item.code, "duration_s": round(dur, 1),
-                    "step": "face_login", "face_login": face}))
+                out.append(
+                    PlannedEvent(
+                        start + timedelta(seconds=dur),
+                        "service.abandoned",
+                        {
+                            "session": session,
+                            "service_code": item.code,
+                            "duration_s": round(dur, 1),
+                            "step": "face_login",
+                            "face_login": face,
+                        },
+                    )
+                )
                 return out
         duration = max(10.0, self.rng.lognormvariate(math.log(item.typical_s), 0.35))
         if self.rng.random() < self.abandon_rate:
             duration *= self.rng.uniform(0.2, 0.8)
-            out.append(PlannedEvent(start + timedelta(seconds=duration), "service.abandoned", {
-                "session": session, "service_code": item.code, "duration_s": round(duration, 1),
-                "step": self.rng.choice(ABANDON_STEPS), "face_login": face}))
+            out.append(
+                PlannedEvent(
+                    start + timedelta(seconds=duration),
+                    "service.abandoned",
+                    {
+                        "session": session,
+                        "service_code": item.code,
+                        "duration_s": round(duration, 1),
+                        "step": self.rng.choice(ABANDON_STEPS),
+                        "face_login": face,
+                    },
+                )
+            )
         else:
-            out.append(PlannedEvent(start + timedelta(seconds=duration), "service.completed", {
-                "session": session, "service_code": item.code, "duration_s": round(duration, 1),
-                "face_login": face}))
+            out.append(
+                PlannedEvent(
+                    start + timedelta(seconds=duration),
+                    "service.completed",
+                    {
+                        "session": session,
+                        "service_code": item.code,
+                        "duration_s": round(duration, 1),
+                        "face_login": face,
+                    },
+                )
+            )
         return out
 
     def peripheral_incident(self, start: datetime) -> list[PlannedEvent]:
         """A printer running out of paper, a card reader hiccup… and its recovery."""
-        peripheral, code, message = self.rng.choice([
-            ("receipt_printer", "paper_out", "receipt paper roll is empty"),
-            ("a4_printer", "paper_jam", "paper jam in tray 1"),
-            ("id_reader", "read_timeout", "ID card chip did not answer in 3 s"),
-            ("camera", "frame_timeout", "no frame from camera for 5 s"),
-        ])
+        peripheral, code, message = self.rng.choice(
+            [
+                ("receipt_printer", "paper_out", "receipt paper roll is empty"),
+                ("a4_printer", "paper_jam", "paper jam in tray 1"),
+                ("id_reader", "read_timeout", "ID card chip did not answer in 3 s"),
+                ("camera", "frame_timeout", "no frame from camera for 5 s"),
+            ]
+        )
         fixed = start + timedelta(minutes=self.rng.uniform(3, 40))
-        return [PlannedEvent(start, "peripheral.fault", {"peripheral": peripheral, "code": code, "message": message}),
-                PlannedEvent(fixed, "peripheral.recovered", {"peripheral": peripheral})]
+        return [
+            PlannedEvent(start, "peripheral.fault", {"peripheral": peripheral, "code": code, "message": message}),
+            PlannedEvent(fixed, "peripheral.recovered", {"peripheral": peripheral}),
+        ]

@@ -39,10 +39,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from edge_agent.sim import SimClock, SimulatedFleet
-    from edge_agent.sim.traffic import BEIJING
+    from fleet_dev.devstack import DevStack
+    from fleet_dev.sim import SimClock, SimulatedFleet
+    from fleet_dev.sim.traffic import BEIJING
     from fleet_server.app import create_app
-    from fleet_server.devstack import DevStack
 
     root = Path(args.state_dir).resolve()
     if root.exists():
@@ -68,8 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     while not http.started and time.monotonic() < deadline:
         time.sleep(0.05)
     if not http.started:
-        print(f"fleet-demo: could not serve HTTP on 127.0.0.1:{args.http_port} (port in use? try --http-port)",
-              file=sys.stderr)
+        print(
+            f"fleet-demo: could not serve HTTP on 127.0.0.1:{args.http_port} (port in use? try --http-port)",
+            file=sys.stderr,
+        )
         stack.close()
         return 1
 
@@ -85,9 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     fleet.start()
 
     url = f"http://127.0.0.1:{args.http_port}"
-    print(f"""
+    print(
+        f"""
 kiosk-fleet demo is running
-  offices        {', '.join(o.name for o in pilots)}
+  offices        {", ".join(o.name for o in pilots)}
   terminals      {len(agents)} simulated ({args.terminals_per_office} per pilot office), real agent code
   broker         mqtt://127.0.0.1:{stack.port}  (per-terminal accounts: {creds})
   overview       {url}/
@@ -99,7 +102,9 @@ kiosk-fleet demo is running
   state          {root}
   simulated day  starts {start:%Y-%m-%d %H:%M} Beijing time, {args.speed:g}x real time
 Ctrl-C stops everything.
-""", flush=True)
+""",
+        flush=True,
+    )
 
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -113,9 +118,11 @@ Ctrl-C stops everything.
             s = fleet.summary()
             backlog = sum(a.outbox.depth for a in agents)
             online = sum(1 for a in agents if a.link.connected)
-            print(f"[{s['sim_time'][11:16]} sim] sessions {s['sessions']:>5}  events posted {s['events_posted']:>6}"
-                  f"  stored {stack.stored():>6}  outbox backlog {backlog:>4}  online {online}/{len(agents)}",
-                  flush=True)
+            print(
+                f"[{s['sim_time'][11:16]} sim] sessions {s['sessions']:>5}  events posted {s['events_posted']:>6}"
+                f"  stored {stack.stored():>6}  outbox backlog {backlog:>4}  online {online}/{len(agents)}",
+                flush=True,
+            )
             if args.duration and time.monotonic() - began >= args.duration:
                 break
     finally:

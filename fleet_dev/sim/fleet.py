@@ -13,7 +13,7 @@ from datetime import UTC
 from typing import TYPE_CHECKING, Any
 
 from edge_agent.outbox.store import InvalidEvent, OutboxFull, OutboxStorageError
-from edge_agent.sim.traffic import PlannedEvent, SimClock, TrafficModel, load_catalogue
+from fleet_dev.sim.traffic import PlannedEvent, SimClock, TrafficModel, load_catalogue
 
 if TYPE_CHECKING:
     from edge_agent.agent import Agent
@@ -33,14 +33,27 @@ class FleetCounters:
 
 
 class SimulatedFleet:
-    def __init__(self, agents: Sequence["Agent"], clock: SimClock, *, seed: int = 7,
-                 peak_sessions_per_hour: float = 30.0, always_open: bool = False) -> None:
+    def __init__(
+        self,
+        agents: Sequence["Agent"],
+        clock: SimClock,
+        *,
+        seed: int = 7,
+        peak_sessions_per_hour: float = 30.0,
+        always_open: bool = False,
+    ) -> None:
         self.agents = {a.settings.terminal_id: a for a in agents}
         self.clock = clock
         catalogue = load_catalogue()
-        self.models = {tid: TrafficModel(catalogue, random.Random(f"{seed}-{tid}"),
-                                         peak_sessions_per_hour=peak_sessions_per_hour,
-                                         always_open=always_open) for tid in self.agents}
+        self.models = {
+            tid: TrafficModel(
+                catalogue,
+                random.Random(f"{seed}-{tid}"),
+                peak_sessions_per_hour=peak_sessions_per_hour,
+                always_open=always_open,
+            )
+            for tid in self.agents
+        }
         self.rng = random.Random(seed)
         self.counters = FleetCounters()
         self._due: list[tuple[float, int, str, PlannedEvent]] = []
@@ -104,6 +117,10 @@ class SimulatedFleet:
             last = now
 
     def summary(self) -> dict[str, Any]:
-        return {"sessions": self.counters.sessions, "events_posted": self.counters.events_posted,
-                "refused": self.counters.refused, "by_type": dict(self.counters.by_type),
-                "sim_time": self.clock.at(time.time()).isoformat(timespec="minutes")}
+        return {
+            "sessions": self.counters.sessions,
+            "events_posted": self.counters.events_posted,
+            "refused": self.counters.refused,
+            "by_type": dict(self.counters.by_type),
+            "sim_time": self.clock.at(time.time()).isoformat(timespec="minutes"),
+        }

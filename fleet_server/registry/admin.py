@@ -1,0 +1,148 @@
+"""Admin use-cases on the registry: enrol, revoke, rotate, onboard an office. Each is audited,
+runs under one lock on the shared writer connection, and then tells the broker and the readers."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from fleet_server.auth.models import User
+from fleet_server.auth.service import AuthService
+from fleet_server.broker.accounts import BrokerAccounts
+from fleet_server.playbooks.service import PlaybookError, PlaybookService
+from fleet_server.registry.schemas import TerminalCreate, TerminalPublic
+from fleet_server.registry.service import RegistryService
+from fleet_server.registry.store import UnknownOffice, UnknownProfile
+from fleet_wire.storage import savepoint
+
+log = logging.getLogger(__name__)
+
+
+class RegistryAdmin:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        registry: RegistryService,
+        auth: AuthService,
+        playbooks: PlaybookService,
+        profiles: Mapping[str, object],
+        *,
+        lock: threading.RLock,
+        broker: BrokerAccounts | None,
+        on_change: list[Callable[[], None]],
+    ) -> None:
+        self._conn = conn
+        self.registry = registry
+        self.auth = auth
+        self.playbooks = playbooks
+        self.profiles = profiles
+        # One shared writer connection for admin changes; this lock keeps two request threads from
+        # interleaving statements inside each other's transaction.
+        self.lock = lock
+        self.broker = broker
+        self.on_change = on_change
+        # Per-terminal variables for onboarding runs (address, connection… from the site survey).
+        self.onboard_terminal_vars: Callable[[TerminalPublic], dict[str, Any]] = lambda t: {}
+
+    def _changed(self) -> None:
+        for hook in self.on_change:
+            hook()
+
+    def _check_profile(self, body: TerminalCreate) -> None:
+        if body.profile not in self.profiles:
+            raise UnknownProfile(
+                f"terminal {body.id}: device profile {body.profile!r} is unknown; "
+                f"known: {', '.join(sorted(self.profiles))}"
+            )
+
+    def enrol_terminal(self, body: TerminalCreate, actor: User | str) -> tuple[TerminalPublic, str]:
+        """Enrol one terminal; returns it and its broker password (shown once)."""
+        self._check_profile(body)
+        with self.lock:
+            terminal, password = self.registry.enrol(body)
+            self.auth.audit(actor, "terminal.enrol", terminal.id, None, terminal.model_dump())
+            if self.broker is not None:
+                self.broker.terminal_enrolled(terminal.id, password)
+            self._changed()
+        return terminal, password
+
+    def revoke_terminal(self, terminal_id: str, actor: User | str) -> None:
+        with self.lock:
+            before = self.registry.store.terminal(terminal_id)
+            self.registry.revoke(terminal_id)
+            self.auth.audit(
+                actor, "terminal.revoke", terminal_id, before.model_dump() if before else None, {"enabled": False}
+            )
+            if self.broker is not None:
+                self.broker.terminal_revoked(terminal_id)
+            self._changed()
+
+    def rotate_credentials(self, terminal_id: str, actor: User | str) -> str:
+        with self.lock:
+            password = self.registry.rotate(terminal_id)
+            self.auth.audit(actor, "terminal.rotate_credentials", terminal_id, {"password": "old"}, {"password": "new"})
+            if self.broker is not None:
+                self.broker.terminal_password_changed(terminal_id, password)
+            self._changed()
+        return password
+
+    def onboard_office(
+        self, office_id: str, terminals: list[TerminalCreate], actor: User | str, *, run_playbook: bool = False
+    ) -> dict[str, Any]:
+        """Enrol every terminal of an office in one transaction (all or none), then provision."""
+        with self.lock:
+            if office_id not in {o.id for o in self.registry.store.offices()}:
+                raise UnknownOffice(f"office {office_id!r} is not in the registry")
+            for t in terminals:
+                self._check_profile(t)
+            with savepoint(self._conn, "onboard"):
+                issued = [self.registry.enrol(t) for t in terminals]
+            self.auth.audit(
+                actor,
+                "office.onboard",
+                office_id,
+                None,
+                {"terminals": [t.id for t, _ in issued], "run_playbook": run_playbook},
+            )
+            if self.broker is not None:
+                for t, pw in issued:
+                    self.broker.terminal_enrolled(t.id, pw)
+            self._changed()
+        result: dict[str, Any] = {
+            "office": office_id,
+            "terminals": [{"id": t.id, "mqtt_username": t.id, "mqtt_password": pw} for t, pw in issued],
+        }
+        if run_playbook:
+            try:
+                result["playbook_run"] = {"id": self.start_onboard_playbook(office_id, issued, actor)}
+            except PlaybookError as err:  # enrolled all the same: provision later, or by hand
+                result["playbook_run"] = None
+                result["playbook_error"] = f"terminals enrolled, but provisioning did not start: {err}"
+        return result
+
+    def start_onboard_playbook(
+        self, office_id: str, issued: list[tuple[TerminalPublic, str]], actor: User | str
+    ) -> int:
+        """Provision every new terminal of an office with the onboard_office playbook."""
+        items = [
+            {"terminal_id": t.id, "password": pw, "profile": t.profile, **self.onboard_terminal_vars(t)}
+            for t, pw in issued
+        ]
+        run_id = self.playbooks.start_run(
+            "onboard_office",
+            started_by=getattr(actor, "name", str(actor)),
+            target=office_id,
+            extravars={"office_id": office_id, "office_terminals": items},
+        )
+        with self.lock:
+            self.auth.audit(
+                actor,
+                "playbook.run",
+                office_id,
+                None,
+                {"playbook": "onboard_office", "run_id": run_id, "terminals": [t.id for t, _ in issued]},
+            )
+        return run_id
