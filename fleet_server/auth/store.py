@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from datetime import UTC, datetime
 from typing import Any
 
 from fleet_server.auth.models import Role, User
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+from fleet_server.clock import utc_now_iso
 
 
 class AuthStore:
@@ -23,7 +19,7 @@ class AuthStore:
             "INSERT INTO users (name, role, offices, token_hash, created_at, disabled) VALUES (?,?,?,?,?,0)"
             " ON CONFLICT(name) DO UPDATE SET role=excluded.role, offices=excluded.offices,"
             " token_hash=excluded.token_hash, disabled=0",
-            (name, role.value, None if offices is None else json.dumps(sorted(offices)), token_hash, _now()),
+            (name, role.value, None if offices is None else json.dumps(sorted(offices)), token_hash, utc_now_iso()),
         )
 
     def user_by_token_hash(self, token_hash: str) -> User | None:
@@ -48,7 +44,7 @@ class AuthStore:
         cur = self._db.execute(
             "INSERT INTO audit (at, actor, action, target, before, after) VALUES (?,?,?,?,?,?)",
             (
-                _now(),
+                utc_now_iso(),
                 actor,
                 action,
                 target,
@@ -60,7 +56,8 @@ class AuthStore:
 
     def audit(self, limit: int = 100, actor: str | None = None, action: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT id, at, actor, action, target, before, after FROM audit"
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if actor:
             where.append("actor=?")
             params.append(actor)

@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import UTC, datetime
 from typing import Any
 
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
-from fleet_server.db import connect
+from fleet_server.clock import utc_now_iso
+from fleet_server.db import ClosingConnection, connect
 from fleet_wire.storage import transaction
 
 migrations = Migrations("fleet_server.playbooks")
@@ -42,43 +40,33 @@ _RUN_COLUMNS = (
 _COUNT_COLUMN = {"ok": "ok_count", "changed": "changed_count", "failed": "failed_count", "skipped": "skipped_count"}
 
 
-def now() -> str:
-    """The current UTC time as stored (ISO 8601, milliseconds, Z)."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 class PlaybookStore:
     """Runs and events in the server database; one short connection per call, so any thread may."""
 
     def __init__(self, db_path: str | os.PathLike[str]) -> None:
         self.db_path = db_path
 
-    @contextmanager
-    def _conn(self) -> Iterator[sqlite3.Connection]:
-        conn = connect(self.db_path)
-        try:
-            yield conn
-        finally:
-            conn.close()
+    def _conn(self) -> ClosingConnection:
+        return connect(self.db_path)
 
     def create_run(self, playbook: str, target: str, started_by: str, extravars: dict[str, Any]) -> int:
         with self._conn() as db:
             cur = db.execute(
                 "INSERT INTO playbook_runs (playbook, target, status, started_by, extravars, created_at)"
                 " VALUES (?,?,?,?,?,?)",
-                (playbook, target, "queued", started_by, json.dumps(extravars, ensure_ascii=False), now()),
+                (playbook, target, "queued", started_by, json.dumps(extravars, ensure_ascii=False), utc_now_iso()),
             )
             return int(cur.lastrowid or 0)
 
     def mark_running(self, run_id: int) -> None:
         with self._conn() as db:
-            db.execute("UPDATE playbook_runs SET status='running', started_at=? WHERE id=?", (now(), run_id))
+            db.execute("UPDATE playbook_runs SET status='running', started_at=? WHERE id=?", (utc_now_iso(), run_id))
 
     def finish_run(self, run_id: int, status: str, rc: int, error: str = "") -> None:
         with self._conn() as db:
             db.execute(
                 "UPDATE playbook_runs SET status=?, rc=?, error=?, finished_at=? WHERE id=?",
-                (status, rc, error, now(), run_id),
+                (status, rc, error, utc_now_iso(), run_id),
             )
 
     def add_event(
@@ -97,7 +85,7 @@ class PlaybookStore:
             db.execute(
                 "INSERT INTO playbook_events (run_id, at, host, task, action, status, duration_s, message,"
                 " paths) VALUES (?,?,?,?,?,?,?,?,?)",
-                (run_id, now(), host, task, action, status, duration_s, message, json.dumps(paths)),
+                (run_id, utc_now_iso(), host, task, action, status, duration_s, message, json.dumps(paths)),
             )
             if counted:
                 column = _COUNT_COLUMN[status]  # from a fixed mapping, never from input
@@ -110,8 +98,9 @@ class PlaybookStore:
             return _run(cur, row) if row else None
 
     def runs(self, limit: int = 50, playbook: str | None = None, target: str | None = None) -> list[dict[str, Any]]:
-        sql, params = f"SELECT {_RUN_COLUMNS} FROM playbook_runs", []
-        where = []
+        sql = f"SELECT {_RUN_COLUMNS} FROM playbook_runs"
+        params: list[Any] = []
+        where: list[str] = []
         if playbook:
             where.append("playbook=?")
             params.append(playbook)
@@ -145,7 +134,7 @@ class PlaybookStore:
             return db.execute(
                 "UPDATE playbook_runs SET status='failed', error=?, finished_at=? "
                 "WHERE status IN ('queued', 'running')",
-                (error, now()),
+                (error, utc_now_iso()),
             ).rowcount
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import Any
 
+from fleet_server.clock import utc_now_iso
 from fleet_server.registry.schemas import Office, TerminalCreate, TerminalPublic
 from fleet_wire.storage import transaction
 
@@ -45,10 +45,6 @@ def _terminal(r: tuple[Any, ...]) -> TerminalPublic:
         created_at=r[5],
         revoked_at=r[6],
     )
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 class RegistryStore:
@@ -101,7 +97,7 @@ class RegistryStore:
     def add_terminal(self, terminal: TerminalCreate, password_hash: str) -> TerminalPublic:
         if not self._db.execute("SELECT 1 FROM offices WHERE id=?", (terminal.office_id,)).fetchone():
             raise UnknownOffice(f"office {terminal.office_id!r} is not in the registry")
-        created = _now()
+        created = utc_now_iso()
         try:
             self._db.execute(
                 "INSERT INTO terminals (id, office_id, profile, tags, password_hash, enabled, created_at)"
@@ -120,7 +116,7 @@ class RegistryStore:
         )
 
     def revoke_terminal(self, terminal_id: str) -> None:
-        cur = self._db.execute("UPDATE terminals SET enabled=0, revoked_at=? WHERE id=?", (_now(), terminal_id))
+        cur = self._db.execute("UPDATE terminals SET enabled=0, revoked_at=? WHERE id=?", (utc_now_iso(), terminal_id))
         if cur.rowcount == 0:
             raise UnknownTerminal(f"terminal {terminal_id!r} is not in the registry")
 
