@@ -27,6 +27,14 @@ def _need_mosquitto() -> None:
         pytest.fail("mosquitto is not installed: run the suite through ./run.sh test")
 
 
+@pytest.fixture(scope="session")
+def dist(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """`./run.sh dist` once per test session: both wheels, the agent's wheelhouse and hash-pinned lock."""
+    from fleet_dev.dist import build
+
+    return build(tmp_path_factory.mktemp("dist"))
+
+
 @pytest.fixture
 def make_stack(tmp_path: Path) -> Iterator[Callable[..., DevStack]]:
     """Build a DevStack (not yet started) with `n` terminals spread over the pilot offices."""
