@@ -96,10 +96,10 @@ class RegistryAdmin:
         with self.lock:
             if office_id not in {o.id for o in self.registry.store.offices()}:
                 raise UnknownOffice(f"office {office_id!r} is not in the registry")
-            for t in terminals:
-                self._check_profile(t)
+            for body in terminals:
+                self._check_profile(body)
             with savepoint(self._conn, "onboard"):
-                issued = [self.registry.enrol(t) for t in terminals]
+                issued = [self.registry.enrol(body) for body in terminals]
             self.auth.audit(
                 actor,
                 "office.onboard",
