@@ -14,6 +14,9 @@ from typing import Any
 
 from edge_agent import __version__
 from edge_agent.config import AgentSettings
+from edge_agent.health import HealthMonitor, ProfileUnusable, load_agent_profile
+from edge_agent.health.probes import CameraProbe, HostProbe, ProbeResult
+from edge_agent.health.profile import BUILTIN_PROFILE, HOST_ID, AgentProfile
 from edge_agent.link import LinkEvent, LinkSettings, MqttLink
 from edge_agent.outbox import Outbox, OutboxItem, OutboxLimits, SendWindow
 from edge_agent.outbox.store import InvalidEvent, OutboxFull
@@ -64,7 +67,8 @@ class Agent:
             on_event=self._inbox.put,
             birth=self.status_summary,
         )
-        self.peripherals: dict[str, dict[str, Any]] = {}
+        self.profile_error: str | None = None
+        self.health_monitor = self._build_health_monitor(settings, clock)
         self.bad_receipts = 0
         self._events_topic = topics.topic(settings.terminal_id, Channel.EVENTS)
         self._stop = threading.Event()
@@ -78,7 +82,30 @@ class Agent:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
+    def _build_health_monitor(self, settings: AgentSettings, clock: Callable[[], float]) -> HealthMonitor:
+        profile: AgentProfile = BUILTIN_PROFILE
+        if settings.profile_file is not None:
+            try:
+                profile = load_agent_profile(settings.profile_file)
+            except ProfileUnusable as err:
+                # Loud, but no reason to stop storing the citizens' events: judge the host only.
+                self.profile_error = str(err)
+                log.error("device profile unusable, judging the host by built-in limits only: %s", err)
+        probes: dict[str, Callable[[], ProbeResult]] = {HOST_ID: HostProbe(settings.data_dir)}
+        for camera in profile.of_kind("camera"):
+            probes[camera.id] = CameraProbe(settings.camera_probe_source, clock=clock)
+        return HealthMonitor(
+            profile,
+            probes,
+            clock=clock,
+            probe_interval_s=settings.probe_interval_s,
+            probe_timeout_s=settings.probe_timeout_s,
+            stale_after_s=settings.reading_stale_after_s,
+            name=f"health-{settings.terminal_id}",
+        )
+
     def start(self) -> None:
+        self.health_monitor.start()
         self.link.start()
         self._pump_thread = threading.Thread(target=self._pump, name=f"pump-{self.settings.terminal_id}", daemon=True)
         self._pump_thread.start()
@@ -89,7 +116,13 @@ class Agent:
         if self._pump_thread:
             self._pump_thread.join(5)
         self.link.stop(graceful=graceful)
+        self.health_monitor.stop()
         self.outbox.close()
+
+    @property
+    def stopped(self) -> bool:
+        """stop() was called (the local API server shuts down with its agent)."""
+        return self._stop.is_set()
 
     def alive(self) -> bool:
         """The pump turned recently (for the systemd watchdog)."""
@@ -123,7 +156,10 @@ class Agent:
                 "oldest_age_s": round(st.oldest_age_s, 1),
                 "refused": self.outbox.counters.refused,
             },
-            "peripherals": {k: v.get("state", "ok") for k, v in self.peripherals.items()},
+            "profile": self.health_monitor.profile.id,
+            # {id: {state, check, reading, limit, since, error}}; "host" has the same shape
+            "peripherals": self.health_monitor.peripherals(),
+            "host": self.health_monitor.host(),
             "disk_pct": _disk_pct(self.settings.data_dir),
         }
 
@@ -138,6 +174,9 @@ class Agent:
             problems.append("the broker refused this terminal's credentials")
         if st.oldest_age_s > 3600:
             problems.append(f"oldest unsent event is {st.oldest_age_s / 3600:.1f} h old")
+        if self.profile_error:
+            problems.append(f"device profile not usable, peripherals are not judged: {self.profile_error}")
+        problems.extend(self.health_monitor.problems())
         return {
             "terminal": self.settings.terminal_id,
             "office": self.settings.office_id,
@@ -165,7 +204,9 @@ class Agent:
                 "expired": self.outbox.counters.expired,
                 "refused": self.outbox.counters.refused,
             },
-            "peripherals": self.peripherals,
+            "profile": self.health_monitor.profile.id,
+            "peripherals": self.health_monitor.peripherals(),
+            "host": self.health_monitor.host(),
         }
 
     # -- the pump --------------------------------------------------------------------------------

@@ -34,6 +34,16 @@ class AgentSettings(BaseSettings):
     outbox_max_rows: int = Field(default=200_000, ge=10)
     outbox_max_bytes: int = Field(default=256 * 1024 * 1024, ge=64 * 1024)
     outbox_synchronous: Literal["FULL", "EXTRA", "NORMAL"] = "FULL"
+    # Peripheral health. The device profile the provisioning playbook installs on the terminal
+    # (None: no profile, the host is judged by built-in limits and no peripheral is expected).
+    profile_file: Path | None = None
+    # The camera the health probe opens: index, device path, stream URL, image file, directory or video.
+    camera_probe_source: str = ""
+    # Overrides every profile probe interval (diagnostics, tests); None: the profile's own per peripheral.
+    probe_interval_s: float | None = Field(default=None, gt=0)
+    probe_timeout_s: float = Field(default=10.0, gt=0)
+    # A reading older than this no longer counts (None: three of the peripheral's probe intervals).
+    reading_stale_after_s: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _safe_outside_development(self) -> "AgentSettings":
