@@ -200,6 +200,7 @@ class FleetServer:
                 offline_after=p.offline_after_heartbeats,
                 disk_fail_pct=p.host.disk_used_ratio.fail * 100,
                 peripherals=frozenset(x.id for x in p.peripherals) or None,
+                max_hb_interval_s=p.heartbeat_interval_s,
             )
             for pid, p in self.profiles.items()
         }

@@ -1,24 +1,47 @@
-"""The event envelope and the batch message that carries envelopes on an events topic."""
+"""The event envelope and the batch message that carries envelopes on an events topic.
+
+Decoding is strict and bounded: the payload is measured before it is parsed (`fleet_wire.codec`),
+types are never coerced (no bool or string as a number, no number as a timestamp), epochs and
+ids match their pattern exactly (a trailing newline is not the same epoch), and every failure is
+a `WireError` with a stable reason, for that one message or that one event only.
+
+Timestamps are checked against the receiver's clock (`fleet_wire.limits`):
+
+- more than 1 day in the future: refused as `ts_future` (a clock gone wrong); the event's seq
+  is still salvaged, so the server quarantines and receipts it instead of having it re-sent;
+- more than 400 days in the past: refused as `ts_too_old` (a clock reset), quarantined the same way;
+- between 30 and 400 days old: an offline terminal's backlog. It is *stored* with the time it
+  happened (the citizen's transaction really took place then) and the server notes the receive
+  time (`received_at`, on every row) and counts it as late (`is_late`), so no business event of a
+  terminal that was offline for weeks is thrown away.
+"""
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Literal
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, Literal, TypeGuard
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fleet_wire import limits
-from fleet_wire.errors import EnvelopeInvalid
+from fleet_wire.codec import dumps_checked, loads_bounded
+from fleet_wire.errors import EnvelopeInvalid, TimestampOutOfWindow, WireError
 from fleet_wire.events import describe, validate_body
 from fleet_wire.topics import TERMINAL_ID_PATTERN
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
+# Patterns for pydantic (its Rust regex engine: `$` is the end of the text, never before a
+# trailing newline). Python's `re` with `$` would accept "…\n": use the compiled ones with fullmatch.
 EPOCH_PATTERN = r"^[0-9a-f]{32}$"
-_EPOCH_RE = re.compile(EPOCH_PATTERN)
+EVENT_ID_PATTERN = r"^[0-9a-f]{32}$"
+_EPOCH_RE = re.compile(r"[0-9a-f]{32}")
+_EVENT_ID_RE = _EPOCH_RE
+# UTC only, ISO 8601 with an optional fraction of up to 6 digits: what format_ts and
+# datetime.isoformat() produce. No offsets other than zero, no bare dates, no numbers.
+_TS_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?(?:Z|\+00:00)")
 
 
 def new_epoch() -> str:
@@ -31,6 +54,16 @@ def new_event_id() -> str:
     return uuid.uuid4().hex
 
 
+def is_epoch(value: object) -> TypeGuard[str]:
+    """Tell whether `value` is exactly an epoch (32 lowercase hex digits, nothing after)."""
+    return isinstance(value, str) and _EPOCH_RE.fullmatch(value) is not None
+
+
+def is_event_id(value: object) -> TypeGuard[str]:
+    """Tell whether `value` is exactly an event id."""
+    return isinstance(value, str) and _EVENT_ID_RE.fullmatch(value) is not None
+
+
 def utc_now_iso() -> str:
     """Current UTC time as ISO 8601 with milliseconds and a Z suffix."""
     return format_ts(datetime.now(UTC))
@@ -41,26 +74,63 @@ def format_ts(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def parse_ts(value: object) -> datetime:
+    """Parse a wire timestamp (a UTC ISO 8601 string), raising ValueError with what is wrong."""
+    if not isinstance(value, str):
+        raise ValueError(
+            f"timestamp must be a UTC ISO 8601 string like 2026-11-27T02:00:00.000Z, not {type(value).__name__}"
+        )
+    if _TS_RE.fullmatch(value) is None:
+        raise ValueError("timestamp must be UTC ISO 8601 like 2026-11-27T02:00:00.000Z (suffix Z or +00:00)")
+    return datetime.fromisoformat(value)
+
+
+def check_ts_window(ts: datetime, now: datetime) -> None:
+    """Raise TimestampOutOfWindow if `ts` is implausible against the receiver's clock `now`."""
+    if ts > now + timedelta(seconds=limits.TS_MAX_FUTURE_S):
+        raise TimestampOutOfWindow(
+            f"timestamp {format_ts(ts)} is more than {limits.TS_MAX_FUTURE_S // 3600} h ahead of the receiver's clock"
+            f" ({format_ts(now)}); fix the terminal's clock (NTP)",
+            reason="ts_future",
+        )
+    if ts < now - timedelta(seconds=limits.TS_MAX_PAST_S):
+        raise TimestampOutOfWindow(
+            f"timestamp {format_ts(ts)} is more than {limits.TS_MAX_PAST_S // 86400} days before the receiver's clock"
+            f" ({format_ts(now)}); fix the terminal's clock (NTP)",
+            reason="ts_too_old",
+        )
+
+
+def is_late(ts: datetime, now: datetime) -> bool:
+    """Tell whether an accepted event is an old backlog event (stored, but worth counting)."""
+    return ts < now - timedelta(seconds=limits.TS_LATE_AFTER_S)
+
+
 class Envelope(BaseModel):
     """One event as it crosses the wire."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     v: Literal[1] = SCHEMA_VERSION
     terminal: str = Field(pattern=TERMINAL_ID_PATTERN)
     epoch: str = Field(pattern=EPOCH_PATTERN)
-    seq: int = Field(ge=1, le=2**53, strict=True)
-    id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    seq: int = Field(ge=1, le=limits.MAX_SEQ)
+    id: str = Field(pattern=EVENT_ID_PATTERN)
     ts: AwareDatetime
     type: str = Field(min_length=1, max_length=64)
     body: dict[str, Any]
 
-    @field_validator("ts")
+    @field_validator("v", mode="before")
     @classmethod
-    def _utc_only(cls, value: datetime) -> datetime:
-        if value.utcoffset() != datetime.now(UTC).utcoffset():
-            raise ValueError("timestamp must be in UTC (suffix Z or +00:00)")
+    def _no_bool_version(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # Literal[1] would take True (True == 1 in Python)
+            raise ValueError("schema version must be the number 1, not a boolean")
         return value
+
+    @field_validator("ts", mode="before")
+    @classmethod
+    def _wire_ts(cls, value: Any) -> datetime:
+        return parse_ts(value)
 
 
 @dataclass(slots=True)
@@ -84,33 +154,31 @@ class DecodedBatch:
 
 def encode_batch(envelopes: list[dict[str, Any]]) -> bytes:
     """Serialise envelopes (already-built dicts) into one events message."""
-    return json.dumps({"v": SCHEMA_VERSION, "events": envelopes}, ensure_ascii=False, separators=(",", ":")).encode()
+    return dumps_checked({"v": SCHEMA_VERSION, "events": envelopes}, what="batch").encode()
 
 
-def decode_batch(topic_terminal: str, payload: bytes) -> DecodedBatch:
+def decode_batch(topic_terminal: str, payload: bytes, *, now: datetime | None = None) -> DecodedBatch:
     """Decode and validate an events message published on `topic_terminal`'s events topic.
 
-    Whole-message faults (too large, not JSON, wrong shape) yield one rejection. Per-event faults
-    reject only that event; when its terminal, epoch and seq were readable they are kept so the
-    server can still receipt the seq and the terminal does not re-send a poisoned row forever.
+    Whole-message faults (too large, too deep, not JSON, wrong shape) yield one rejection.
+    Per-event faults reject only that event; when its terminal, epoch and seq were readable they
+    are kept so the server can still receipt the seq and the terminal does not re-send a poisoned
+    row forever. Never raises: every failure is in `rejected`.
     """
     out = DecodedBatch()
-    if len(payload) > limits.MAX_MESSAGE_BYTES:
-        out.rejected.append(
-            Rejected("oversized", f"message is {len(payload)} bytes; the limit is {limits.MAX_MESSAGE_BYTES}")
-        )
-        return out
+    now = now or datetime.now(UTC)
     try:
-        doc = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        out.rejected.append(Rejected("malformed_json", f"not JSON: {err}"))
+        doc = loads_bounded(payload, max_bytes=limits.MAX_MESSAGE_BYTES)
+    except WireError as err:
+        out.rejected.append(Rejected(err.reason, str(err)))
         return out
     if not isinstance(doc, dict) or not isinstance(doc.get("events"), list):
         out.rejected.append(Rejected("schema", "message must be an object with an 'events' list"))
         return out
-    if doc.get("v") != SCHEMA_VERSION:
+    version = doc.get("v")
+    if version != SCHEMA_VERSION or isinstance(version, bool):
         out.rejected.append(
-            Rejected("schema_version", f"schema version {doc.get('v')!r} is not supported (want {SCHEMA_VERSION})")
+            Rejected("schema_version", f"schema version {version!r} is not supported (want {SCHEMA_VERSION})")
         )
         return out
     events = doc["events"]
@@ -121,14 +189,17 @@ def decode_batch(topic_terminal: str, payload: bytes) -> DecodedBatch:
         return out
     for index, raw in enumerate(events):
         try:
-            out.events.append(decode_envelope(topic_terminal, raw, where=f"events[{index}]"))
-        except EnvelopeInvalid as err:
-            keys = _salvage_keys(topic_terminal, raw)
-            out.rejected.append(Rejected(err.reason, str(err), *keys))
+            out.events.append(decode_envelope(topic_terminal, raw, where=f"events[{index}]", now=now))
+        except WireError as err:
+            out.rejected.append(Rejected(err.reason, str(err), *_salvage_keys(topic_terminal, raw)))
+        except Exception as err:  # a validator bug must cost one event, never the batch
+            out.rejected.append(
+                Rejected("undecodable", f"events[{index}]: {type(err).__name__}", *_salvage_keys(topic_terminal, raw))
+            )
     return out
 
 
-def decode_envelope(topic_terminal: str, raw: Any, *, where: str = "event") -> Envelope:
+def decode_envelope(topic_terminal: str, raw: Any, *, where: str = "event", now: datetime | None = None) -> Envelope:
     """Validate one envelope and its body; the envelope's terminal must be the topic's."""
     try:
         env = Envelope.model_validate(raw)
@@ -140,7 +211,11 @@ def decode_envelope(topic_terminal: str, raw: Any, *, where: str = "event") -> E
             reason="terminal_mismatch",
             where=where,
         )
-    body_size = len(json.dumps(env.body, ensure_ascii=False).encode())
+    try:
+        check_ts_window(env.ts, now or datetime.now(UTC))
+        body_size = len(dumps_checked(env.body, what="body").encode())
+    except WireError as err:
+        raise type(err)(str(err), reason=err.reason, where=where) from err
     if body_size > limits.MAX_EVENT_BODY_BYTES:
         raise EnvelopeInvalid(
             f"body is {body_size} bytes; the limit is {limits.MAX_EVENT_BODY_BYTES}", reason="oversized", where=where
@@ -159,8 +234,8 @@ def _salvage_keys(topic_terminal: str, raw: Any) -> tuple[str | None, int | None
     if not isinstance(raw, dict) or raw.get("terminal") != topic_terminal:
         return (None, None, None)
     epoch, seq, event_id = raw.get("epoch"), raw.get("seq"), raw.get("id")
-    if not (isinstance(epoch, str) and _EPOCH_RE.match(epoch)):
+    if not is_epoch(epoch):
         return (None, None, None)
-    if not (isinstance(seq, int) and not isinstance(seq, bool) and 1 <= seq <= 2**53):
+    if not (isinstance(seq, int) and not isinstance(seq, bool) and 1 <= seq <= limits.MAX_SEQ):
         return (None, None, None)
-    return (epoch, seq, event_id if isinstance(event_id, str) else None)
+    return (epoch, seq, event_id if is_event_id(event_id) else None)

@@ -1,7 +1,13 @@
-"""Event types, their bodies and their priority class."""
+"""Event types, their bodies and their priority class.
+
+Bodies are validated in strict mode: a boolean is not a number, a string is not a number or a
+boolean (`duration_s: true` or `"95"`, `face_login: "yes"` are refused, not coerced); an
+integer is accepted where a float is expected, since JSON has one number type.
+"""
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Literal
@@ -23,7 +29,7 @@ class EventClass(IntEnum):
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ServiceStarted(_Body):
@@ -72,7 +78,7 @@ class TelemetrySample(_Body):
     cpu_pct: float = Field(ge=0, le=100)
     mem_pct: float = Field(ge=0, le=100)
     disk_pct: float = Field(ge=0, le=100)
-    outbox_depth: int = Field(ge=0)
+    outbox_depth: int = Field(ge=0, le=10**9)
 
 
 class AgentLifecycle(_Body):
@@ -93,7 +99,7 @@ class Tombstone(_Body):
 class EventSpec:
     type: str
     event_class: EventClass
-    body: type[_Body]
+    body: builtins.type[_Body]  # `type` alone would name the field above
 
 
 TOMBSTONE = "outbox.tombstone"

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import bisect
 import json
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from fleet_wire import limits
-from fleet_wire.envelope import EPOCH_PATTERN, SCHEMA_VERSION
+from fleet_wire.codec import loads_bounded
+from fleet_wire.envelope import SCHEMA_VERSION, is_epoch
 from fleet_wire.errors import EnvelopeInvalid
-
-_EPOCH_RE = re.compile(EPOCH_PATTERN)
+from fleet_wire.topics import is_terminal_id
 
 
 class SeqSet:
@@ -69,6 +68,33 @@ class SeqSet:
                     break
             low = end + 1
         return gaps
+
+    @property
+    def range_count(self) -> int:
+        """How many disjoint ranges are held above the contiguous mark (the state's size)."""
+        return len(self._starts)
+
+    def adds_range(self, seq: int) -> bool:
+        """Tell whether adding `seq` would make a new range (it touches neither the mark nor a range)."""
+        if seq <= self._upto + 1:
+            return False
+        i = bisect.bisect_right(self._starts, seq) - 1
+        if i >= 0 and self._ends[i] >= seq - 1:
+            return False
+        return not (i + 1 < len(self._starts) and self._starts[i + 1] == seq + 1)
+
+    def missing_count(self, max_per_gap: int) -> int:
+        """Seqs missing between stored ones, each gap counted up to `max_per_gap`.
+
+        A far seq (one terminal sent 5 and then 2**53) is one implausible gap, not 9e15 lost
+        events: capping each gap keeps the figure a count of what could really be missing.
+        """
+        total = 0
+        low = self._upto + 1
+        for start, end in zip(self._starts, self._ends):
+            total += min(start - low, max_per_gap)
+            low = end + 1
+        return total
 
     def count(self) -> int:
         """Number of seqs in the set."""
@@ -131,20 +157,34 @@ class Receipt:
 
     @classmethod
     def decode(cls, payload: bytes) -> "Receipt":
-        """Parse a receipt, raising EnvelopeInvalid with the reason if it is malformed."""
-        try:
-            doc: Any = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise EnvelopeInvalid(f"receipt is not JSON: {err}", reason="malformed_json") from err
-        try:
-            if doc["v"] != SCHEMA_VERSION:
-                raise EnvelopeInvalid(f"receipt schema {doc['v']!r}", reason="schema_version")
-            terminal, epoch, upto = doc["terminal"], doc["epoch"], doc["upto"]
-            ranges = tuple((int(a), int(b)) for a, b in doc.get("ranges", []))
-        except (KeyError, TypeError, ValueError) as err:
-            raise EnvelopeInvalid(f"receipt is missing or mistypes {err}", reason="schema") from err
-        if not (isinstance(epoch, str) and _EPOCH_RE.match(epoch)):
-            raise EnvelopeInvalid("receipt epoch is malformed", reason="schema")
-        if not isinstance(upto, int) or upto < 0 or any(a > b or a <= upto for a, b in ranges):
+        """Parse a receipt (bounded, strictly typed), raising a WireError with the reason if it is malformed."""
+        doc: Any = loads_bounded(payload, max_bytes=limits.MAX_RECEIPT_BYTES, what="receipt")
+        if not isinstance(doc, dict):
+            raise EnvelopeInvalid("receipt must be an object", reason="schema")
+        version = doc.get("v")
+        if version != SCHEMA_VERSION or isinstance(version, bool):
+            raise EnvelopeInvalid(f"receipt schema {version!r}", reason="schema_version")
+        terminal, epoch, upto, raw_ranges = (
+            doc.get("terminal"),
+            doc.get("epoch"),
+            doc.get("upto"),
+            doc.get("ranges", []),
+        )
+        if not is_terminal_id(terminal) or not is_epoch(epoch):
+            raise EnvelopeInvalid("receipt terminal or epoch is malformed", reason="schema")
+        if not _is_seq(upto, low=0) or not isinstance(raw_ranges, list):
+            raise EnvelopeInvalid("receipt is missing or mistypes upto/ranges", reason="schema")
+        if len(raw_ranges) > limits.MAX_RECEIPT_RANGES:
+            raise EnvelopeInvalid(f"receipt carries {len(raw_ranges)} ranges", reason="oversized")
+        ranges: list[tuple[int, int]] = []
+        for pair in raw_ranges:
+            if not (isinstance(pair, list) and len(pair) == 2 and _is_seq(pair[0]) and _is_seq(pair[1])):
+                raise EnvelopeInvalid("receipt ranges must be [start, end] pairs of seqs", reason="schema")
+            ranges.append((pair[0], pair[1]))
+        if any(a > b or a <= upto for a, b in ranges):
             raise EnvelopeInvalid("receipt marks are inconsistent", reason="schema")
-        return cls(str(terminal), epoch, upto, ranges)
+        return cls(terminal, epoch, upto, tuple(ranges))
+
+
+def _is_seq(value: Any, low: int = 1) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= limits.MAX_SEQ

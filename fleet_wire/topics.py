@@ -5,14 +5,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TypeGuard
 
 from fleet_wire.errors import TopicError
 
 PREFIX = "fleet/v1"
 TERMINAL_ROOT = f"{PREFIX}/t"
 # Terminal ids double as MQTT usernames and client ids, so they must never hold / + # or spaces.
+# The pattern is for pydantic (Rust regex: `$` is the end of the text). Python's `$` also matches
+# before a trailing newline, so Python code uses the compiled form with fullmatch only.
 TERMINAL_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{1,62}$"
-_TERMINAL_ID_RE = re.compile(TERMINAL_ID_PATTERN)
+_TERMINAL_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{1,62}")
 
 
 class Channel(StrEnum):
@@ -37,14 +40,14 @@ class TopicRef:
     channel: Channel
 
 
-def is_terminal_id(value: str) -> bool:
+def is_terminal_id(value: object) -> TypeGuard[str]:
     """Tell whether `value` is a well-formed terminal id."""
-    return bool(_TERMINAL_ID_RE.match(value))
+    return isinstance(value, str) and _TERMINAL_ID_RE.fullmatch(value) is not None
 
 
 def check_terminal_id(value: str) -> str:
     """Return `value` if it is a well-formed terminal id, else raise TopicError."""
-    if not isinstance(value, str) or not _TERMINAL_ID_RE.match(value):
+    if not is_terminal_id(value):
         raise TopicError(
             f"terminal id {value!r} must be 2-63 characters of a-z, 0-9 and '-', starting with a letter or digit",
             reason="bad_terminal_id",
@@ -68,7 +71,7 @@ def parse(value: str) -> TopicRef:
     if not value.startswith(root):
         raise TopicError(f"topic {value!r} is not under {root}")
     terminal_id, _, rest = value[len(root) :].partition("/")
-    if not _TERMINAL_ID_RE.match(terminal_id):
+    if not is_terminal_id(terminal_id):
         raise TopicError(f"topic {value!r} names no valid terminal id")
     try:
         channel = Channel(rest)

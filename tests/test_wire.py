@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from fleet_wire import topics
 from fleet_wire.envelope import decode_batch, encode_batch
-from fleet_wire.errors import EnvelopeInvalid, TopicError
+from fleet_wire.errors import TopicError, WireError
 from fleet_wire.receipt import Receipt, SeqSet
 from fleet_wire.topics import Channel
 
@@ -99,7 +99,7 @@ def test_receipt_round_trips_and_covers_exactly_the_stored_seqs(seqs: list[int])
     ],
 )
 def test_malformed_receipts_are_refused(payload: bytes) -> None:
-    with pytest.raises(EnvelopeInvalid):
+    with pytest.raises(WireError):
         Receipt.decode(payload)
 
 

@@ -1,0 +1,83 @@
+"""The status document a terminal keeps retained on its status topic (birth, heartbeat, will).
+
+Decoded bounded and strictly typed like every wire input: a retained poison is refused with a
+reason each time it is delivered and never stops other terminals' statuses from being applied.
+Unknown fields are dropped (a newer agent may add some); known ones must have their type.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fleet_wire import limits
+from fleet_wire.codec import dumps_checked, loads_bounded
+from fleet_wire.envelope import parse_ts
+from fleet_wire.errors import StatusInvalid, WireError
+from fleet_wire.events import describe
+
+MAX_PERIPHERALS = 64  # entries in one status document's peripherals map
+MAX_HEARTBEAT_INTERVAL_S = 24 * 3600  # the wire's bound; the server caps it further per device profile
+
+
+class OutboxSummary(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+
+    depth: int = Field(default=0, ge=0, le=10**9)
+    oldest_age_s: float = Field(default=0.0, ge=0, le=10**10)
+    refused: int = Field(default=0, ge=0, le=10**12)
+
+
+class StatusDoc(BaseModel):
+    """One terminal's reported state."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+
+    state: Literal["online", "offline"]
+    reason: str | None = Field(default=None, max_length=64)
+    ts: str | None = None
+    version: str | None = Field(default=None, max_length=64)
+    office: str | None = Field(default=None, max_length=64)
+    uptime_s: float | None = Field(default=None, ge=0, le=10**10)
+    hb_interval_s: float | None = Field(default=None, gt=0, le=MAX_HEARTBEAT_INTERVAL_S)
+    outbox: OutboxSummary | None = None
+    peripherals: dict[str, str] | None = Field(default=None, max_length=MAX_PERIPHERALS)
+    disk_pct: float | None = Field(default=None, ge=0, le=100)
+
+    @field_validator("ts")
+    @classmethod
+    def _wire_ts(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_ts(value)
+        return value
+
+    @field_validator("peripherals")
+    @classmethod
+    def _short_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None and any(len(k) > 32 or len(v) > 16 for k, v in value.items()):
+            raise ValueError("peripheral names are at most 32 characters and states at most 16")
+        return value
+
+    def to_json(self) -> str:
+        """The normalised document as stored: only known fields, valid UTF-8."""
+        return dumps_checked(self.model_dump(exclude_none=True), what="status")
+
+
+CLEARED = StatusDoc(state="offline", reason="cleared")  # an empty retained payload clears the topic
+
+
+def decode_status(payload: bytes) -> StatusDoc:
+    """Decode a status payload, raising StatusInvalid (reason `bad_status` or `oversized`)."""
+    if not payload:
+        return CLEARED
+    try:
+        doc: Any = loads_bounded(payload, max_bytes=limits.MAX_STATUS_BYTES, what="status")
+        status = StatusDoc.model_validate(doc)
+        status.to_json()  # refuse text that cannot be stored here, not in the writer
+    except ValidationError as err:
+        raise StatusInvalid(f"status document: {describe(err)}") from err
+    except WireError as err:
+        reason = "oversized" if err.reason == "oversized" else "bad_status"
+        raise StatusInvalid(f"status document: {err}", reason=reason) from err
+    return status
