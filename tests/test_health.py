@@ -214,3 +214,103 @@ def test_device_profile_sets_the_limits_a_terminal_is_judged_by(tmp_path: Path) 
     assert ("peripheral_failed", "t-kiosk:coffee_machine") not in alerts
     assert ("peripheral_failed", "t-plain:coffee_machine") in alerts
     svc.close()
+
+
+def test_claimed_heartbeat_interval_is_capped_by_the_device_profile(tmp_path: Path) -> None:
+    from fleet_server.health.service import HealthLimits
+
+    clock = Clock(1_800_000_000.0)
+    db = tmp_path / "h.db"
+    migrate(db, health_service.migrations)
+    svc = HealthService(
+        str(db),
+        lambda: {"t-liar": "haidian", "t-none": "haidian"},
+        lambda: [OfficeInfo("haidian", {"mon-sun": "00:00-23:59"}, "Asia/Shanghai")],
+        CollectorRegistry(),
+        clock=clock,
+        limits=lambda: {"t-liar": HealthLimits(stale_after=3, offline_after=10, max_hb_interval_s=30)},
+    )
+    # both claim a heartbeat every 1e12 s, then fall silent
+    svc.on_status([_status(t, "online", clock.now, hb_interval_s=1e12) for t in ("t-liar", "t-none")])
+    svc.sweep()
+    assert {h["state"] for h in svc.terminals()} == {"online"}
+    clock.now += 10 * 30 + 1  # ten of the profile's 30 s heartbeats
+    svc.sweep()
+    liar = svc.terminal("t-liar")
+    assert liar is not None and liar["state"] == "offline" and liar["heartbeat_interval_s"] == 30
+    assert "expected every 30 s" in liar["reason"]
+    clock.now += 3 * 600  # no profile: capped by the schema's maximum (600 s), three of those
+    svc.sweep()
+    assert svc.terminal("t-none")["state"] == "offline"  # type: ignore[index]
+    svc.close()
+
+
+def test_a_managers_alert_list_is_filtered_before_the_limit(tmp_path: Path) -> None:
+    clock = Clock(1_800_000_000.0)
+    offices = {"t-mine": "haidian", **{f"t-{i:03d}": "chaoyang" for i in range(30)}}
+    svc = _service(tmp_path, clock, offices, alert_for_s=0, alert_clear_s=0)
+    # the manager's terminal goes first, so its alert is the oldest one
+    svc.on_status([_status("t-mine", "online", clock.now, disk_pct=99.0)])
+    svc.sweep()
+    svc.sweep()
+    clock.now += 1
+    svc.on_status([_status(t, "online", clock.now, disk_pct=99.0) for t in offices if t != "t-mine"])
+    svc.sweep()
+    svc.sweep()
+    everyone = svc.alerts(limit=10)
+    assert len(everyone) == 10 and {a["office"] for a in everyone} == {"chaoyang"}
+    mine = svc.alerts(offices=["haidian"], limit=10)
+    assert [(a["subject"], a["office"]) for a in mine] == [("t-mine", "haidian")]
+    assert svc.alerts(offices=[], limit=10) == []
+    assert len(svc.alerts(offices=["chaoyang"], limit=5)) == 5
+    svc.close()
+
+
+def _periph(state: str, check: str | None, reading: dict[str, float], limit: float | None, **kw: Any) -> dict[str, Any]:
+    return {"state": state, "check": check, "reading": reading, "limit": limit, "since": "2027-01-04T09:00:00Z", **kw}
+
+
+def test_peripheral_alerts_name_the_reading_and_the_threshold(tmp_path: Path) -> None:
+    clock = Clock(1_800_000_000.0)
+    svc = _service(tmp_path, clock, {"t-1": "haidian"}, alert_for_s=0, alert_clear_s=0)
+    doc = {
+        "receipt_printer": _periph("fail", "paper_left_pct", {"paper_left_pct": 2, "head_temp_c": 40}, 3),
+        "id_reader": _periph("warn", "read_ms", {"read_ms": 1800}, 1500),
+        "camera": _periph("fail", "fault", {}, None, error="camera source '/dev/video7' cannot be opened"),
+        "qr_scanner": _periph("stale", None, {"decode_ms": 120}, None),
+        "screen": _periph("ok", None, {"usb_resets_per_day": 0}, None),
+        "a4_printer": _periph("unknown", None, {}, None, error="no reading yet"),
+    }
+    host = _periph("warn", "cpu_temp_c", {"cpu_temp_c": 80, "disk_used_ratio": 0.4}, 75)
+    svc.on_status([_status("t-1", "online", clock.now, peripherals=doc, host=host)])
+    svc.sweep()
+    svc.sweep()
+    alerts = {(a["kind"], a["subject"]): a["message"] for a in svc.alerts()}
+    assert set(alerts) == {
+        ("peripheral_failed", "t-1:receipt_printer"),
+        ("peripheral_failed", "t-1:camera"),
+        ("peripheral_warn", "t-1:id_reader"),
+        ("peripheral_warn", "t-1:qr_scanner"),
+        ("peripheral_warn", "t-1:host"),
+    }
+    assert "paper_left_pct is 2 (fail threshold 3)" in alerts[("peripheral_failed", "t-1:receipt_printer")]
+    assert "read_ms is 1800 (warn threshold 1500)" in alerts[("peripheral_warn", "t-1:id_reader")]
+    assert "'/dev/video7' cannot be opened" in alerts[("peripheral_failed", "t-1:camera")]
+    assert "no fresh reading" in alerts[("peripheral_warn", "t-1:qr_scanner")]
+    assert "cpu_temp_c is 80 (warn threshold 75)" in alerts[("peripheral_warn", "t-1:host")]
+    shown = svc.terminal("t-1")
+    assert shown is not None
+    assert shown["peripherals"]["receipt_printer"]["reading"] == {"paper_left_pct": 2, "head_temp_c": 40}
+    assert shown["host"]["check"] == "cpu_temp_c"
+    assert svc.metrics.peripherals.labels("haidian", "receipt_printer")._value.get() == 1
+    assert svc.metrics.peripherals.labels("haidian", "id_reader")._value.get() == 0
+    # paper changed: the failure resolves, and a warn that turns into a fail is a new alert
+    doc["receipt_printer"] = _periph("ok", None, {"paper_left_pct": 100}, None)
+    doc["id_reader"] = _periph("fail", "read_ms", {"read_ms": 4200}, 4000)
+    svc.on_status([_status("t-1", "online", clock.now, peripherals=doc, host=host)])
+    svc.sweep()
+    svc.sweep()
+    active = {(a["kind"], a["subject"]) for a in svc.alerts()}
+    assert ("peripheral_failed", "t-1:receipt_printer") not in active
+    assert ("peripheral_failed", "t-1:id_reader") in active and ("peripheral_warn", "t-1:id_reader") not in active
+    svc.close()

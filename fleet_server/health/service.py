@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from sqlite_utils.migrations import Migrations
 
+from fleet_server.clock import utc_iso
 from fleet_server.db import connect
 from fleet_server.health.rules import (
     OFFLINE_AFTER_INTERVALS,
@@ -23,27 +24,19 @@ from fleet_server.health.rules import (
     is_open,
     judge,
 )
-from fleet_wire.storage import transaction
+from fleet_server.health.store import HealthStore, migrations
 
 log = logging.getLogger(__name__)
 
-migrations = Migrations("fleet_server.health")
-
-
-@migrations(name="0001_health")
-def _m0001(db: Any) -> None:
-    db.execute("""CREATE TABLE health_transitions (
-        id INTEGER PRIMARY KEY, terminal TEXT NOT NULL, at TEXT NOT NULL, from_state TEXT NOT NULL,
-        to_state TEXT NOT NULL, reason TEXT NOT NULL)""")
-    db.execute("CREATE INDEX health_transitions_terminal ON health_transitions (terminal, id)")
-    db.execute("""CREATE TABLE alerts (
-        id INTEGER PRIMARY KEY, kind TEXT NOT NULL, subject TEXT NOT NULL, office_id TEXT NOT NULL,
-        severity TEXT NOT NULL, state TEXT NOT NULL, message TEXT NOT NULL, fired_at TEXT NOT NULL,
-        resolved_at TEXT)""")
-    db.execute("CREATE INDEX alerts_state ON alerts (state, kind)")
-
+__all__ = ["HealthLimits", "HealthService", "OfficeInfo", "PeripheralReport", "TerminalHealth", "migrations"]
 
 DEFAULT_HB_INTERVAL_S = 30.0
+# A terminal's claimed heartbeat interval is capped by its profile's; this one without a profile
+# (the profile schema's own maximum): a status claiming 1e12 s must not keep a silent terminal online.
+MAX_HB_INTERVAL_S = 600.0
+MIN_HB_INTERVAL_S = 1.0
+MAX_PERIPHERALS = 32
+MAX_READINGS = 32
 DISK_NEARLY_FULL_PCT = 90.0
 OUTBOX_BACKLOG_OLD_S = 1800.0
 OFFICE_MOSTLY_OFFLINE = 0.5
@@ -53,11 +46,15 @@ SEVERITY = {
     "disk_nearly_full": "warning",
     "outbox_backlog_old": "warning",
     "peripheral_failed": "warning",
+    "peripheral_warn": "info",
 }
+# What a peripheral's state means to the centre (states as the agent reports them).
+PERIPHERAL_OK = frozenset({"ok", "unknown"})
+PERIPHERAL_WARN = frozenset({"warn", "stale"})
 
 
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return utc_iso(ts)
 
 
 def _parse_iso(value: str) -> float:
@@ -80,7 +77,14 @@ class TerminalHealth:
     outbox_depth: int = 0
     outbox_oldest_age_s: float = 0.0
     disk_pct: float = 0.0
-    peripherals: dict[str, str] = field(default_factory=dict)
+    profile: str | None = None  # the profile the agent says it judges by
+    peripherals: dict[str, PeripheralReport] = field(default_factory=dict)
+    host: PeripheralReport | None = None
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        """The interval it is judged by: what it claims, capped by its device profile."""
+        return min(self.hb_interval_s, self.limits.max_hb_interval_s)
 
     def public(self) -> dict[str, Any]:
         return {
@@ -90,12 +94,82 @@ class TerminalHealth:
             "reason": self.reason,
             "since": _iso(self.since) if self.since else None,
             "last_seen": _iso(self.last_seen) if self.last_seen else None,
-            "heartbeat_interval_s": self.hb_interval_s,
+            "heartbeat_interval_s": self.heartbeat_interval_s,
             "agent_version": self.version,
             "outbox": {"depth": self.outbox_depth, "oldest_age_s": self.outbox_oldest_age_s},
             "disk_pct": self.disk_pct,
-            "peripherals": dict(self.peripherals),
+            "profile_reported": self.profile,
+            "peripherals": {k: v.public() for k, v in self.peripherals.items()},
+            "host": self.host.public() if self.host else None,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class PeripheralReport:
+    """One peripheral as the terminal judged it by its device profile."""
+
+    state: str
+    check: str | None = None  # the check that set the state ("fault" for a fault)
+    reading: dict[str, float] = field(default_factory=dict)
+    limit: float | None = None  # the threshold `check` crossed
+    since: str | None = None
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.state not in PERIPHERAL_OK and self.state not in PERIPHERAL_WARN
+
+    @property
+    def warned(self) -> bool:
+        return self.state in PERIPHERAL_WARN
+
+    def explain(self) -> str:
+        """Why, in plain words: the reading and the threshold it crossed, or the fault."""
+        if self.error and (self.check == "fault" or self.check is None):
+            why = self.error
+        elif self.check is not None and self.check in self.reading:
+            why = f"{self.check} is {self.reading[self.check]:g}"
+            if self.limit is not None:
+                why += f" ({self.state} threshold {self.limit:g})"
+        elif self.state == "stale":
+            why = "no fresh reading (is the kiosk app reporting?)"
+        else:
+            why = self.state
+        return why + (f", since {self.since}" if self.since else "")
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "check": self.check,
+            "reading": dict(self.reading),
+            "limit": self.limit,
+            "since": self.since,
+            "error": self.error,
+        }
+
+    @classmethod
+    def parse(cls, raw: Any) -> PeripheralReport:
+        """Read one entry of a status document's `peripherals` (an old agent sends a bare state)."""
+        if isinstance(raw, str):
+            return cls(raw[:16])
+        if not isinstance(raw, dict):
+            raise TypeError(f"peripheral entry is {type(raw).__name__}, not an object")
+        reading = {
+            str(k)[:64]: float(v) for k, v in list((raw.get("reading") or {}).items())[:MAX_READINGS] if _number(v)
+        }
+        limit: Any = raw.get("limit")
+        return cls(
+            str(raw.get("state", "unknown"))[:16],
+            str(raw["check"])[:64] if raw.get("check") is not None else None,
+            reading,
+            float(limit) if _number(limit) else None,
+            str(raw["since"])[:40] if raw.get("since") else None,
+            str(raw["error"])[:200] if raw.get("error") else None,
+        )
+
+
+def _number(v: Any) -> TypeGuard[float]:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +180,7 @@ class HealthLimits:
     offline_after: float = OFFLINE_AFTER_INTERVALS
     disk_fail_pct: float = DISK_NEARLY_FULL_PCT
     peripherals: frozenset[str] | None = None  # None (or a model listing none): judge what is reported
+    max_hb_interval_s: float = MAX_HB_INTERVAL_S  # the profile's heartbeat interval
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,24 +245,20 @@ class HealthService:
         self._alerts: dict[tuple[str, str], Hysteresis] = {}
         self._alert_rows: dict[tuple[str, str], int] = {}
         self._conn = connect(db_path)
+        self._store = HealthStore(self._conn)
         self._load()
 
     def _load(self) -> None:
         self.refresh_registry()
-        for terminal, state, reason, _, last_seen, doc in self._conn.execute(
-            "SELECT terminal, state, reason, since, last_seen, doc FROM terminal_status"
-        ):
+        for terminal, state, reason, last_seen, doc in self._store.status_rows():
             h = self._health.get(terminal)
             if h is not None:
                 self._apply(h, state, reason, _parse_iso(last_seen), doc)
-        for aid, kind, subject in self._conn.execute("SELECT id, kind, subject FROM alerts WHERE state='firing'"):
+        for aid, kind, subject in self._store.firing_alerts():
             hy = Hysteresis(self.alert_for_s, self.alert_clear_s, firing=True)
             self._alerts[(kind, subject)] = hy
             self._alert_rows[(kind, subject)] = aid
-        for terminal, state, at in self._conn.execute(
-            "SELECT terminal, to_state, at FROM health_transitions WHERE id IN"
-            " (SELECT max(id) FROM health_transitions GROUP BY terminal)"
-        ):
+        for terminal, state, at in self._store.last_transitions():
             h = self._health.get(terminal)
             if h is not None:
                 h.state, h.since = State(state), _parse_iso(at)
@@ -230,13 +301,20 @@ class HealthService:
         if not isinstance(doc, dict) or state != "online":
             return
         try:
-            h.hb_interval_s = max(1.0, float(doc.get("hb_interval_s", h.hb_interval_s)))
+            claimed = doc.get("hb_interval_s", h.hb_interval_s)
+            if _number(claimed):  # the profile's cap applies when judging (TerminalHealth.heartbeat_interval_s)
+                h.hb_interval_s = max(MIN_HB_INTERVAL_S, float(claimed))
             h.version = str(doc["version"])[:64] if "version" in doc else h.version
             outbox = doc.get("outbox") or {}
             h.outbox_depth = int(outbox.get("depth", 0))
             h.outbox_oldest_age_s = float(outbox.get("oldest_age_s", 0.0))
             h.disk_pct = float(doc.get("disk_pct", 0.0))
-            h.peripherals = {str(k)[:32]: str(v)[:16] for k, v in (doc.get("peripherals") or {}).items()}
+            h.profile = str(doc["profile"])[:64] if doc.get("profile") else None
+            h.peripherals = {
+                str(k)[:32]: PeripheralReport.parse(v)
+                for k, v in list((doc.get("peripherals") or {}).items())[:MAX_PERIPHERALS]
+            }
+            h.host = PeripheralReport.parse(doc["host"]) if doc.get("host") else None
         except (TypeError, ValueError, AttributeError):
             log.info("terminal %s sent a status document with odd fields; kept what was readable", h.terminal)
 
@@ -254,7 +332,7 @@ class HealthService:
                     h.last_seen,
                     h.reported,
                     h.reported_reason,
-                    h.hb_interval_s,
+                    h.heartbeat_interval_s,
                     now,
                     h.limits.stale_after,
                     h.limits.offline_after,
@@ -285,16 +363,15 @@ class HealthService:
     def _conditions(self, healths: list[TerminalHealth], now: float) -> dict[tuple[str, str], tuple[bool, str, str]]:
         """Alert conditions worth looking at: every true one, plus every one with alert state.
 
-        A false condition with no pending or firing alert needs no bookkeeping; skipping those
-        keeps a sweep over 10,000 healthy terminals cheap.
+        A false condition with no pending or firing alert needs no bookkeeping (nor a message);
+        skipping those keeps a sweep over 10,000 healthy terminals cheap.
         """
         moment = datetime.fromtimestamp(now, UTC)
         known = self._alerts
         out: dict[tuple[str, str], tuple[bool, str, str]] = {}
 
-        def put(key: tuple[str, str], cond: bool, office: str, message: Callable[[], str]) -> None:
-            if cond or key in known:
-                out[key] = (cond, office, message())
+        def wanted(key: tuple[str, str], cond: bool) -> bool:
+            return cond or key in known
 
         open_now: dict[str, bool] = {}
         by_office: dict[str, list[TerminalHealth]] = {}
@@ -303,41 +380,38 @@ class HealthService:
             if h.office not in open_now:
                 office = self._offices.get(h.office)
                 open_now[h.office] = office is None or is_open(office.hours, office.timezone, moment)
-            put(
-                ("terminal_offline", h.terminal),
-                h.state == State.OFFLINE and open_now[h.office],
-                h.office,
-                lambda h=h: f"terminal {h.terminal} is offline during opening hours: {h.reason}",
-            )
-            put(
-                ("disk_nearly_full", h.terminal),
-                h.state != State.MISSING and h.disk_pct >= h.limits.disk_fail_pct,
-                h.office,
-                lambda h=h: f"terminal {h.terminal} disk is {h.disk_pct:.0f}% full",
-            )
-            put(
-                ("outbox_backlog_old", h.terminal),
-                h.outbox_oldest_age_s >= OUTBOX_BACKLOG_OLD_S,
-                h.office,
-                lambda h=h: f"terminal {h.terminal} has events waiting for {h.outbox_oldest_age_s / 60:.0f} min",
-            )
-            for name, pstate in h.peripherals.items():
-                if h.limits.peripherals is not None and name not in h.limits.peripherals:
-                    continue  # not part of this model: nothing to page anyone about
-                put(
-                    ("peripheral_failed", f"{h.terminal}:{name}"),
-                    pstate not in ("ok", "warn"),
-                    h.office,
-                    lambda h=h, name=name, pstate=pstate: f"{name} on terminal {h.terminal}: {pstate}",
-                )
+            t, o = h.terminal, h.office
+            key, cond = ("terminal_offline", t), h.state == State.OFFLINE and open_now[o]
+            if wanted(key, cond):
+                out[key] = (cond, o, f"terminal {t} is offline during opening hours: {h.reason}")
+            key, cond = ("disk_nearly_full", t), h.state != State.MISSING and h.disk_pct >= h.limits.disk_fail_pct
+            if wanted(key, cond):
+                out[key] = (cond, o, f"terminal {t} disk is {h.disk_pct:.0f}% full")
+            key, cond = ("outbox_backlog_old", t), h.outbox_oldest_age_s >= OUTBOX_BACKLOG_OLD_S
+            if wanted(key, cond):
+                out[key] = (cond, o, f"terminal {t} has events waiting for {h.outbox_oldest_age_s / 60:.0f} min")
+            judged = [
+                (name, p)
+                for name, p in h.peripherals.items()
+                # not part of this model: nothing to page anyone about
+                if h.limits.peripherals is None or name in h.limits.peripherals
+            ]
+            if h.host is not None:
+                judged.append(("host", h.host))
+            live = h.state != State.MISSING
+            for name, p in judged:
+                key, cond = ("peripheral_failed", f"{t}:{name}"), live and p.failed
+                if wanted(key, cond):
+                    out[key] = (cond, o, f"{name} on terminal {t} failed: {p.explain()}")
+                key, cond = ("peripheral_warn", f"{t}:{name}"), live and p.warned
+                if wanted(key, cond):
+                    out[key] = (cond, o, f"{name} on terminal {t} needs attention: {p.explain()}")
         for office_id, members in by_office.items():
             down = sum(1 for h in members if h.state == State.OFFLINE)
-            put(
-                ("office_offline", office_id),
-                len(members) >= 2 and down / len(members) > OFFICE_MOSTLY_OFFLINE,
-                office_id,
-                lambda d=down, n=len(members), o=office_id: f"{d} of {n} terminals of office {o} are offline",
-            )
+            key = ("office_offline", office_id)
+            cond = len(members) >= 2 and down / len(members) > OFFICE_MOSTLY_OFFLINE
+            if wanted(key, cond):
+                out[key] = (cond, office_id, f"{down} of {len(members)} terminals of office {office_id} are offline")
         return out
 
     def _persist(
@@ -349,23 +423,15 @@ class HealthService:
     ) -> None:
         if not (transitions or fired or resolved):
             return
-        c = self._conn
-        with transaction(c):
-            c.executemany(
-                "INSERT INTO health_transitions (terminal, at, from_state, to_state, reason) VALUES (?,?,?,?,?)",
-                [(t, at, a, b, r) for t, a, b, r in transitions],
-            )
-            for (kind, subject), office, message in fired:
-                cur = c.execute(
-                    "INSERT INTO alerts (kind, subject, office_id, severity, state, message, fired_at)"
-                    " VALUES (?,?,?,?,'firing',?,?)",
-                    (kind, subject, office, SEVERITY[kind], message, at),
-                )
-                self._alert_rows[(kind, subject)] = int(cur.lastrowid or 0)
-            for key in resolved:
-                aid = self._alert_rows.pop(key, None)
-                if aid is not None:
-                    c.execute("UPDATE alerts SET state='resolved', resolved_at=? WHERE id=?", (at, aid))
+        resolved_ids = [aid for key in resolved if (aid := self._alert_rows.pop(key, None)) is not None]
+        ids = self._store.record(
+            at,
+            transitions,
+            [(kind, subject, office, SEVERITY[kind], message) for (kind, subject), office, message in fired],
+            resolved_ids,
+        )
+        for ((kind, subject), _, _), aid in zip(fired, ids, strict=True):
+            self._alert_rows[(kind, subject)] = aid
         for (kind, _subject), _, message in fired:
             self.metrics.alerts_raised.labels(kind).inc()
             log.warning("alert %s: %s", kind, message)
@@ -391,9 +457,9 @@ class HealthService:
             counts[(h.office, h.state.value)] = counts.get((h.office, h.state.value), 0) + 1
             age[h.office] = max(age.get(h.office, 0.0), h.outbox_oldest_age_s)
             disk[h.office] = max(disk.get(h.office, 0.0), h.disk_pct / 100.0)
-            for name, pstate in h.peripherals.items():
+            for name, p in h.peripherals.items():
                 key = (h.office, name)
-                periph[key] = periph.get(key, 0) + (pstate not in ("ok", "warn"))
+                periph[key] = periph.get(key, 0) + p.failed
         for (office, state), n in counts.items():
             self.metrics.terminals.labels(office, state).set(n)
         for office, v in age.items():
@@ -426,14 +492,7 @@ class HealthService:
         if doc is None:
             return None
         with connect(self._db_path, readonly=True) as conn:
-            doc["transitions"] = [
-                {"at": r[0], "from": r[1], "to": r[2], "reason": r[3]}
-                for r in conn.execute(
-                    "SELECT at, from_state, to_state, reason FROM health_transitions WHERE terminal=?"
-                    " ORDER BY id DESC LIMIT 50",
-                    (terminal_id,),
-                )
-            ]
+            doc["transitions"] = HealthStore(conn).transitions(terminal_id)
         return doc
 
     def offices(self, offices: list[str] | None = None) -> list[dict[str, Any]]:
@@ -450,13 +509,9 @@ class HealthService:
     def alerts(
         self, active_only: bool = True, offices: list[str] | None = None, limit: int = 200
     ) -> list[dict[str, Any]]:
-        sql = "SELECT id, kind, subject, office_id, severity, state, message, fired_at, resolved_at FROM alerts"
-        sql += " WHERE state='firing'" if active_only else ""
-        sql += " ORDER BY id DESC LIMIT ?"
+        """Newest first; a manager's offices are filtered in SQL, before the limit."""
         with connect(self._db_path, readonly=True) as conn:
-            rows = conn.execute(sql, (limit,)).fetchall()
-        keys = ["id", "kind", "subject", "office", "severity", "state", "message", "fired_at", "resolved_at"]
-        return [dict(zip(keys, r)) for r in rows if offices is None or r[3] in offices]
+            return HealthStore(conn).alerts(active_only, offices, limit)
 
     def close(self) -> None:
         self._conn.close()
