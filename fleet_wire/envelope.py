@@ -150,6 +150,13 @@ class DecodedBatch:
 
     events: list[Envelope] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
+    message_refused: bool = False  # the whole message was refused (its one rejection says why)
+
+    def refuse(self, reason: str, detail: str) -> "DecodedBatch":
+        """Record a whole-message refusal."""
+        self.rejected.append(Rejected(reason, detail))
+        self.message_refused = True
+        return self
 
 
 def encode_batch(envelopes: list[dict[str, Any]]) -> bytes:
@@ -170,23 +177,15 @@ def decode_batch(topic_terminal: str, payload: bytes, *, now: datetime | None = 
     try:
         doc = loads_bounded(payload, max_bytes=limits.MAX_MESSAGE_BYTES)
     except WireError as err:
-        out.rejected.append(Rejected(err.reason, str(err)))
-        return out
+        return out.refuse(err.reason, str(err))
     if not isinstance(doc, dict) or not isinstance(doc.get("events"), list):
-        out.rejected.append(Rejected("schema", "message must be an object with an 'events' list"))
-        return out
+        return out.refuse("schema", "message must be an object with an 'events' list")
     version = doc.get("v")
     if version != SCHEMA_VERSION or isinstance(version, bool):
-        out.rejected.append(
-            Rejected("schema_version", f"schema version {version!r} is not supported (want {SCHEMA_VERSION})")
-        )
-        return out
+        return out.refuse("schema_version", f"schema version {version!r} is not supported (want {SCHEMA_VERSION})")
     events = doc["events"]
     if len(events) > limits.MAX_BATCH_EVENTS:
-        out.rejected.append(
-            Rejected("oversized", f"{len(events)} events in one message; the limit is {limits.MAX_BATCH_EVENTS}")
-        )
-        return out
+        return out.refuse("oversized", f"{len(events)} events in one message; the limit is {limits.MAX_BATCH_EVENTS}")
     for index, raw in enumerate(events):
         try:
             out.events.append(decode_envelope(topic_terminal, raw, where=f"events[{index}]", now=now))

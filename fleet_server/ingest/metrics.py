@@ -45,3 +45,28 @@ class IngestMetrics:
         self.status_messages = Counter(
             "fleet_status_messages_total", "Status (birth, heartbeat, will) messages", ["state"], registry=registry
         )
+        self.terminal_limited = Counter(
+            "fleet_ingest_terminal_limited_total",
+            "Events or messages refused because their terminal passed a per-terminal limit (alert on any)",
+            ["reason"],
+            registry=registry,
+        )
+        self.rejects_unlogged = Counter(
+            "fleet_ingest_rejects_unlogged_total",
+            "Rejects counted but not written to the reject log (a terminal passed its rows per minute)",
+            registry=registry,
+        )
+        self.hook_errors = Counter(
+            "fleet_ingest_hook_errors_total",
+            "After-commit listeners (usage, health) that raised; the ingest carried on",
+            ["hook"],
+            registry=registry,
+        )
+        self.late_events = Counter(
+            "fleet_ingest_late_events_total",
+            "Events stored although older than 30 days (an offline terminal's backlog)",
+            registry=registry,
+        )
+        self.cmd_acks = Counter(
+            "fleet_cmd_acks_total", "Command acknowledgements received, by state", ["state"], registry=registry
+        )

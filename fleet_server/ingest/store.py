@@ -108,3 +108,19 @@ class IngestStore:
 
     def trim_rejects(self) -> None:
         self._db.execute("DELETE FROM rejects WHERE id <= (SELECT max(id) FROM rejects) - ?", (REJECTS_KEPT,))
+
+    # -- added for hostile-input checks (issue 8); appended so the events layout work is untouched --
+
+    def seqs_for_ids(self, terminal: str, epoch: str, ids: Sequence[str]) -> dict[str, int]:
+        """The stored seq of each of `ids` already present in one stream (needs events_stream_id)."""
+        out: dict[str, int] = {}
+        unique = list(dict.fromkeys(ids))
+        for i in range(0, len(unique), 500):  # well under SQLite's bound-parameter limit
+            chunk = unique[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            for event_id, seq in self._db.execute(
+                f"SELECT id, seq FROM events WHERE terminal=? AND epoch=? AND id IN ({marks})",
+                (terminal, epoch, *chunk),
+            ):
+                out.setdefault(event_id, seq)
+        return out
