@@ -2,44 +2,54 @@
 
 from __future__ import annotations
 
-import html
-import json
+import ipaddress
 import logging
+import math
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from fleet_server import __version__
-from fleet_server.auth.deps import ReaderUser
+from fleet_server.auth.deps import CurrentUser, client_address
+from fleet_server.auth.errors import AuthError, NotAllowed, NotAuthenticated, TooManyFailures, UserRefused
 from fleet_server.auth.models import Role
 from fleet_server.auth.routes import build_auth_router
 from fleet_server.auth.service import AuthService
 from fleet_server.broker.accounts import BrokerAccounts
 from fleet_server.config import ConfigurationError, ServerSettings
-from fleet_server.db import connect, migrate
+from fleet_server.db import ClosingConnection, connect, migrate
 from fleet_server.health import service as health_service
 from fleet_server.health.routes import build_health_router
 from fleet_server.health.service import HealthLimits, HealthService, OfficeInfo
 from fleet_server.ingest.link import ServerLink, ServerLinkSettings
 from fleet_server.ingest.metrics import IngestMetrics
+from fleet_server.ingest.routes import build_ingest_router
 from fleet_server.ingest.service import IngestService
 from fleet_server.playbooks import store as playbook_store
 from fleet_server.playbooks.routes import build_playbooks_router
-from fleet_server.playbooks.service import PlaybookService
+from fleet_server.playbooks.service import NoInventory, PlaybookError, PlaybookService, RunNotFound, UnknownPlaybook
 from fleet_server.registry.admin import RegistryAdmin
 from fleet_server.registry.profiles import load_profiles
-from fleet_server.registry.routes import build_registry_router, registry_error_status
+from fleet_server.registry.routes import build_registry_router
 from fleet_server.registry.service import RegistryService
-from fleet_server.registry.store import RegistryError, RegistryStore
+from fleet_server.registry.store import (
+    DuplicateTerminal,
+    OfficeMismatch,
+    RegistryError,
+    UnknownOffice,
+    UnknownProfile,
+    UnknownTerminal,
+)
 from fleet_server.usage.routes import build_usage_router
-from fleet_server.usage.service import UsageService, load_item_names
+from fleet_server.usage.service import BadQuery, UsageError, UsageService, load_item_names
+from fleet_server.usage.service import UnknownOffice as UsageUnknownOffice
 from fleet_server.usage.store import migrations as usage_migrations
 
 log = logging.getLogger(__name__)
@@ -69,12 +79,12 @@ class FleetServer:
         # One shared writer connection for admin changes; this lock keeps two request threads from
         # interleaving statements inside each other's transaction. Readers open their own.
         self.lock = threading.RLock()
-        self.registry = RegistryService(self._conn)
+        self.registry = RegistryService(self._conn, self.reader)
         self.registry.seed_offices(settings.offices_file)
         # Terminal models: a broken profile stops the start with file, line, field and reason.
         self.profiles = load_profiles(settings.profiles_dir)
         self._check_enrolled_profiles()
-        self.auth = AuthService(self._conn)
+        self.auth = AuthService(self._conn, lock=self.lock, registry=self.metrics_registry)
         if settings.admin_token:
             self.auth.create_user("admin", Role.ADMIN, token=settings.admin_token)
         self.ingest_metrics = IngestMetrics(self.metrics_registry)
@@ -174,7 +184,8 @@ class FleetServer:
         self.health.close()
         self._conn.close()
 
-    def reader(self) -> Any:
+    def reader(self) -> ClosingConnection:
+        """A read-only connection of its own, closed by `with`: for request, ingest and scheduler threads."""
         return connect(self.settings.db_path, readonly=True)
 
     @staticmethod
@@ -188,9 +199,7 @@ class FleetServer:
         return run
 
     def _enabled_terminals(self) -> dict[str, str]:
-        # own read-only connection: called from the ingest and scheduler threads
-        with connect(self.settings.db_path, readonly=True) as conn:
-            return RegistryStore(conn).enabled_terminal_offices()
+        return self.registry.enabled_terminal_offices()
 
     def _health_limits(self) -> dict[str, HealthLimits]:
         """How to judge each terminal, from its device profile's heartbeat and host thresholds."""
@@ -204,16 +213,14 @@ class FleetServer:
             )
             for pid, p in self.profiles.items()
         }
-        with connect(self.settings.db_path, readonly=True) as conn:
-            return {
-                tid: per_profile[profile]
-                for tid, profile in conn.execute("SELECT id, profile FROM terminals WHERE enabled=1")
-                if profile in per_profile
-            }
+        return {
+            tid: per_profile[profile]
+            for tid, profile in self.registry.enabled_terminal_profiles().items()
+            if profile in per_profile
+        }
 
     def _office_infos(self) -> list[OfficeInfo]:
-        with connect(self.settings.db_path, readonly=True) as conn:
-            return [OfficeInfo(o.id, o.hours, o.timezone) for o in RegistryStore(conn).offices()]
+        return [OfficeInfo(o.id, o.hours, o.timezone) for o in self.registry.offices()]
 
     def _check_enrolled_profiles(self) -> None:
         """An enrolled terminal whose profile is not on disk would be judged by nothing: refuse."""
@@ -227,8 +234,55 @@ class FleetServer:
             )
 
 
+# Domain errors of every feature -> HTTP status; the app's one handler answers with these. A class
+# not listed answers with its nearest listed ancestor's status.
+HTTP_STATUS: dict[type[Exception], int] = {
+    AuthError: 400,
+    NotAuthenticated: 401,
+    NotAllowed: 403,
+    TooManyFailures: 429,
+    UserRefused: 422,
+    RegistryError: 400,
+    UnknownOffice: 404,
+    UnknownTerminal: 404,
+    UnknownProfile: 422,
+    DuplicateTerminal: 409,
+    OfficeMismatch: 422,
+    UsageError: 400,
+    UsageUnknownOffice: 404,
+    BadQuery: 422,
+    PlaybookError: 400,
+    UnknownPlaybook: 404,
+    RunNotFound: 404,
+    NoInventory: 409,
+}
+DOMAIN_ERRORS: tuple[type[Exception], ...] = (AuthError, RegistryError, UsageError, PlaybookError)
+
+
+def http_status(err: Exception) -> int:
+    """The HTTP status a domain error answers with."""
+    for cls in type(err).__mro__:
+        if cls in HTTP_STATUS:
+            return HTTP_STATUS[cls]
+    return 500
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+
 def create_app(settings: ServerSettings, server: FleetServer | None = None) -> FastAPI:
-    """The HTTP app; it starts and stops the server's components with its own lifespan."""
+    """The HTTP app; it starts and stops the server's components with its own lifespan.
+
+    Nothing but the liveness probe `/healthz` answers without a login: the API and `/openapi.json`
+    need a user's bearer token; `/metrics` needs `FLEET_METRICS_TOKEN` as a bearer, or, when that is
+    not set, a client on the loopback interface (a Prometheus next to the server).
+    """
     fleet = server or FleetServer(settings)
 
     @asynccontextmanager
@@ -245,12 +299,23 @@ def create_app(settings: ServerSettings, server: FleetServer | None = None) -> F
         lifespan=lifespan,
         description="Registry, health, usage and ingest of the self-service terminal fleet. "
         "Authenticate with `Authorization: Bearer <token>`.",
+        # the schema is served below, behind a login; no public documentation pages
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.fleet = fleet
 
-    @app.exception_handler(RegistryError)
-    async def registry_error(request: Request, exc: RegistryError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=registry_error_status(exc))
+    async def domain_error(request: Request, exc: Exception) -> JSONResponse:
+        headers = {}
+        if isinstance(exc, NotAuthenticated):
+            headers["WWW-Authenticate"] = "Bearer"
+        if isinstance(exc, TooManyFailures):
+            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+        return JSONResponse({"detail": str(exc)}, status_code=http_status(exc), headers=headers)
+
+    for root in DOMAIN_ERRORS:
+        app.add_exception_handler(root, domain_error)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -260,119 +325,37 @@ def create_app(settings: ServerSettings, server: FleetServer | None = None) -> F
         first = errors[0] if errors else {"where": "", "problem": "invalid request"}
         return JSONResponse({"detail": f"{first['where']}: {first['problem']}", "errors": errors}, status_code=422)
 
-    api = APIRouter(prefix="/api/v1")
+    def metrics_access(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+        address = client_address(request)
+        if settings.metrics_token:
+            fleet.auth.check_metrics_token(authorization, address, settings.metrics_token)
+        elif not is_loopback(address):
+            raise NotAllowed(
+                "metrics are served to the loopback interface only; set FLEET_METRICS_TOKEN to scrape from elsewhere"
+            )
 
     @app.get("/healthz", include_in_schema=False)
-    def healthz() -> dict[str, Any]:
-        return {
-            "ok": fleet.link.connected.is_set(),
-            "broker_connected": fleet.link.connected.is_set(),
-            "ingest_queue": fleet.ingest.backlog,
-            "version": __version__,
-        }
+    def healthz() -> dict[str, bool]:
+        """Liveness: ok while the server is connected to the broker. No counts, no version."""
+        return {"ok": fleet.link.connected.is_set()}
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get("/metrics", include_in_schema=False, dependencies=[Depends(metrics_access)])
     def metrics() -> Response:
         return Response(generate_latest(fleet.metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
-    @api.get("/ingest/summary", tags=["ingest"])
-    def ingest_summary(user: ReaderUser) -> dict[str, Any]:
-        """Stored events by office and type, duplicates dropped, rejects by reason, streams with gaps."""
-        return ingest_summary_doc(fleet, user.office_filter())
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi(user: CurrentUser) -> dict[str, Any]:
+        return app.openapi()
 
-    @api.get("/ingest/rejects", tags=["ingest"])
-    def ingest_rejects(user: ReaderUser, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, Any]]:
-        """The most recent refused messages and events, with reasons."""
-        with fleet.reader() as conn:
-            cur = conn.execute(
-                "SELECT at, terminal, topic, reason, detail, epoch, seq, size FROM rejects ORDER BY id DESC LIMIT ?",
-                (limit,),
-            )
-            cols = [c[0] for c in cur.description]
-            return [dict(zip(cols, r)) for r in cur]
+    @app.get("/", include_in_schema=False)
+    def home(user: CurrentUser) -> dict[str, Any]:
+        """Where things are, for a logged-in caller (the console replaces this)."""
+        return {"service": "kiosk-fleet server", "user": user.name, "api": "/api/v1", "schema": "/openapi.json"}
 
-    @api.get("/terminals/{terminal_id}/streams", tags=["ingest"])
-    def terminal_streams(terminal_id: str, user: ReaderUser) -> list[dict[str, Any]]:
-        """Per-epoch receipt marks of one terminal: stored, dropped by policy, quarantined, gaps."""
-        t = fleet.registry.store.terminal(terminal_id)
-        if t is None:
-            raise HTTPException(404, f"terminal {terminal_id!r} is not enrolled")
-        if not user.sees_office(t.office_id):
-            raise HTTPException(403, f"you are not assigned to office {t.office_id!r}")
-        rows = [r for (tid, _), r in fleet.ingest.streams().items() if tid == terminal_id]
-        return [
-            {
-                "epoch": r.epoch,
-                "upto": r.seqs.upto,
-                "ranges": r.seqs.ranges,
-                "gaps": r.seqs.missing(),
-                "stored": r.stored,
-                "dropped": r.dropped,
-                "quarantined": r.quarantined,
-                "duplicates": r.duplicates,
-                "first_seen": r.first_seen,
-                "last_seen": r.last_seen,
-            }
-            for r in rows
-        ]
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def home() -> str:
-        return render_home(ingest_summary_doc(fleet, None), fleet.health.offices())
-
-    app.include_router(api)
+    app.include_router(build_ingest_router())
     app.include_router(build_registry_router())
     app.include_router(build_health_router())
     app.include_router(build_auth_router())
     app.include_router(build_usage_router())
     app.include_router(build_playbooks_router())
     return app
-
-
-def ingest_summary_doc(fleet: FleetServer, offices_filter: list[str] | None) -> dict[str, Any]:
-    where, params = "", []
-    if offices_filter is not None:
-        where = f" WHERE office_id IN ({','.join('?' * len(offices_filter))})"
-        params = list(offices_filter)
-    with fleet.reader() as conn:
-        by_office = dict(conn.execute(f"SELECT office_id, count(*) FROM events{where} GROUP BY office_id", params))
-        by_type = dict(conn.execute(f"SELECT type, count(*) FROM events{where} GROUP BY type", params))
-        rejects = dict(conn.execute("SELECT reason, count(*) FROM rejects GROUP BY reason"))
-        offices = {
-            r[0]: {"name": r[1], "pilot": bool(r[2])}
-            for r in conn.execute("SELECT id, name, pilot FROM offices")
-            if offices_filter is None or r[0] in offices_filter
-        }
-    streams = fleet.ingest.streams().values()
-    return {
-        "events_stored": sum(by_type.values()),
-        "by_office": by_office,
-        "by_type": by_type,
-        "offices": offices,
-        "duplicates_dropped": sum(s.duplicates for s in streams),
-        "dropped_by_terminals": sum(s.dropped for s in streams),
-        "quarantined": sum(s.quarantined for s in streams),
-        "rejects_recent_by_reason": rejects,
-        "streams_with_gaps": sum(1 for s in streams if s.seqs.ranges),
-    }
-
-
-def render_home(doc: dict[str, Any], health: list[dict[str, Any]]) -> str:
-    by_office = {h["office"]: h for h in health}
-    rows = "".join(
-        f"<tr><td>{html.escape(o['name'])}{' · 试点' if o['pilot'] else ''}</td>"
-        f"<td style='text-align:right'>{doc['by_office'].get(oid, 0)}</td>"
-        f"<td style='text-align:right'>{by_office.get(oid, {}).get('online', 0)}"
-        f"/{by_office.get(oid, {}).get('terminals', 0)}</td></tr>"
-        for oid, o in doc["offices"].items()
-    )
-    pretty = html.escape(json.dumps({k: v for k, v in doc.items() if k != "offices"}, ensure_ascii=False, indent=2))
-    return (
-        "<!doctype html><html lang='zh'><head><meta charset='utf-8'><title>kiosk-fleet</title>"
-        "<meta http-equiv='refresh' content='5'></head><body style='font-family:sans-serif;margin:2em'>"
-        "<h1>kiosk-fleet · 智能服务终端</h1>"
-        f"<p>{doc['events_stored']} events stored · duplicates dropped {doc['duplicates_dropped']}</p>"
-        f"<table><tr><th>Office</th><th>Events</th><th>Online</th></tr>{rows}</table>"
-        "<p><a href='/docs'>API</a> · <a href='/metrics'>metrics</a></p>"
-        f"<pre>{pretty}</pre></body></html>"
-    )

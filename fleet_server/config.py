@@ -48,6 +48,8 @@ class ServerSettings(BaseSettings):
     http_port: int = Field(default=8080, ge=0, le=65535)
     # Bootstrap administrator's bearer token (user "admin"); more users via the API or fleetctl.
     admin_token: str = ""
+    # Bearer token Prometheus sends for /metrics; empty: /metrics answers loopback clients only.
+    metrics_token: str = ""
     # Data the server needs at run time, one setting each; shipped inside the server wheel.
     offices_file: Path = Field(default_factory=lambda: SEED_DIR / "offices.yaml")
     catalog_file: Path = Field(default_factory=_catalog_file)

@@ -29,6 +29,26 @@ class OutboxSummary(BaseModel):
     refused: int = Field(default=0, ge=0, le=10**12)
 
 
+class PeripheralStatus(BaseModel):
+    """One peripheral (or the host) as the terminal judged it by its device profile."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+
+    state: Literal["ok", "warn", "fail", "stale", "unknown"]
+    check: str | None = Field(default=None, max_length=64)  # the check that set the state, or "fault"
+    reading: dict[str, float] = Field(default_factory=dict, max_length=32)  # check -> latest value
+    limit: float | None = None  # the threshold `check` crossed
+    since: str | None = Field(default=None, max_length=40)  # when the state began
+    error: str | None = Field(default=None, max_length=200)  # a fault or why nothing is measured
+
+    @field_validator("reading")
+    @classmethod
+    def _short_checks(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(len(k) > 64 for k in value):
+            raise ValueError("check names are at most 64 characters")
+        return value
+
+
 class StatusDoc(BaseModel):
     """One terminal's reported state."""
 
@@ -42,7 +62,10 @@ class StatusDoc(BaseModel):
     uptime_s: float | None = Field(default=None, ge=0, le=10**10)
     hb_interval_s: float | None = Field(default=None, gt=0, le=MAX_HEARTBEAT_INTERVAL_S)
     outbox: OutboxSummary | None = None
-    peripherals: dict[str, str] | None = Field(default=None, max_length=MAX_PERIPHERALS)
+    # An older agent sends a bare state string per peripheral.
+    peripherals: dict[str, PeripheralStatus | str] | None = Field(default=None, max_length=MAX_PERIPHERALS)
+    host: PeripheralStatus | None = None
+    profile: str | None = Field(default=None, max_length=64)  # the device profile the agent judges by
     disk_pct: float | None = Field(default=None, ge=0, le=100)
 
     @field_validator("ts")
@@ -54,8 +77,8 @@ class StatusDoc(BaseModel):
 
     @field_validator("peripherals")
     @classmethod
-    def _short_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is not None and any(len(k) > 32 or len(v) > 16 for k, v in value.items()):
+    def _short_names(cls, value: dict[str, PeripheralStatus | str] | None) -> dict[str, PeripheralStatus | str] | None:
+        if value is not None and any(len(k) > 32 or (isinstance(v, str) and len(v) > 16) for k, v in value.items()):
             raise ValueError("peripheral names are at most 32 characters and states at most 16")
         return value
 
