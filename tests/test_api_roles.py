@@ -47,7 +47,8 @@ def test_every_api_route_needs_a_token(api: Any) -> None:
             r = api.request(method.upper(), path, json={})
             assert r.status_code == 401, f"{method} {path} answered {r.status_code} without a token"
             r = api.request(method.upper(), path, headers={"Authorization": "Bearer nope"}, json={})
-            assert r.status_code == 401
+            # 429 once this client has failed too often: the throttle's own test covers it
+            assert r.status_code in (401, 429), f"{method} {path} answered {r.status_code} to a wrong token"
 
 
 def test_manager_cannot_change_anything_and_sees_only_their_offices(api: Any) -> None:

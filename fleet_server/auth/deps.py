@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated
 
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import Depends, Header, Request
 
+from fleet_server.auth.errors import NotAllowed
 from fleet_server.auth.models import Role, User
 
 if TYPE_CHECKING:
@@ -20,13 +21,14 @@ def get_fleet(request: Request) -> "FleetServer":
 FleetDep = Annotated["FleetServer", Depends(get_fleet)]
 
 
+def client_address(request: Request) -> str:
+    """The peer address of the request (behind a reverse proxy: the proxy's)."""
+    return request.client.host if request.client else "unknown"
+
+
 def current_user(request: Request, authorization: Annotated[str | None, Header()] = None) -> User:
-    """The caller, from `Authorization: Bearer <token>`; 401 when missing or unknown."""
-    scheme, _, token = (authorization or "").partition(" ")
-    user = get_fleet(request).auth.authenticate(token.strip()) if scheme.lower() == "bearer" else None
-    if user is None:
-        raise HTTPException(401, "missing or unknown bearer token", headers={"WWW-Authenticate": "Bearer"})
-    return user
+    """The caller, from `Authorization: Bearer <token>`; 401 when missing or unknown, 429 when throttled."""
+    return get_fleet(request).auth.login(authorization, client_address(request))
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
@@ -38,8 +40,8 @@ def require_role(*roles: Role) -> Callable[[User], User]:
 
     def check(user: CurrentUser) -> User:
         if user.role not in allowed:
-            raise HTTPException(
-                403, f"role {user.role.value!r} may not do this; needs {' or '.join(sorted(r.value for r in allowed))}"
+            raise NotAllowed(
+                f"role {user.role.value!r} may not do this; needs {' or '.join(sorted(r.value for r in allowed))}"
             )
         return user
 

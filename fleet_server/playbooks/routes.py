@@ -1,26 +1,19 @@
-"""HTTP for playbook runs (admins only): thin; PlaybookService does the work."""
+"""HTTP for playbook runs (admins only): thin; PlaybookService runs them, RegistryAdmin audits."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Path, Query
 
 from fleet_server.auth.deps import AdminUser, FleetDep
-from fleet_server.playbooks.redaction import redact, secret_values
-from fleet_server.playbooks.schemas import PlaybookInfo, RunCreate, RunDetail, RunPublic
-from fleet_server.playbooks.service import NoInventory, RunNotFound, UnknownPlaybook
+from fleet_server.playbooks.schemas import PLAYBOOK_NAME_PATTERN, PlaybookInfo, RunCreate, RunDetail, RunPublic
 
-if TYPE_CHECKING:
-    from fleet_server.app import FleetServer
-    from fleet_server.playbooks.service import PlaybookService
-
-
-def _service(fleet: "FleetServer") -> "PlaybookService":
-    service = getattr(fleet, "playbooks", None)
-    if service is None:
-        raise HTTPException(503, "playbook runs are not configured on this server")
-    return service  # type: ignore[no-any-return]
+# SQLite integers are signed 64-bit: a larger id can name no row, so it is refused as input.
+SQLITE_INT_MAX = 2**63 - 1
+PlaybookName = Annotated[str, Path(pattern=PLAYBOOK_NAME_PATTERN, description="playbook name, e.g. provision_terminal")]
+RunId = Annotated[int, Path(ge=1, le=SQLITE_INT_MAX)]
+Filter = Annotated[str | None, Query(min_length=1, max_length=200)]
 
 
 def build_playbooks_router() -> APIRouter:
@@ -30,53 +23,29 @@ def build_playbooks_router() -> APIRouter:
     @router.get("", response_model=list[PlaybookInfo])
     def list_playbooks(user: AdminUser, fleet: FleetDep) -> list[PlaybookInfo]:
         """The playbooks this server can run."""
-        return _service(fleet).playbooks()
+        return fleet.playbooks.playbooks()
 
     @router.get("/runs", response_model=list[RunPublic])
     def list_runs(
         user: AdminUser,
         fleet: FleetDep,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        playbook: str | None = None,
-        target: str | None = None,
+        playbook: Filter = None,
+        target: Filter = None,
     ) -> list[RunPublic]:
         """Recent runs, newest first."""
-        return _service(fleet).runs(limit, playbook, target)
+        return fleet.playbooks.runs(limit, playbook, target)
 
     @router.get("/runs/{run_id}", response_model=RunDetail)
-    def get_run(run_id: int, user: AdminUser, fleet: FleetDep) -> RunDetail:
+    def get_run(run_id: RunId, user: AdminUser, fleet: FleetDep) -> RunDetail:
         """One run with its per-task events."""
-        try:
-            return _service(fleet).get_run(run_id)
-        except RunNotFound as err:
-            raise HTTPException(404, str(err)) from err
+        return fleet.playbooks.get_run(run_id)
 
     @router.post("/{name}/runs", status_code=202, response_model=RunPublic)
-    def start_run(name: str, body: RunCreate, user: AdminUser, fleet: FleetDep) -> RunPublic:
+    def start_run(name: PlaybookName, body: RunCreate, user: AdminUser, fleet: FleetDep) -> RunPublic:
         """Start a run; 202 with the queued run, to be followed at /runs/{id}."""
-        service = _service(fleet)
-        try:
-            run_id = service.start_run(
-                name, started_by=user.name, target=body.target, extravars=body.extravars, limit=body.limit
-            )
-        except UnknownPlaybook as err:
-            raise HTTPException(404, str(err)) from err
-        except NoInventory as err:
-            raise HTTPException(409, str(err)) from err
-        run = service.get_run(run_id)
-        with fleet.lock:
-            fleet.auth.audit(
-                user,
-                "playbook.run",
-                run.target,
-                before=None,
-                after={
-                    "run_id": run_id,
-                    "playbook": run.playbook,
-                    "limit": body.limit,
-                    "extravars": redact(body.extravars, secret_values(body.extravars)),
-                },
-            )
-        return RunPublic(**run.model_dump(exclude={"events"}))
+        return fleet.admin.start_playbook_run(
+            name, user, target=body.target, extravars=body.extravars, limit=body.limit
+        )
 
     return router

@@ -80,7 +80,9 @@ class PlaybookRunner:
         ident: str | None = None,
     ) -> RunOutcome:
         """Run `playbook` to the end, calling `on_event` for every task result."""
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        # The run directories hold the extra vars, passwords included: only the server's user may look.
+        self.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.work_dir.chmod(0o700)
         private = Path(tempfile.mkdtemp(prefix=f"run-{ident or 'x'}-", dir=self.work_dir))  # 0700
         (private / "tmp").mkdir()
         bin_dir = str(Path(sys.executable).parent)

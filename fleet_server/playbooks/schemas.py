@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+# file name without .yml; the service also checks the file is in the playbooks directory
+PLAYBOOK_NAME_PATTERN = r"^[a-z0-9_]{1,64}$"
 RunStatus = Literal["queued", "running", "successful", "failed"]
 EventStatus = Literal["ok", "changed", "failed", "skipped"]
 
@@ -21,7 +23,7 @@ class RunCreate(BaseModel):
     target: str | None = Field(
         default=None, min_length=1, max_length=200, description="terminal or office the run is for"
     )
-    extravars: dict[str, Any] = Field(default_factory=dict)
+    extravars: dict[str, Any] = Field(default_factory=dict, max_length=200)
     limit: str | None = Field(default=None, max_length=500, description="ansible host pattern")
 
 

@@ -14,13 +14,13 @@ from prometheus_client import CollectorRegistry, Counter
 
 from fleet_server.playbooks.redaction import redact, secret_values
 from fleet_server.playbooks.runner import PlaybookRunner, TaskEvent
-from fleet_server.playbooks.schemas import PlaybookInfo, RunDetail, RunPublic, TaskEventPublic
+from fleet_server.playbooks.schemas import PLAYBOOK_NAME_PATTERN, PlaybookInfo, RunDetail, RunPublic, TaskEventPublic
 from fleet_server.playbooks.store import PlaybookStore
 
 log = logging.getLogger(__name__)
 
 MAX_PARALLEL_RUNS = 2  # the server also ingests; two ansible processes are what a small VM carries
-_NAME_RE = re.compile(r"^[a-z0-9_]+$")
+_NAME_RE = re.compile(PLAYBOOK_NAME_PATTERN)
 
 
 class PlaybookError(Exception):
@@ -205,7 +205,7 @@ def _public(row: dict[str, Any]) -> RunPublic:
 
 def _description(path: Path) -> str:
     """The playbook's leading comment block, joined into one paragraph."""
-    lines = []
+    lines: list[str] = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip() in ("", "---") and not lines:
             continue

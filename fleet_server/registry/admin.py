@@ -12,10 +12,12 @@ from typing import Any
 from fleet_server.auth.models import User
 from fleet_server.auth.service import AuthService
 from fleet_server.broker.accounts import BrokerAccounts
+from fleet_server.playbooks.redaction import redact, secret_values
+from fleet_server.playbooks.schemas import RunPublic
 from fleet_server.playbooks.service import PlaybookError, PlaybookService
-from fleet_server.registry.schemas import TerminalCreate, TerminalPublic
+from fleet_server.registry.schemas import Office, TerminalCreate, TerminalPublic
 from fleet_server.registry.service import RegistryService
-from fleet_server.registry.store import UnknownOffice, UnknownProfile
+from fleet_server.registry.store import OfficeMismatch, UnknownOffice, UnknownProfile
 from fleet_wire.storage import savepoint
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,14 @@ class RegistryAdmin:
                 f"known: {', '.join(sorted(self.profiles))}"
             )
 
+    def upsert_office(self, office: Office, actor: User | str) -> None:
+        """Add or update an office (data, not code)."""
+        with self.lock:
+            before = next((o.model_dump() for o in self.registry.store.offices() if o.id == office.id), None)
+            self.registry.store.upsert_offices([office])
+            self.auth.audit(actor, "office.upsert", office.id, before, office.model_dump())
+            self._changed()
+
     def enrol_terminal(self, body: TerminalCreate, actor: User | str) -> tuple[TerminalPublic, str]:
         """Enrol one terminal; returns it and its broker password (shown once)."""
         self._check_profile(body)
@@ -93,6 +103,9 @@ class RegistryAdmin:
         self, office_id: str, terminals: list[TerminalCreate], actor: User | str, *, run_playbook: bool = False
     ) -> dict[str, Any]:
         """Enrol every terminal of an office in one transaction (all or none), then provision."""
+        for t in terminals:
+            if t.office_id != office_id:
+                raise OfficeMismatch(f"terminal {t.id} names office {t.office_id!r}, not {office_id!r}")
         with self.lock:
             if office_id not in {o.id for o in self.registry.store.offices()}:
                 raise UnknownOffice(f"office {office_id!r} is not in the registry")
@@ -108,8 +121,8 @@ class RegistryAdmin:
                 {"terminals": [t.id for t, _ in issued], "run_playbook": run_playbook},
             )
             if self.broker is not None:
-                for t, pw in issued:
-                    self.broker.terminal_enrolled(t.id, pw)
+                for enrolled, pw in issued:
+                    self.broker.terminal_enrolled(enrolled.id, pw)
             self._changed()
         result: dict[str, Any] = {
             "office": office_id,
@@ -137,12 +150,40 @@ class RegistryAdmin:
             target=office_id,
             extravars={"office_id": office_id, "office_terminals": items},
         )
-        with self.lock:
-            self.auth.audit(
-                actor,
-                "playbook.run",
-                office_id,
-                None,
-                {"playbook": "onboard_office", "run_id": run_id, "terminals": [t.id for t, _ in issued]},
-            )
+        self.auth.audit(
+            actor,
+            "playbook.run",
+            office_id,
+            None,
+            {"playbook": "onboard_office", "run_id": run_id, "terminals": [t.id for t, _ in issued]},
+        )
         return run_id
+
+    def start_playbook_run(
+        self,
+        playbook: str,
+        actor: User,
+        *,
+        target: str | None = None,
+        extravars: dict[str, Any] | None = None,
+        limit: str | None = None,
+    ) -> RunPublic:
+        """Start a playbook run for an admin; audited with its extra vars (secrets redacted)."""
+        variables = dict(extravars or {})
+        run_id = self.playbooks.start_run(
+            playbook, started_by=actor.name, target=target, extravars=variables, limit=limit
+        )
+        run = self.playbooks.get_run(run_id)
+        self.auth.audit(
+            actor,
+            "playbook.run",
+            run.target,
+            before=None,
+            after={
+                "run_id": run_id,
+                "playbook": run.playbook,
+                "limit": limit,
+                "extravars": redact(variables, secret_values(variables)),
+            },
+        )
+        return RunPublic(**run.model_dump(exclude={"events"}))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import yaml
@@ -21,8 +23,39 @@ def read_offices_file(path: Path) -> list[Office]:
 
 
 class RegistryService:
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    """Registry rules over the shared writer connection; `reader` opens a connection for reads
+    from request threads (without one, reads share the writer: for single-threaded use)."""
+
+    def __init__(
+        self, conn: sqlite3.Connection, reader: Callable[[], AbstractContextManager[sqlite3.Connection]] | None = None
+    ) -> None:
         self.store = RegistryStore(conn)
+        self._reader = reader or (lambda: nullcontext(conn))
+
+    def offices(self) -> list[Office]:
+        with self._reader() as conn:
+            return RegistryStore(conn).offices()
+
+    def office(self, office_id: str) -> Office | None:
+        return next((o for o in self.offices() if o.id == office_id), None)
+
+    def terminals(self) -> list[TerminalPublic]:
+        with self._reader() as conn:
+            return RegistryStore(conn).terminals()
+
+    def terminal(self, terminal_id: str) -> TerminalPublic | None:
+        with self._reader() as conn:
+            return RegistryStore(conn).terminal(terminal_id)
+
+    def enabled_terminal_offices(self) -> dict[str, str]:
+        """terminal id -> office id, for enabled terminals only."""
+        with self._reader() as conn:
+            return RegistryStore(conn).enabled_terminal_offices()
+
+    def enabled_terminal_profiles(self) -> dict[str, str]:
+        """terminal id -> device profile id, for enabled terminals only."""
+        with self._reader() as conn:
+            return {t.id: t.profile for t in RegistryStore(conn).terminals() if t.enabled}
 
     def seed_offices(self, path: Path) -> int:
         return self.store.upsert_offices(read_offices_file(path))

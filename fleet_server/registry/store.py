@@ -32,6 +32,10 @@ class UnknownProfile(RegistryError):
     pass
 
 
+class OfficeMismatch(RegistryError):
+    """A terminal in a request names another office than the one the request is for: fix the request."""
+
+
 _TERMINAL_COLUMNS = "id, office_id, profile, tags, enabled, created_at, revoked_at"
 
 

@@ -2,50 +2,48 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import date, timedelta
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response
 
 from fleet_server.auth.deps import FleetDep, ReaderUser
+from fleet_server.auth.errors import NotAllowed
 from fleet_server.auth.models import User
+from fleet_server.registry.schemas import OFFICE_ID_PATTERN
 from fleet_server.usage import charts
 from fleet_server.usage.schemas import BusyHours, HourTable, ItemTable, OfficeComparison, PeriodComparison
-from fleet_server.usage.service import BadQuery, UnknownOffice, UsageService
+from fleet_server.usage.service import UnknownOffice, UsageService
 
 DEFAULT_RANGE_DAYS = 7
 
 
 def get_usage(fleet: FleetDep) -> UsageService:
-    """The server's usage service (503 when this server runs without it)."""
-    usage = getattr(fleet, "usage", None)
-    if usage is None:
-        raise HTTPException(503, "usage statistics are not enabled on this server")
-    return usage  # type: ignore[no-any-return]
+    """The server's usage service."""
+    return fleet.usage
 
 
 UsageDep = Annotated[UsageService, Depends(get_usage)]
 OfficeQuery = Annotated[
-    list[str] | None,
-    Query(alias="office", description="office id; repeat for several; default: every office you may see"),
+    list[Annotated[str, Query(pattern=OFFICE_ID_PATTERN)]] | None,
+    Query(
+        alias="office",
+        max_length=100,
+        description="office id; repeat for several; default: every office you may see",
+    ),
 ]
-DateFrom = Annotated[date | None, Query(description="first office-local day (ISO), default: 6 days before date_to")]
-DateTo = Annotated[date | None, Query(description="last office-local day (ISO), inclusive; default: today")]
-Metric = Literal[tuple(charts.OFFICE_METRICS)]  # type: ignore[valid-type]
-
-
-@contextmanager
-def _domain_errors() -> Iterator[None]:
-    """Translate usage errors into HTTP answers (the one place this layer does so)."""
-    try:
-        yield
-    except UnknownOffice as err:
-        raise HTTPException(404, str(err)) from err
-    except BadQuery as err:
-        raise HTTPException(422, str(err)) from err
+# Days the service can turn into UTC ranges without overflowing `date` (and no fleet is older).
+FIRST_DAY, LAST_DAY = date(2000, 1, 1), date(2099, 12, 31)
+DateFrom = Annotated[
+    date | None,
+    Query(ge=FIRST_DAY, le=LAST_DAY, description="first office-local day (ISO), default: 6 days before date_to"),
+]
+DateTo = Annotated[
+    date | None,
+    Query(ge=FIRST_DAY, le=LAST_DAY, description="last office-local day (ISO), inclusive; default: today"),
+]
+Metric = Annotated[str, Query(pattern="^(" + "|".join(charts.OFFICE_METRICS) + ")$", description="figure to compare")]
 
 
 def _offices(usage: UsageService, user: User, requested: list[str] | None) -> list[str] | None:
@@ -54,14 +52,13 @@ def _offices(usage: UsageService, user: User, requested: list[str] | None) -> li
         known = {o.id for o in usage.offices()}
         unknown = [o for o in dict.fromkeys(requested) if o not in known]
         if unknown:
-            raise HTTPException(404, str(UnknownOffice(unknown, sorted(known))))
+            raise UnknownOffice(unknown, sorted(known))
         hidden = [o for o in requested if not user.sees_office(o)]
         if hidden:
-            raise HTTPException(
-                403,
+            raise NotAllowed(
                 f"user {user.name!r} may not see usage of office "
                 f"{', '.join(repr(o) for o in hidden)}; assigned: "
-                f"{', '.join(sorted(user.offices or ()))}",
+                f"{', '.join(sorted(user.offices or ()))}"
             )
     return user.office_filter(requested or None)
 
@@ -88,8 +85,7 @@ def build_usage_router() -> APIRouter:
     ) -> ItemTable:
         """Per office x service item: started, completed, abandoned, rates, median and p90 duration."""
         offices = _offices(usage, user, office)
-        with _domain_errors():
-            return usage.item_table(offices, *_range(usage, date_from, date_to))
+        return usage.item_table(offices, *_range(usage, date_from, date_to))
 
     @router.get("/hourly", response_model=HourTable)
     def hourly(
@@ -101,8 +97,7 @@ def build_usage_router() -> APIRouter:
     ) -> HourTable:
         """The stored hour buckets per office x day x hour x service item."""
         offices = _offices(usage, user, office)
-        with _domain_errors():
-            return usage.hour_table(offices, *_range(usage, date_from, date_to))
+        return usage.hour_table(offices, *_range(usage, date_from, date_to))
 
     @router.get("/busy-hours", response_model=BusyHours)
     def busy_hours(
@@ -114,8 +109,7 @@ def build_usage_router() -> APIRouter:
     ) -> BusyHours:
         """Share of sessions by office-local weekday x hour, and by hour of day."""
         offices = _offices(usage, user, office)
-        with _domain_errors():
-            return usage.busy_hours(offices, *_range(usage, date_from, date_to))
+        return usage.busy_hours(offices, *_range(usage, date_from, date_to))
 
     @router.get("/offices", response_model=OfficeComparison)
     def compare_offices(
@@ -127,23 +121,23 @@ def build_usage_router() -> APIRouter:
     ) -> OfficeComparison:
         """Offices side by side: completion and abandon rates, durations, sessions per terminal-day."""
         offices = _offices(usage, user, office)
-        with _domain_errors():
-            return usage.compare_offices(offices, *_range(usage, date_from, date_to))
+        return usage.compare_offices(offices, *_range(usage, date_from, date_to))
 
     @router.get("/periods", response_model=PeriodComparison)
     def compare_periods(
         user: ReaderUser,
         usage: UsageDep,
-        base_from: Annotated[date, Query(description="first day of the base period, e.g. the pilot")],
-        base_to: Annotated[date, Query(description="last day of the base period")],
+        base_from: Annotated[
+            date, Query(ge=FIRST_DAY, le=LAST_DAY, description="first day of the base period, e.g. the pilot")
+        ],
+        base_to: Annotated[date, Query(ge=FIRST_DAY, le=LAST_DAY, description="last day of the base period")],
         office: OfficeQuery = None,
         date_from: DateFrom = None,
         date_to: DateTo = None,
     ) -> PeriodComparison:
         """Each office in a base period (e.g. the pilot) next to another period, with the changes."""
         offices = _offices(usage, user, office)
-        with _domain_errors():
-            return usage.compare_periods(offices, base_from, base_to, *_range(usage, date_from, date_to))
+        return usage.compare_periods(offices, base_from, base_to, *_range(usage, date_from, date_to))
 
     @router.get(
         "/export.csv",
@@ -161,8 +155,7 @@ def build_usage_router() -> APIRouter:
         """The rollups as CSV for Excel: one row per office x item (x day, x hour)."""
         offices = _offices(usage, user, office)
         first, last = _range(usage, date_from, date_to)
-        with _domain_errors():
-            text = usage.export_csv(offices, first, last, granularity)
+        text = usage.export_csv(offices, first, last, granularity)
         filename = f"usage-{granularity}-{first}-{last}.csv"
         return Response(
             text.encode("utf-8"),
@@ -180,8 +173,7 @@ def build_usage_router() -> APIRouter:
     ) -> Response:
         """Bar chart of the busy-hour profile."""
         offices = _offices(usage, user, office)
-        with _domain_errors():
-            profile = usage.busy_hours(offices, *_range(usage, date_from, date_to))
+        profile = usage.busy_hours(offices, *_range(usage, date_from, date_to))
         names = _office_names(usage, profile.offices)
         # a title line holds three names; beyond that, say how many offices are pooled
         label = ", ".join(names) if len(names) <= 3 else f"{len(names)} 个办事处 offices"
@@ -192,14 +184,13 @@ def build_usage_router() -> APIRouter:
     def items_chart(
         user: ReaderUser,
         usage: UsageDep,
-        office: Annotated[str, Query(description="one office id")],
+        office: Annotated[str, Query(pattern=OFFICE_ID_PATTERN, description="one office id")],
         date_from: DateFrom = None,
         date_to: DateTo = None,
     ) -> Response:
         """Stacked completed / abandoned bars per service item of one office."""
         offices = _offices(usage, user, [office])
-        with _domain_errors():
-            table = usage.item_table(offices, *_range(usage, date_from, date_to))
+        table = usage.item_table(offices, *_range(usage, date_from, date_to))
         title = f"业务事项 service items · {_office_names(usage, [office])[0]} · {table.date_from} – {table.date_to}"
         return _svg(charts.items_svg(table, title))
 
@@ -214,8 +205,7 @@ def build_usage_router() -> APIRouter:
     ) -> Response:
         """Bars comparing one figure across offices."""
         offices = _offices(usage, user, office)
-        with _domain_errors():
-            comparison = usage.compare_offices(offices, *_range(usage, date_from, date_to))
+        comparison = usage.compare_offices(offices, *_range(usage, date_from, date_to))
         return _svg(charts.offices_svg(comparison, metric, "网点对比 offices compared"))
 
     return router

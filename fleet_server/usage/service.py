@@ -433,7 +433,7 @@ class UsageService:
             raise BadQuery(f"granularity {granularity!r} is not one of {', '.join(EXPORT_GRANULARITIES)}")
         names = {o.id: o.name for o in self.offices()}
         buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\r\n")
+        writer = SafeCsvWriter(buf)
         lead: list[str] = ["office_id", "office_name"]
         if granularity == "total":
             lead += ["date_from", "date_to"]
@@ -485,6 +485,27 @@ class UsageService:
         if unknown:
             raise UnknownOffice(unknown, known)
         return list(dict.fromkeys(offices))
+
+
+# A cell starting like this is a formula to Excel and LibreOffice (OWASP "CSV injection").
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A cell a spreadsheet will show as text: a leading apostrophe when text starts like a formula."""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
+class SafeCsvWriter:
+    """csv.writer for files people open in Excel: every text cell through `csv_cell`, CRLF lines."""
+
+    def __init__(self, out: io.StringIO) -> None:
+        self._writer = csv.writer(out, lineterminator="\r\n")
+
+    def writerow(self, row: Sequence[Any]) -> None:
+        self._writer.writerow([csv_cell(v) for v in row])
 
 
 CSV_ITEM_COLUMNS = ("service_code", "item_name", "item_name_en")
