@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from pydantic import ValidationError
@@ -14,6 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("run", help="run the server (settings from FLEET_* environment variables)")
     args = parser.parse_args(argv)
+    # Everything the server writes (database, run directories with credentials, logs) is its own:
+    # no group or world bits unless a file is created with an explicit mode.
+    os.umask(0o077)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from fleet_server.config import ServerSettings
 

@@ -37,9 +37,6 @@ class AuthStore:
             _user(r) for r in self._db.execute("SELECT name, role, offices FROM users WHERE disabled=0 ORDER BY name")
         ]
 
-    def disable_user(self, name: str) -> bool:
-        return self._db.execute("UPDATE users SET disabled=1 WHERE name=?", (name,)).rowcount > 0
-
     def record(self, actor: str, action: str, target: str, before: Any, after: Any) -> int:
         cur = self._db.execute(
             "INSERT INTO audit (at, actor, action, target, before, after) VALUES (?,?,?,?,?,?)",
