@@ -50,9 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     stack = DevStack(root, server_options={"alert_for_s": 60.0, "alert_clear_s": 30.0})
     assert stack.server is not None
     pilots = [o for o in stack.server.registry.store.offices() if o.pilot]
+    profiles: dict[str, str] = {}
     for office in pilots:
         for i in range(1, args.terminals_per_office + 1):
-            stack.enrol(f"{office.id}-{i:02d}", office.id, profile="lobby-floor-32" if i % 2 else "wall-21")
+            tid = f"{office.id}-{i:02d}"
+            profiles[tid] = "lobby-floor-32" if i % 2 else "wall-21"
+            stack.enrol(tid, office.id, profile=profiles[tid])
     creds = root / "credentials.txt"
     fd = os.open(creds, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -75,7 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         stack.close()
         return 1
 
-    agents = [stack.agent(tid, heartbeat_interval_s=10.0) for tid in stack.passwords]
+    # Each agent judges its peripherals by its own copy of its profile, as a provisioned terminal does.
+    profiles_dir = Path(stack.settings.profiles_dir)
+    agents = [
+        stack.agent(tid, heartbeat_interval_s=10.0, profile_file=str(profiles_dir / f"{profiles[tid]}.yaml"))
+        for tid in stack.passwords
+    ]
     for a in agents:
         a.start()
     today = datetime.now(BEIJING)
@@ -91,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         f"""
 kiosk-fleet demo is running
   offices        {", ".join(o.name for o in pilots)}
-  terminals      {len(agents)} simulated ({args.terminals_per_office} per pilot office), real agent code
+  terminals      {len(agents)} simulated ({args.terminals_per_office} per pilot office), real agent code,
+                 each with its local API (the simulated kiosk apps post events and peripheral readings there)
   broker         mqtt://127.0.0.1:{stack.port}  (per-terminal accounts: {creds})
   overview       {url}/
   API docs       {url}/docs     (Authorize with the admin token below)
@@ -126,7 +135,7 @@ Ctrl-C stops everything.
             if args.duration and time.monotonic() - began >= args.duration:
                 break
     finally:
-        fleet.stop()
+        fleet.stop()  # also stops serving the agents' local APIs
         for a in agents:
             a.stop(graceful=True)
         http.should_exit = True

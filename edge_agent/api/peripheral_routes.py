@@ -54,7 +54,18 @@ def build_peripheral_router(monitor: HealthMonitor, dependencies: Sequence[param
 
     @r.get("")
     def peripherals() -> dict[str, Any]:
-        """Every peripheral of the profile, and the host, with state, reading, check, limit and since."""
-        return {"profile": monitor.profile.id, "host": monitor.host(), "peripherals": monitor.peripherals()}
+        """The profile's peripherals (kind, required, checks) and each one's state, and the host's."""
+        profile = monitor.profile
+        return {
+            "profile": {
+                "id": profile.id,
+                "peripherals": {
+                    p.id: {"kind": p.kind, "required": p.required, "checks": list(p.checks)}
+                    for p in profile.peripherals
+                },
+            },
+            "host": monitor.host(),
+            "peripherals": monitor.peripherals(),
+        }
 
     return r

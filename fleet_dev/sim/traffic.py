@@ -184,7 +184,7 @@ class TrafficModel:
                 ("receipt_printer", "paper_out", "receipt paper roll is empty"),
                 ("a4_printer", "paper_jam", "paper jam in tray 1"),
                 ("id_reader", "read_timeout", "ID card chip did not answer in 3 s"),
-                ("camera", "frame_timeout", "no frame from camera for 5 s"),
+                ("qr_scanner", "no_response", "QR scanner did not answer for 150 s"),
             ]
         )
         fixed = start + timedelta(minutes=self.rng.uniform(3, 40))
@@ -192,3 +192,38 @@ class TrafficModel:
             PlannedEvent(start, "peripheral.fault", {"peripheral": peripheral, "code": code, "message": message}),
             PlannedEvent(fixed, "peripheral.recovered", {"peripheral": peripheral}),
         ]
+
+
+# What a healthy peripheral's vendor SDK tells the kiosk app, by kind (camera: the agent probes it).
+def healthy_readings(kind: str, rng: random.Random) -> dict[str, float]:
+    """Plausible readings of a working peripheral of this kind (empty for kinds the kiosk app does not report)."""
+    if kind == "id_card_reader":
+        return {"read_ms": round(rng.uniform(800, 1300)), "sam_errors_per_hour": 0}
+    if kind == "receipt_printer":
+        return {"head_temp_c": round(rng.uniform(32, 48), 1), "cutter_errors_per_day": 0}
+    if kind == "document_printer":
+        return {
+            "toner_pct": round(rng.uniform(40, 90)),
+            "tray_sheets_left": round(rng.uniform(80, 250)),
+            "jams_per_day": 0,
+        }
+    if kind == "qr_scanner":
+        return {"decode_ms": round(rng.uniform(60, 200)), "no_response_s": 0}
+    if kind == "assistance_caller":
+        return {
+            "registration_age_s": round(rng.uniform(5, 280)),
+            "call_setup_ms": round(rng.uniform(900, 2000)),
+            "packet_loss_pct": round(rng.uniform(0, 1), 2),
+        }
+    if kind == "touch_screen":
+        return {"idle_open_hours_h": round(rng.uniform(0, 1), 2), "usb_resets_per_day": 0}
+    return {}
+
+
+# An incident as the peripheral's readings show it (the fault's message travels with them).
+INCIDENT_READINGS: dict[str, dict[str, float]] = {
+    "paper_out": {"paper_left_pct": 0},
+    "paper_jam": {"jams_per_day": 6},
+    "read_timeout": {"read_ms": 6000},
+    "no_response": {"no_response_s": 150},
+}
