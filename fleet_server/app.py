@@ -22,6 +22,7 @@ from fleet_server.auth.errors import AuthError, NotAllowed, NotAuthenticated, To
 from fleet_server.auth.models import Role
 from fleet_server.auth.routes import build_auth_router
 from fleet_server.auth.service import AuthService
+from fleet_server.broker import build_broker_accounts
 from fleet_server.broker.accounts import BrokerAccounts
 from fleet_server.config import ConfigurationError, ServerSettings
 from fleet_server.db import ClosingConnection, connect, migrate
@@ -140,7 +141,16 @@ class FleetServer:
             **options,
         )
         # Keeps the broker's accounts in step with the registry; None: managed by hand, elsewhere.
-        self.broker_accounts: BrokerAccounts | None = broker_accounts
+        # Without an argument, FLEET_BROKER_ACCOUNTS chooses (fleet_server/broker/__init__.py).
+        self.broker_accounts: BrokerAccounts | None = (
+            broker_accounts
+            if broker_accounts is not None
+            else build_broker_accounts(
+                settings,
+                lambda: self.registry.broker_credentials(settings.broker_username, settings.broker_password),
+                self.metrics_registry,
+            )
+        )
         self.admin = RegistryAdmin(
             self._conn,
             self.registry,
@@ -148,7 +158,7 @@ class FleetServer:
             self.playbooks,
             self.profiles,
             lock=self.lock,
-            broker=broker_accounts,
+            broker=self.broker_accounts,
             on_change=[self.ingest.refresh_terminals, self.health.refresh_registry],
         )
         self._running = False

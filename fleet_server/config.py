@@ -61,6 +61,18 @@ class ServerSettings(BaseSettings):
     agent_wheel: str | None = None
     # the broker address terminals are given in their config (as they see it)
     terminal_broker_host: str = "127.0.0.1"
+    # How `fleet-server run` keeps the broker's accounts in step with the registry
+    # (fleet_server/broker/): "dynsec" = Mosquitto's dynamic-security plugin, over MQTT as its admin
+    # account; "files" = password file + ACL on this host, then SIGHUP to the pid in broker_pid_file;
+    # "none" = by hand. Unset: dynsec in production, none otherwise (tests wire their own).
+    broker_accounts: Literal["dynsec", "files", "none"] | None = None
+    broker_dynsec_username: str = "fleet-dynsec-admin"
+    broker_dynsec_password: str = ""
+    broker_dynsec_client_id: str = "fleet-server-dynsec"
+    broker_command_timeout_s: float = Field(default=5.0, gt=0, le=120)
+    broker_passwd_file: Path = Path("/etc/mosquitto/kiosk-fleet/passwd")
+    broker_acl_file: Path = Path("/etc/mosquitto/kiosk-fleet/acl")
+    broker_pid_file: Path = Path("/run/mosquitto/mosquitto.pid")
 
     @model_validator(mode="after")
     def _safe_outside_development(self) -> ServerSettings:

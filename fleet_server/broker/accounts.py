@@ -27,3 +27,24 @@ class BrokerAccounts(Protocol):
 
     def close(self) -> None:
         """Release connections to the broker."""
+
+
+class BrokerAccountsError(RuntimeError):
+    """The broker's accounts could not be brought in step with the registry."""
+
+
+class BrokerAccountsUnavailable(BrokerAccountsError):
+    """The broker did not answer (down, unreachable, or no reply in time).
+
+    The change may or may not have been applied; every change is idempotent, so retry it (for a
+    terminal: rotate its credentials) once the broker is reachable again.
+    """
+
+
+class BrokerCommandRefused(BrokerAccountsError):
+    """The broker answered and refused: a configuration or naming problem to report, not to retry."""
+
+    def __init__(self, command: str, error: str, what_next: str = "") -> None:
+        self.command = command
+        self.error = error
+        super().__init__(f"broker refused {command}: {error}" + (f"; {what_next}" if what_next else ""))
