@@ -14,13 +14,26 @@ import time
 from pathlib import Path
 
 from edge_agent.outbox import Outbox
+from edge_agent.outbox.store import PRAGMAS
 from fleet_dev.bench import emit, machine
-from fleet_dev.devstack import service_events
+
+
+def service_events(n: int) -> list[tuple[str, dict[str, object], None]]:
+    """n realistic business events, each with its own session (like fleet_dev.devstack's)."""
+    return [
+        (
+            "service.completed",
+            {"session": f"s-{i}", "service_code": "TQ02", "duration_s": 120.0 + i % 60, "face_login": True},
+            None,
+        )
+        for i in range(n)
+    ]
 
 
 def raw_rate(path: Path, n: int, batch: int, sync: str) -> float:
     conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
+    for pragma in PRAGMAS:  # exactly the outbox's
+        conn.execute(f"PRAGMA {pragma}")
     conn.execute(f"PRAGMA synchronous={sync}")
     conn.execute(
         "CREATE TABLE t (seq INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT, class INTEGER,"

@@ -177,3 +177,114 @@ def test_window_requeues_what_the_client_did_not_keep_and_everything_after_a_ses
     w.connected(session_present=False)  # a fresh broker: re-send PUBACKed and un-PUBACKed alike
     assert w.in_flight == 0 and w.resend_seqs() == [1, 2, 3, 4]
     box.close()
+
+
+BODY = {"session": "k-1", "service_code": "TQ02", "duration_s": 95.5, "face_login": True}
+
+
+def test_same_key_with_a_different_body_is_refused_and_nothing_is_stored(tmp_path: Path) -> None:
+    from edge_agent.outbox.store import IdempotencyKeyReused
+
+    box = Outbox(tmp_path / "o.db", "t-1")
+    first = box.enqueue("service.completed", BODY, key="kiosk-0001")
+    # the same request again, even with its defaults spelled out: a replay of the first event
+    again = box.enqueue("service.completed", {**BODY, "face_login": True}, key="kiosk-0001")
+    assert again.replayed and again.seq == first.seq
+    with pytest.raises(IdempotencyKeyReused, match="different request") as err:
+        box.enqueue("service.completed", {**BODY, "duration_s": 12.0}, key="kiosk-0001")
+    assert err.value.seq == first.seq
+    with pytest.raises(IdempotencyKeyReused):
+        box.enqueue("service.started", {"session": "k-1", "service_code": "TQ02"}, key="kiosk-0001")
+    # one call carrying the key twice: the same request is one event, different ones are refused
+    both = box.enqueue_many([("service.completed", BODY, None)] * 2, keys=["kiosk-0002", "kiosk-0002"])
+    assert [b.replayed for b in both] == [False, True] and both[0].seq == both[1].seq
+    other = {**BODY, "session": "k-2"}
+    with pytest.raises(IdempotencyKeyReused):
+        box.enqueue_many([("service.completed", BODY, None), ("service.completed", other, None)], keys=["k-3x", "k-3x"])
+    assert box.all_seqs() == [first.seq, both[0].seq]
+    box.close()
+
+
+def test_outbox_made_before_request_hashes_keeps_its_keys(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE keys (key TEXT PRIMARY KEY, seq INTEGER NOT NULL, type TEXT NOT NULL, created REAL NOT NULL);"
+        "INSERT INTO keys VALUES ('kiosk-old-1', 7, 'service.completed', 1e12);"
+    )
+    old.close()
+    box = Outbox(path, "t-1")
+    # no hash was stored with it: whatever the body, the old key answers as a replay, as it did
+    replay = box.enqueue("service.completed", {**BODY, "duration_s": 1.0}, key="kiosk-old-1")
+    assert replay.replayed and replay.seq == 7 and box.depth == 0
+    fresh = box.enqueue("service.completed", BODY, key="kiosk-new-1")
+    assert not fresh.replayed
+    box.close()
+    box = Outbox(path, "t-1")  # the migration is idempotent
+    assert box.enqueue("service.completed", BODY, key="kiosk-new-1").replayed
+    box.close()
+
+
+def test_outbox_files_are_readable_by_the_agent_only(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    def mode(p: Path) -> int:
+        return stat.S_IMODE(p.stat().st_mode)
+
+    previous = os.umask(0o022)  # a typical umask: files would be 0644
+    try:
+        box = Outbox(tmp_path / "o.db", "t-1")
+        box.enqueue("service.completed", BODY)
+        files = sorted(tmp_path.glob("o.db*"))
+        assert {f.name for f in files} >= {"o.db", "o.db-wal", "o.db-shm"}
+        assert {f.name: mode(f) for f in files} == {f.name: 0o600 for f in files}
+        box.close()
+        loose = tmp_path / "loose.db"  # made by an older agent
+        sqlite3.connect(loose).close()
+        loose.chmod(0o644)
+        Outbox(loose, "t-1").close()
+        assert mode(loose) == 0o600
+    finally:
+        os.umask(previous)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        BODY,
+        {**BODY, "duration_s": True},
+        {**BODY, "duration_s": "95"},
+        {**BODY, "duration_s": 95},
+        {**BODY, "face_login": "yes"},
+        {**BODY, "face_login": 1},
+        {**BODY, "extra": 1},
+        {k: v for k, v in BODY.items() if k != "session"},
+        {**BODY, "service_code": "tq02"},
+        [BODY],
+        "not a body",
+    ],
+)
+def test_batched_validation_accepts_and_refuses_exactly_what_the_wire_schema_does(tmp_path: Path, body: Any) -> None:
+    from fleet_wire.errors import EnvelopeInvalid
+    from fleet_wire.events import validate_body_json
+
+    try:
+        expected: str | None = validate_body_json("service.completed", body)
+    except EnvelopeInvalid:
+        expected = None
+    box = Outbox(tmp_path / "o.db", "t-1")
+    try:
+        # alone and in the middle of a batch of good events
+        for events in ([("service.completed", body, None)], [("service.completed", BODY, None)] * 3):
+            if len(events) > 1:
+                events.insert(1, ("service.completed", body, None))
+            if expected is None:
+                with pytest.raises(InvalidEvent):
+                    box.enqueue_many(events)
+            else:
+                items = box.enqueue_many(events)
+                assert f'"body":{expected}}}' in items[1 if len(events) > 1 else 0].env
+    finally:
+        box.close()
+    assert expected is not None or box.depth == 0

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from edge_agent.outbox.store import Outbox
+from edge_agent.outbox.store import Outbox, OutboxItem
 from fleet_wire.envelope import SCHEMA_VERSION
 from fleet_wire.receipt import Receipt
 
@@ -71,7 +71,7 @@ class SendWindow:
         if len(self._flights) >= self.window:
             return None
         resend = False
-        items = []
+        items: list[OutboxItem] = []
         while self._resend and not items:
             take, self._resend = self._resend[: self.batch_events], self._resend[self.batch_events :]
             items = self.outbox.get(take, self.batch_bytes)
