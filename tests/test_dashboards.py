@@ -46,6 +46,7 @@ PROMQL_KEYWORDS = {
     "nan",
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+METRICS_TOKEN = "metrics-scrape-token-" + "m" * 24
 
 
 # -- reading the dashboards and rules -------------------------------------------------------------
@@ -254,8 +255,9 @@ def test_every_metric_in_dashboards_and_rules_is_exported(stack: DevStack, tmp_p
     from edge_agent.face import FaceSettings, build_face_service
 
     assert stack.server is not None
-    with TestClient(create_app(stack.settings, stack.server)) as client:
-        res = client.get("/metrics")
+    settings = stack.settings.model_copy(update={"metrics_token": METRICS_TOKEN})
+    with TestClient(create_app(settings, stack.server)) as client:
+        res = client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
         assert res.status_code == 200
         server_text = res.text
     agent = stack.agent("t-000")
@@ -299,19 +301,20 @@ def _query(base: str, promql: str) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def http_server(stack: DevStack) -> Iterator[int]:
-    """The server's HTTP app under uvicorn on a free loopback port, in a thread (like the demo)."""
+    """The server's HTTP app under uvicorn on a free loopback port, in a thread (like the demo),
+    with a metrics token: Prometheus must present it."""
     import uvicorn
 
     port = free_port()
+    settings = stack.settings.model_copy(update={"metrics_token": METRICS_TOKEN})
     http = uvicorn.Server(
         uvicorn.Config(
-            create_app(stack.settings, stack.server),
+            create_app(settings, stack.server),
             host="127.0.0.1",
             port=port,
             log_level="warning",
         )
     )
-    http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     thread = threading.Thread(target=http.run, name="http", daemon=True)
     thread.start()
     wait_for(lambda: http.started, 15, what="uvicorn to start")
@@ -329,6 +332,7 @@ def test_real_prometheus_scrapes_the_server_and_loads_the_rules(http_server: int
             {
                 "job_name": "fleet-server",
                 "metrics_path": "/metrics",
+                "authorization": {"type": "Bearer", "credentials": METRICS_TOKEN},
                 "static_configs": [{"targets": [f"127.0.0.1:{http_server}"]}],
             }
         ],
