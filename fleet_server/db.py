@@ -138,8 +138,8 @@ def migrate(path: str | os.PathLike[str], *feature_sets: Migrations) -> None:
             mset.apply(db)
 
 
-@migrations(name="0003_events_id_per_stream")
-def _m0003(db: sqlite_utils.Database) -> None:
+@migrations(name="0004_events_id_per_stream")
+def _m0004_events_id_per_stream(db: sqlite_utils.Database) -> None:
     # Issue 8: event ids are unique per stream; the ingest looks ids up before inserting and
     # quarantines a reused one. Not UNIQUE: databases from before this check may hold duplicates.
     # Must exist on whatever table `events` is after any layout change (re-create it there).
