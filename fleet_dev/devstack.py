@@ -17,7 +17,8 @@ from prometheus_client import CollectorRegistry
 from fleet_dev.broker import Mosquitto
 from fleet_dev.proc import die_with_parent, free_port
 from fleet_server.app import FleetServer
-from fleet_server.broker.mosquitto import BrokerConfig, new_password, write_broker_files
+from fleet_server.broker.files import FileAccounts
+from fleet_server.broker.mosquitto import BrokerConfig, BrokerCredentials, new_password, write_broker_files
 from fleet_server.config import ServerSettings
 from fleet_server.registry.schemas import TerminalCreate
 
@@ -45,6 +46,7 @@ class DevStack:
             max_queued_messages=self.max_queued_messages,
             persistence=self.broker_persistence,
         )
+        self.broker_config.directory.mkdir(parents=True, exist_ok=True)
         self.settings = ServerSettings(
             environment="development",
             db_path=self.root / "fleet.db",
@@ -56,7 +58,22 @@ class DevStack:
 
     def _new_server(self) -> FleetServer:
         return FleetServer(
-            self.settings, CollectorRegistry(), broker_accounts=_DevBrokerAccounts(self), **self.server_options
+            self.settings, CollectorRegistry(), broker_accounts=self._broker_accounts(), **self.server_options
+        )
+
+    def _broker_accounts(self) -> FileAccounts:
+        """The production file-based path (fleet_server/broker/files.py), reloading our own broker."""
+
+        def credentials() -> BrokerCredentials:
+            assert self.server is not None
+            return self.server.registry.broker_credentials(self.settings.broker_username, self.server_password)
+
+        def reload() -> None:
+            if self.broker is not None:
+                self.broker.reload()
+
+        return FileAccounts(
+            self.broker_config.passwd_path, self.broker_config.acl_path, reload, credentials, file_mode=0o600
         )
 
     # -- set-up -----------------------------------------------------------------------------------
@@ -186,29 +203,3 @@ def service_events(n: int, prefix: str = "s") -> Iterable[tuple[str, dict[str, A
             {"session": f"{prefix}-{i}", "service_code": "TQ02", "duration_s": 120.0 + i % 60, "face_login": True},
             None,
         )
-
-
-class _DevBrokerAccounts:
-    """The dev stack's broker: rewrite its password file and ACL and SIGHUP it after each change."""
-
-    def __init__(self, stack: DevStack) -> None:
-        self.stack = stack
-
-    def _apply(self) -> None:
-        if self.stack.broker is not None and self.stack.server is not None:
-            self.stack.reload_broker()
-
-    def terminal_enrolled(self, terminal_id: str, password: str) -> None:
-        self._apply()
-
-    def terminal_password_changed(self, terminal_id: str, password: str) -> None:
-        self._apply()
-
-    def terminal_revoked(self, terminal_id: str) -> None:
-        self._apply()
-
-    def reconcile(self, credentials: Any) -> None:
-        self._apply()
-
-    def close(self) -> None:
-        pass
