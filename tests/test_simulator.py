@@ -12,6 +12,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from fleet_dev.proc import free_port, wait_for
 from fleet_dev.sim import SimClock, SimulatedFleet, TrafficModel, load_catalogue
 from fleet_dev.sim.traffic import BEIJING
@@ -86,3 +88,63 @@ def test_demo_command_runs_the_whole_system_and_stops_cleanly(tmp_path: Path) ->
     assert "online 6/6" in proc.stdout
     lines = [ln for ln in proc.stdout.splitlines() if "stored" in ln and "sim]" in ln]
     assert lines and int(lines[-1].split("stored")[1].split()[0]) > 0
+
+
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "device_profiles"
+
+
+def test_simulated_kiosk_apps_report_peripheral_readings_that_reach_the_server(make_stack: Any) -> None:
+    st = make_stack(0, start=False, server_options={"health_sweep_s": 0.2})
+    st.enrol("t-lobby", "haidian", profile="lobby-floor-32")
+    st.start_broker()
+    st.start_server()
+    assert st.server.link.connected.wait(10)
+    agent = st.agent("t-lobby", heartbeat_interval_s=0.5, profile_file=str(PROFILES_DIR / "lobby-floor-32.yaml"))
+    st.tracked_agents.append(agent)
+    agent.start()
+    start = datetime(2026, 11, 23, 9, 0, tzinfo=BEIJING)
+    fleet = SimulatedFleet([agent], SimClock(start, 600.0, time.time()), peak_sessions_per_hour=120)
+    try:
+        now = time.time()
+        for i in range(40):
+            fleet.step(now + i * 0.1, 0.1)
+        # one routine report per peripheral the kiosk app drives (the agent probes the camera itself)
+        assert fleet.counters.readings_posted >= 6 and fleet.counters.readings_refused == 0
+        completed = fleet.counters.by_type.get("service.completed", 0)
+        assert completed > 0
+
+        def printer() -> dict[str, Any]:
+            doc = st.server.health.terminal("t-lobby")
+            return dict(doc["peripherals"].get("receipt_printer") or {}) if doc else {}
+
+        # every completed service printed a receipt: the roll the server sees is shorter by that much
+        wait_for(lambda: printer().get("reading", {}).get("paper_left_pct", 100) < 100, 20, what="paper reading")
+        assert printer()["state"] in ("ok", "warn")
+        seen = st.server.health.terminal("t-lobby")["peripherals"]  # type: ignore[index]
+        assert {seen[p]["state"] for p in ("id_reader", "a4_printer", "qr_scanner", "assistance", "screen")} == {"ok"}
+        wait_for(lambda: st.stored() == fleet.counters.events_posted, 30, what="events stored")
+    finally:
+        fleet.stop()
+
+
+def test_simulator_sends_the_agents_api_token(make_stack: Any, tmp_path: Path) -> None:
+    token = tmp_path / "api-token"
+    token.write_text("k" * 64 + "\n", encoding="ascii")
+    token.chmod(0o600)
+    st = make_stack(1)
+    agent = st.agent("t-000", api_token_file=str(token))
+    st.tracked_agents.append(agent)
+    agent.start()
+    start = datetime(2026, 11, 23, 9, 0, tzinfo=BEIJING)
+    fleet = SimulatedFleet([agent], SimClock(start, 600.0, time.time()), peak_sessions_per_hour=120)
+    try:
+        url = next(iter(fleet.kiosks.values())).api.url
+        anonymous = httpx.post(f"{url}/v1/events", json={"type": "service.started", "body": {}}, timeout=5)
+        assert anonymous.status_code == 401  # the API wants the token: the simulator must send it
+        now = time.time()
+        for i in range(20):
+            fleet.step(now + i * 0.1, 0.1)
+        assert fleet.counters.events_posted > 0 and fleet.counters.refused == 0
+        wait_for(lambda: st.stored() == fleet.counters.events_posted, 30, what="events stored")
+    finally:
+        fleet.stop()

@@ -37,6 +37,17 @@ def api_token(agent: "Agent") -> str | None:
     return str(token) if token else None
 
 
+def local_api_app(agent: "Agent") -> Any:
+    """The agent's local API as `edge-agent run` builds it, with the peripheral routes."""
+    from edge_agent.api import create_api
+    from edge_agent.api.peripheral_routes import build_peripheral_router
+
+    app = create_api(agent)
+    if not any(getattr(r, "path", "") == "/v1/peripherals/readings" for r in app.routes):
+        app.include_router(build_peripheral_router(agent.health_monitor))
+    return app
+
+
 class _AgentBoundServer(uvicorn.Server):
     """A uvicorn server that also exits when its agent has stopped."""
 
@@ -52,13 +63,10 @@ class LocalApi:
     """One agent's local API on a free loopback port, served from a thread."""
 
     def __init__(self, agent: "Agent") -> None:
-        from edge_agent.api import create_api
-        from edge_agent.api.peripheral_routes import build_peripheral_router
-
         self.agent = agent
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        app = create_api(agent, extra_routers=[build_peripheral_router(agent.health_monitor)])
+        app = local_api_app(agent)
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
         self._server = _AgentBoundServer(config, agent)
         self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
