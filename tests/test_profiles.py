@@ -209,3 +209,26 @@ def test_load_profiles_reports_every_broken_file(tmp_path: Path) -> None:
 def test_profile_model_is_strict_about_top_level_shape() -> None:
     with pytest.raises(ValueError):
         DeviceProfile.model_validate({"schema_version": 2})
+
+
+def test_server_schema_and_the_shared_check_table_agree_on_every_check_and_its_direction() -> None:
+    """The agent judges by fleet_wire's table; the server validates by its typed models: one truth."""
+    from typing import get_args
+
+    from fleet_server.registry.profiles import HigherIsWorse, HostChecks, LowerIsWorse, Peripheral
+    from fleet_wire.profile_checks import HOST_CHECKS, PERIPHERAL_CHECKS, Direction
+
+    def directions(model: type) -> dict[str, Direction]:
+        out = {}
+        for name, info in model.model_fields.items():  # type: ignore[attr-defined]
+            kind = info.annotation
+            assert kind is not None and issubclass(kind, HigherIsWorse | LowerIsWorse), name
+            out[name] = Direction.LOWER_IS_WORSE if issubclass(kind, LowerIsWorse) else Direction.HIGHER_IS_WORSE
+        return out
+
+    union = get_args(get_args(Peripheral)[0])
+    by_kind = {get_args(m.model_fields["kind"].annotation)[0]: m.model_fields["checks"].annotation for m in union}
+    assert set(by_kind) == set(PERIPHERAL_CHECKS) == set(PERIPHERAL_KINDS)
+    for kind, checks_model in by_kind.items():
+        assert directions(checks_model) == PERIPHERAL_CHECKS[kind], kind
+    assert directions(HostChecks) == HOST_CHECKS
