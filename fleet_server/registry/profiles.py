@@ -8,7 +8,7 @@ the reason, because the person fixing it is editing YAML, not reading a tracebac
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -371,7 +371,7 @@ def _locate(root: yaml.Node, loc: tuple[int | str, ...]) -> tuple[int | None, st
     return line, "".join(parts).lstrip(".")
 
 
-def _reason(err: dict[str, Any]) -> str:
+def _reason(err: Mapping[str, Any]) -> str:
     msg = str(err["msg"])
     if err["type"] == "extra_forbidden":
         return "unknown field (not part of the profile schema; check the spelling)"
@@ -439,7 +439,8 @@ def load_profile(path: Path | str) -> DeviceProfile:
         raise ProfileError([ProfileProblem(str(path), None, "", f"cannot read the file: {err}")]) from err
     profile = parse_profile(text, str(path))
     if profile.id != path.stem:
-        line, _ = _locate(yaml.compose(text), ("id",))
+        root = yaml.compose(text)
+        line = _locate(root, ("id",))[0] if root is not None else None
         raise ProfileError(
             [
                 ProfileProblem(
