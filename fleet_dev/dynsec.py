@@ -22,6 +22,30 @@ class MosquittoCtrlNotInstalled(RuntimeError):
     """mosquitto_ctrl is missing: on Debian it ships in the `mosquitto` package itself."""
 
 
+def write_operator_layout(config: BrokerConfig, snippet: str) -> None:
+    """A main mosquitto.conf shaped like Debian's (pid file, persistence, log, include_dir) in
+    `config.directory`, plus `snippet` (what `fleet-server broker-config` prints) in its conf.d:
+    the broker then runs exactly what an operator installs."""
+    conf_d = config.directory / "conf.d"
+    conf_d.mkdir(parents=True, exist_ok=True)
+    (conf_d / "kiosk-fleet.conf").write_text(snippet, encoding="utf-8")
+    main = [
+        f"pid_file {config.directory / 'mosquitto.pid'}",
+        "persistence true",
+        f"persistence_location {config.directory}/",
+        "autosave_interval 1",
+        f"log_dest file {config.log_path}",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "log_type information",
+        # Run as whoever started us: the files stay private to that user.
+        f"user {getpass.getuser()}",
+        f"include_dir {conf_d}",
+    ]
+    config.conf_path.write_text("\n".join(main) + "\n", encoding="utf-8")
+
+
 @dataclass
 class DynsecBroker:
     """A dynsec-configured Mosquitto on a free loopback port, with its admin account."""
@@ -47,23 +71,7 @@ class DynsecBroker:
                 capture_output=True,
             )
             self.dynsec_file.chmod(0o600)
-        conf = broker_conf(
-            self.port, str(self.dynsec_file), host="127.0.0.1", persistence_dir=f"{self.directory}/"
-        ) + "\n".join(
-            [
-                f"log_dest file {self.config.log_path}",
-                "log_type error",
-                "log_type warning",
-                "log_type notice",
-                "log_type information",
-                "connection_messages true",
-                "autosave_interval 1",
-                # Run as whoever started us: the files stay private to that user.
-                f"user {getpass.getuser()}",
-                "",
-            ]
-        )
-        self.config.conf_path.write_text(conf, encoding="utf-8")
+        write_operator_layout(self.config, broker_conf(self.port, str(self.dynsec_file), host="127.0.0.1"))
 
     def start(self) -> Mosquitto:
         if self.broker is None:

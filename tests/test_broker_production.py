@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from fleet_dev.broker import Mosquitto
-from fleet_dev.dynsec import DynsecBroker
+from fleet_dev.dynsec import DynsecBroker, write_operator_layout
 from fleet_dev.proc import die_with_parent, free_port, wait_for
 from fleet_server.broker import BrokerAccountsUnavailable, BrokerCommandRefused
 from fleet_server.broker.dynsec import DynsecAccounts, DynsecSettings
@@ -57,6 +57,7 @@ class ServerProcess:
         )
         self.log_path = root / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.start_timeout_s = 30.0
         self.http = httpx.Client(
             base_url=f"http://127.0.0.1:{self.http_port}",
             headers={"Authorization": f"Bearer {self.admin_token}"},
@@ -73,7 +74,10 @@ class ServerProcess:
                 start_new_session=True,
                 preexec_fn=die_with_parent,
             )
-        wait_for(self._broker_connected, 30, what=f"fleet-server run connected to the broker; log:\n{self.log()}")
+        try:
+            wait_for(self._broker_connected, self.start_timeout_s, what="fleet-server run connected to the broker")
+        except TimeoutError as err:
+            raise TimeoutError(f"{err}; its log:\n{self.log()[-4000:]}") from None
 
     def _broker_connected(self) -> bool:
         assert self.proc is not None
@@ -81,7 +85,7 @@ class ServerProcess:
             raise AssertionError(f"fleet-server exited with {self.proc.returncode}:\n{self.log()}")
         try:
             return self.broker_connected()
-        except httpx.HTTPError:
+        except httpx.TransportError:
             return False
 
     def broker_connected(self) -> bool:
@@ -361,12 +365,7 @@ def test_files_path_binds_client_ids_and_reloads_the_broker(tmp_path: Path) -> N
     (accounts_dir / "acl").write_text("")
     port = free_port()
     config = BrokerConfig(tmp_path / "broker", port)
-    config.directory.mkdir()
-    conf = files_broker_conf(port, str(accounts_dir), host="127.0.0.1", pid_file=str(tmp_path / "mosquitto.pid"))
-    conf = conf.replace("persistence_location /var/lib/mosquitto/", f"persistence_location {config.directory}/")
-    import getpass
-
-    config.conf_path.write_text(conf + f"user {getpass.getuser()}\nlog_dest file {config.log_path}\n")
+    write_operator_layout(config, files_broker_conf(port, str(accounts_dir), host="127.0.0.1"))
     broker = Mosquitto(config)
     broker.start()
     server = ServerProcess(
@@ -376,7 +375,7 @@ def test_files_path_binds_client_ids_and_reloads_the_broker(tmp_path: Path) -> N
             "FLEET_BROKER_ACCOUNTS": "files",
             "FLEET_BROKER_PASSWD_FILE": str(accounts_dir / "passwd"),
             "FLEET_BROKER_ACL_FILE": str(accounts_dir / "acl"),
-            "FLEET_BROKER_PID_FILE": str(tmp_path / "mosquitto.pid"),
+            "FLEET_BROKER_PID_FILE": str(config.directory / "mosquitto.pid"),
         },
     )
     try:
@@ -407,3 +406,47 @@ def test_files_path_binds_client_ids_and_reloads_the_broker(tmp_path: Path) -> N
     finally:
         server.stop()
         broker.kill()
+
+
+def test_server_started_before_the_broker_reconciles_once_it_is_up(tmp_path: Path) -> None:
+    broker = DynsecBroker(tmp_path / "broker")  # made, not started: the server comes up first
+    server = ServerProcess(
+        tmp_path,
+        {
+            "FLEET_BROKER_PORT": str(broker.port),
+            "FLEET_BROKER_ACCOUNTS": "dynsec",
+            "FLEET_BROKER_DYNSEC_USERNAME": broker.admin_username,
+            "FLEET_BROKER_DYNSEC_PASSWORD": broker.admin_password,
+            "FLEET_BROKER_COMMAND_TIMEOUT_S": "2",
+        },
+    )
+    try:
+        with pytest.raises(TimeoutError):
+            server.start_timeout_s = 8.0
+            server.start()
+        assert "broker accounts not reconciled yet" in server.log()
+        assert server.proc is not None and server.proc.poll() is None  # serving, not dead
+        broker.start()
+        # the background retry creates the ingest account; the ingest then connects by itself
+        wait_for(server.broker_connected, 60, what=f"ingest connected after the broker came up:\n{server.log()}")
+        password = server.enrol("kiosk-a")
+        assert ok(connack(broker.port, "kiosk-a", password, "kiosk-a"))
+        assert refused(connack(broker.port, "kiosk-a", password, SERVER_CLIENT_ID))
+    finally:
+        server.stop()
+        broker.kill()
+
+
+def test_broker_config_command_prints_what_the_tests_run(tmp_path: Path) -> None:
+    from fleet_server.broker.dynsec import broker_conf
+
+    out = subprocess.run(
+        [sys.executable, "-m", "fleet_server", "broker-config", "--port", "8883", "--dynsec-file", "/x/dynsec.json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("FLEET_")},
+    ).stdout
+    assert out.endswith(broker_conf(8883, "/x/dynsec.json"))
+    assert "mosquitto_ctrl dynsec init /x/dynsec.json fleet-dynsec-admin" in out
+    assert "allow_anonymous false" in out and "FLEET_BROKER_DYNSEC_PASSWORD" in out

@@ -87,15 +87,12 @@ def _acl_key(acls: Iterable[dict[str, Any]]) -> set[tuple[str, str, bool]]:
     return {(str(a.get("acltype")), str(a.get("topic")), bool(a.get("allow"))) for a in acls}
 
 
-def broker_conf(
-    port: int,
-    config_file: str,
-    *,
-    host: str = "",
-    plugin: str | None = None,
-    persistence_dir: str = "/var/lib/mosquitto/",
-) -> str:
-    """The mosquitto.conf an operator uses with these accounts (and the one the tests run)."""
+def broker_conf(port: int, config_file: str, *, host: str = "", plugin: str | None = None) -> str:
+    """The conf.d snippet an operator uses with these accounts (and the one the tests run).
+
+    Debian's /etc/mosquitto/mosquitto.conf already sets pid_file and persistence and includes
+    /etc/mosquitto/conf.d; repeating those here would stop the broker ("Duplicate ... value").
+    """
     lines = [
         "# kiosk-fleet broker: accounts managed by fleet-server over the dynamic-security plugin",
         "per_listener_settings false",
@@ -103,8 +100,6 @@ def broker_conf(
         "allow_anonymous false",
         f"plugin {plugin or find_plugin()}",
         f"plugin_opt_config_file {config_file}",
-        "persistence true",
-        f"persistence_location {persistence_dir}",
     ]
     return "\n".join(lines) + "\n"
 

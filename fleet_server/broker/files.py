@@ -108,8 +108,12 @@ class FileAccounts:
         pass
 
 
-def broker_conf(port: int, directory: str, *, host: str = "", pid_file: str = "/run/mosquitto/mosquitto.pid") -> str:
-    """The mosquitto.conf lines for the file-based path (broker on the server's host)."""
+def broker_conf(port: int, directory: str, *, host: str = "") -> str:
+    """The conf.d snippet for the file-based path (broker on the server's host).
+
+    Debian's main mosquitto.conf already sets `pid_file /run/mosquitto/mosquitto.pid` (what
+    FLEET_BROKER_PID_FILE points at) and persistence; they are not repeated here.
+    """
     lines = [
         "# kiosk-fleet broker: accounts in files written by fleet-server (same host)",
         "per_listener_settings false",
@@ -120,8 +124,5 @@ def broker_conf(port: int, directory: str, *, host: str = "", pid_file: str = "/
         # Binds every account to its own client id: the same credentials cannot take over another
         # terminal's session or the server's. The server's session is then named by its username.
         "use_username_as_clientid true",
-        f"pid_file {pid_file}",
-        "persistence true",
-        "persistence_location /var/lib/mosquitto/",
     ]
     return "\n".join(lines) + "\n"

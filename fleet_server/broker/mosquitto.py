@@ -125,6 +125,7 @@ def write_account_files(passwd_path: Path, acl_path: Path, credentials: BrokerCr
 def _atomic_write(path: Path, text: str, mode: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    os.fchmod(fd, mode)  # exactly `mode`, whatever the umask (the broker's group may need to read)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
         fh.flush()
