@@ -533,3 +533,21 @@ def test_period_comparison_against_the_pilot(api: Any) -> None:
     (haidian,) = resp.json()["offices"]
     assert haidian["base"]["started"] == 20 and haidian["current"]["started"] == 40
     assert haidian["started_change"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", ['=HYPERLINK("http://x","点")', "+1+2", "-2+3", "@SUM(A1)", "\tcmd", "\r=1"])
+def test_csv_export_neutralises_cells_a_spreadsheet_would_run_as_formulas(api: Any, name: str) -> None:
+    client, _, _ = api
+    office = {"id": "haidian", "name": name, "name_en": name, "district": "海淀区", "pilot": True}
+    assert client.post("/api/v1/offices", json=office, headers=_auth(ADMIN_TOKEN)).status_code == 201
+    for granularity in ("total", "day", "hour"):
+        resp = client.get(
+            "/api/v1/usage/export.csv",
+            params={**RANGE, "office": "haidian", "granularity": granularity},
+            headers=_auth(ADMIN_TOKEN),
+        )
+        rows = list(csv.DictReader(io.StringIO(resp.content.decode("utf-8-sig"), newline="")))
+        assert rows, granularity
+        assert {r["office_name"] for r in rows} == {"'" + name}, granularity
+        # numbers stay numbers
+        assert all(int(r["started"]) >= 0 for r in rows)
