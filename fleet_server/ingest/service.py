@@ -4,6 +4,13 @@ Paho's thread only enqueues (`submit`). One writer thread takes messages in batc
 them, writes events + stream marks in one transaction, and only after COMMIT publishes receipts
 and acknowledges the MQTT messages (manual ack): a crash before COMMIT leaves the messages
 unacknowledged at the broker, which redelivers them to our persistent session.
+
+Hostile or broken input (issue 8) costs one message, never a batch: each message is decoded on
+its own (bounded, strict: `fleet_wire`), every failure is a counted reject, and a message the
+database refuses to store is isolated by re-trying the batch message by message. State kept per
+terminal is bounded (`IngestLimits`): ranges in a stream's receipt state, streams, new epochs a
+day, reject-log rows a minute. Past a limit only that terminal is refused, with a counted reason
+(`fleet_ingest_terminal_limited_total{reason}`); the rest of the fleet is untouched.
 """
 
 from __future__ import annotations
@@ -16,17 +23,19 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fleet_server.db import connect
 from fleet_server.ingest.metrics import IngestMetrics
 from fleet_server.ingest.store import IngestStore, StreamRow
 from fleet_wire import topics
-from fleet_wire.envelope import decode_batch, format_ts
-from fleet_wire.errors import TopicError
+from fleet_wire.commands import decode_cmd_ack
+from fleet_wire.envelope import decode_batch, format_ts, is_late
+from fleet_wire.errors import CmdAckInvalid, StatusInvalid, TopicError
 from fleet_wire.events import TOMBSTONE
 from fleet_wire.receipt import Receipt, SeqSet
+from fleet_wire.status import decode_status
 from fleet_wire.topics import Channel
 
 log = logging.getLogger(__name__)
@@ -35,7 +44,44 @@ BATCH_MAX_MESSAGES = 500
 BATCH_WAIT_S = 0.02  # group commit: wait this long for more messages once one has arrived
 STATUS_BATCH_WAIT_S = 0.25  # …and this long while the batch holds only heartbeats (no receipt waits)
 QUEUE_MAX = 20_000  # paho's thread blocks past this, which pushes back on the broker
-STATUS_MAX_BYTES = 16 * 1024
+UNKNOWN = ""  # tally and reject-log key for messages of no enrolled terminal (never one key per id)
+
+
+@dataclass(frozen=True, slots=True)
+class IngestLimits:
+    """What one terminal may make the server keep; past a limit that terminal is refused."""
+
+    # Ranges above the contiguous mark in one stream's receipt state. An honest outbox sends in
+    # seq order and leaves a handful of holes (a broker drop); 200,000 far-apart seqs once made
+    # 7.5 MB rewritten per batch. A seq that would open a range past this is refused, not stored.
+    max_ranges_per_stream: int = 512
+    # Streams (outbox epochs) one terminal may have; an epoch is new with each new outbox file.
+    max_streams_per_terminal: int = 64
+    # New epochs one terminal may open in 24 h (a reinstall a day is already unusual).
+    max_new_epochs_per_day: int = 8
+    # Reject-log rows written per terminal per minute; the rest are counted, not written.
+    max_reject_rows_per_minute: int = 30
+    # The gap gauge counts each gap up to this many seqs: a far seq is not 9e15 lost events.
+    max_counted_gap: int = 10_000
+
+
+@dataclass(slots=True)
+class MessageTally:
+    """What became of one terminal's messages (the fuzz benchmark's accounting, and diagnostics)."""
+
+    messages: int = 0  # delivered to the ingest and processed
+    accepted: int = 0  # decoded as a whole (each of its events is counted below)
+    rejected: int = 0  # refused as a whole, counted under a reason
+    write_failed: int = 0  # lost to a database error before COMMIT (the terminal re-sends)
+    stored: int = 0
+    duplicates: int = 0
+    quarantined: int = 0  # refused events whose seq is receipted (counted as rejects)
+    limited: int = 0  # events refused by a per-terminal limit (counted as rejects)
+    dropped: int = 0  # tombstones
+
+    def add(self, other: MessageTally) -> None:
+        for name in MessageTally.__slots__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +104,20 @@ class _Batch:
     reject_reasons: dict[str, int] = field(default_factory=dict)
     status_states: dict[str, int] = field(default_factory=dict)
     duplicates: int = 0
+    late: int = 0
+    unlogged: int = 0
+    limited_reasons: dict[str, int] = field(default_factory=dict)
+    cmd_ack_states: dict[str, int] = field(default_factory=dict)
+    ids: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)  # event id -> seq, this batch
+    tallies: dict[str, MessageTally] = field(default_factory=dict)
     acks: list[tuple[int, int]] = field(default_factory=list)
+
+    def tally(self, terminal: str | None) -> MessageTally:
+        key = terminal or UNKNOWN
+        t = self.tallies.get(key)
+        if t is None:
+            t = self.tallies[key] = MessageTally()
+        return t
 
 
 class IngestService:
@@ -70,8 +129,12 @@ class IngestService:
         *,
         publish: Callable[[str, bytes], None] = lambda t, p: None,
         ack: Callable[[int, int], None] = lambda mid, qos: None,
+        limits: IngestLimits | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._db_path = db_path
+        self.limits = limits or IngestLimits()
+        self._clock = clock
         self.metrics = metrics
         self._terminal_offices_source = terminal_offices
         self._offices: dict[str, str] = {}
@@ -86,6 +149,10 @@ class IngestService:
         self._stop = threading.Event()
         self._streams: dict[tuple[str, str], StreamRow] = {}
         self._gaps: dict[tuple[str, str], int] = {}
+        self._epochs: dict[str, dict[str, str]] = {}  # terminal -> {epoch: first_seen}
+        self._reject_minute = ""
+        self._reject_rows: dict[str, int] = {}  # reject-log rows written this minute, per terminal
+        self.tallies: dict[str, MessageTally] = {}  # per terminal id; UNKNOWN for everyone else
         self._store: IngestStore | None = None
         self._conn: sqlite3.Connection | None = None
         self.batches = 0
@@ -104,6 +171,8 @@ class IngestService:
         self._conn = connect(self._db_path)
         self._store = IngestStore(self._conn)
         self._streams = self._store.load_streams()
+        for (terminal, epoch), row in self._streams.items():
+            self._epochs.setdefault(terminal, {})[epoch] = row.first_seen
         self._offices = dict(self._terminal_offices_source())
         self._update_gap_gauge()
         self._thread = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
@@ -160,7 +229,7 @@ class IngestService:
             if remaining > 0 and len(self._pending) < BATCH_MAX_MESSAGES:
                 time.sleep(remaining)
             self._events_arrived.clear()
-            msgs = []
+            msgs: list[Inbound] = []
             while self._pending and len(msgs) < BATCH_MAX_MESSAGES:
                 msgs.append(self._pending.popleft())
             if any(m.topic.endswith("/events") for m in self._pending):
@@ -181,73 +250,32 @@ class IngestService:
             self._refresh.clear()
             self._offices = dict(self._terminal_offices_source())
         started = time.perf_counter()
-        now = format_ts(datetime.now(UTC))
+        now_dt = self._clock()
+        now = format_ts(now_dt)
         b = _Batch()
         for m in msgs:
             b.acks.append((m.mid, m.qos))
-            try:
-                ref = topics.parse(m.topic)
-            except TopicError as err:
-                self._reject(b, now, None, m, err.reason, str(err))
-                continue
-            if ref.terminal_id not in self._offices:
-                self._reject(
-                    b,
-                    now,
-                    ref.terminal_id,
-                    m,
-                    "unknown_terminal",
-                    f"terminal {ref.terminal_id!r} is not enrolled (or was revoked)",
-                )
-                continue
-            if ref.channel == Channel.EVENTS:
-                self._take_events(b, now, ref.terminal_id, m)
-            elif ref.channel == Channel.STATUS:
-                self._take_status(b, now, ref.terminal_id, m)
+            self._take(b, now, now_dt, m)
         try:
             assert self._store is not None
             # one transaction (one fsync) for everything the batch holds, none when it holds nothing
             if b.events or b.dropped or b.rejects or b.streams or b.status:
                 self._store.write(b.events, b.dropped, b.rejects, list(b.streams.values()), list(b.status.values()))
-        except sqlite3.Error as err:
+        except Exception as err:
+            if not _environmental(err):
+                self._isolate(msgs, err)
+                return
             # Disk full, I/O error…: nothing of this batch is stored, no receipt goes out, the
             # terminals keep their rows and re-send after their receipt time-out.
             self.metrics.write_errors.inc()
             self.errors += 1
             log.error("ingest write failed (%s); %d messages will be re-sent by terminals", err, len(msgs))
+            for key, t in b.tallies.items():
+                self._tally(key).write_failed += t.messages
             for mid, qos in b.acks:
                 self._safe_ack(mid, qos)
             return
-        self._streams.update(b.streams)
-        for hook in self.on_commit:
-            if b.events:
-                try:
-                    hook(b.events)
-                except Exception:
-                    log.exception("on_commit listener failed")
-        for status_hook in self.on_status:
-            if b.status:
-                try:
-                    status_hook(list(b.status.values()))
-                except Exception:
-                    log.exception("on_status listener failed")
-        for t, n in b.ingested_types.items():
-            self.metrics.ingested.labels(t).inc(n)
-        for r, n in b.dropped_reasons.items():
-            self.metrics.dropped.labels(r).inc(n)
-        for r, n in b.reject_reasons.items():
-            self.metrics.rejected.labels(r).inc(n)
-        for s, n in b.status_states.items():
-            self.metrics.status_messages.labels(s).inc(n)
-        if b.duplicates:
-            self.metrics.duplicates.inc(b.duplicates)
-        for (terminal, epoch), row in b.streams.items():
-            receipt = Receipt.from_seqset(terminal, epoch, row.seqs)
-            try:
-                self.publish(topics.topic(terminal, Channel.RECEIPT), receipt.encode())
-                self.metrics.receipts.inc()
-            except Exception:
-                log.exception("could not publish receipt to %s", terminal)
+        self._committed(b)
         for mid, qos in b.acks:
             self._safe_ack(mid, qos)
         self.batches += 1
@@ -257,23 +285,165 @@ class IngestService:
             self._store.trim_rejects()
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
 
-    def _take_events(self, b: _Batch, now: str, terminal: str, m: Inbound) -> None:
-        decoded = decode_batch(terminal, m.payload)
+    def _isolate(self, msgs: list[Inbound], err: Exception) -> None:
+        """The database refused a batch for its content: store it message by message, refuse the culprit."""
+        if len(msgs) > 1:
+            log.warning(
+                "ingest batch of %d refused by the database (%s); storing it message by message", len(msgs), err
+            )
+            for m in msgs:
+                self._process([m])
+            return
+        [m] = msgs
+        log.error("message on %s cannot be stored (%s: %s); refused", m.topic[:120], type(err).__name__, err)
+        self.metrics.rejected.labels("unstorable").inc()
+        terminal = _topic_terminal(m.topic)
+        t = self._tally(terminal if terminal in self._offices else UNKNOWN)
+        t.messages += 1
+        t.rejected += 1
+        self._safe_ack(m.mid, m.qos)
+
+    def _committed(self, b: _Batch) -> None:
+        """After COMMIT: live state, listeners, counters, receipts."""
+        self._streams.update(b.streams)
+        for (terminal, epoch), row in b.streams.items():
+            self._epochs.setdefault(terminal, {}).setdefault(epoch, row.first_seen)
+        for key, t in b.tallies.items():
+            self._tally(key).add(t)
+        if b.events:
+            for hook in self.on_commit:
+                self._call_hook(hook, b.events)
+        if b.status:
+            rows = list(b.status.values())
+            for status_hook in self.on_status:
+                self._call_hook(status_hook, rows)
+        for t_name, n in b.ingested_types.items():
+            self.metrics.ingested.labels(t_name).inc(n)
+        for r, n in b.dropped_reasons.items():
+            self.metrics.dropped.labels(r).inc(n)
+        for r, n in b.reject_reasons.items():
+            self.metrics.rejected.labels(r).inc(n)
+        for r, n in b.limited_reasons.items():
+            self.metrics.terminal_limited.labels(r).inc(n)
+        for s, n in b.status_states.items():
+            self.metrics.status_messages.labels(s).inc(n)
+        for s, n in b.cmd_ack_states.items():
+            self.metrics.cmd_acks.labels(s).inc(n)
+        if b.duplicates:
+            self.metrics.duplicates.inc(b.duplicates)
+        if b.late:
+            self.metrics.late_events.inc(b.late)
+        if b.unlogged:
+            self.metrics.rejects_unlogged.inc(b.unlogged)
+        for (terminal, epoch), row in b.streams.items():
+            receipt = Receipt.from_seqset(terminal, epoch, row.seqs)
+            try:
+                self.publish(topics.topic(terminal, Channel.RECEIPT), receipt.encode())
+                self.metrics.receipts.inc()
+            except Exception:
+                log.exception("could not publish receipt to %s", terminal)
+
+    def _call_hook(self, hook: Callable[[Any], None], rows: Any) -> None:
+        # A listener's failure must neither lose the batch (it is committed) nor stop the next
+        # one: log it, count it (alert on the metric), carry on.
+        try:
+            hook(rows)
+        except Exception:
+            name = getattr(hook, "__qualname__", type(hook).__name__)[:60]
+            self.metrics.hook_errors.labels(name).inc()
+            log.exception("after-commit listener %s failed on %d rows; the ingest carries on", name, len(rows))
+
+    def _tally(self, key: str) -> MessageTally:
+        t = self.tallies.get(key)
+        if t is None:
+            t = self.tallies[key] = MessageTally()
+        return t
+
+    def _take(self, b: _Batch, now: str, now_dt: datetime, m: Inbound) -> None:
+        """Classify one message into the batch; whatever happens, it is counted exactly once."""
+        try:
+            ref = topics.parse(m.topic)
+        except TopicError as err:
+            b.tally(None).messages += 1
+            self._reject_message(b, now, None, m, err.reason, str(err))
+            return
+        known = ref.terminal_id in self._offices
+        tally = b.tally(ref.terminal_id if known else None)
+        tally.messages += 1
+        if not known:
+            self._reject_message(
+                b,
+                now,
+                ref.terminal_id,
+                m,
+                "unknown_terminal",
+                f"terminal {ref.terminal_id!r} is not enrolled (or was revoked)",
+            )
+            return
+        try:
+            if ref.channel == Channel.EVENTS:
+                self._take_events(b, now, now_dt, ref.terminal_id, m)
+            elif ref.channel == Channel.STATUS:
+                self._take_status(b, now, ref.terminal_id, m)
+            elif ref.channel == Channel.CMD_ACK:
+                self._take_cmd_ack(b, now, ref.terminal_id, m)
+            else:
+                self._reject_message(b, now, ref.terminal_id, m, "bad_topic", f"{ref.channel} is not an uplink topic")
+        except Exception as err:  # a bug must cost this message, never the batch
+            log.exception("ingest could not process a message from %s", ref.terminal_id)
+            self._reject_message(b, now, ref.terminal_id, m, "internal", f"{type(err).__name__} while processing")
+
+    def _take_events(self, b: _Batch, now: str, now_dt: datetime, terminal: str, m: Inbound) -> None:
+        decoded = decode_batch(terminal, m.payload, now=now_dt)
+        tally = b.tally(terminal)
+        if decoded.message_refused:
+            [rej] = decoded.rejected
+            self._reject_message(b, now, terminal, m, rej.reason, rej.detail)
+            return
+        tally.accepted += 1
         office = self._offices[terminal]
         for rej in decoded.rejected:
-            self._reject(b, now, terminal, m, rej.reason, rej.detail, rej.epoch, rej.seq)
+            row = None
             if rej.epoch is not None and rej.seq is not None:
+                row = self._admit(b, now, terminal, rej.epoch, rej.seq, m)
+                if row is None:
+                    continue  # refused by a limit (counted there)
+            self._reject(b, now, terminal, m, rej.reason, rej.detail, rej.epoch, rej.seq)
+            tally.quarantined += 1
+            if row is not None and rej.seq is not None and row.seqs.add(rej.seq):
                 # Quarantined, not lost: the row is in `rejects`, and the receipt covers it so the
                 # terminal stops re-sending a poisoned event.
-                row = self._stream(b, terminal, rej.epoch, now)
-                if row.seqs.add(rej.seq):
-                    row.quarantined += 1
+                row.quarantined += 1
+        known_ids = self._known_ids(b, terminal, decoded.events)
         for env in decoded.events:
-            row = self._stream(b, terminal, env.epoch, now)
-            if not row.seqs.add(env.seq):
+            row = self._admit(b, now, terminal, env.epoch, env.seq, m)
+            if row is None:
+                continue
+            if env.seq in row.seqs:
                 row.duplicates += 1
                 b.duplicates += 1
+                tally.duplicates += 1
                 continue
+            ids = b.ids.setdefault((terminal, env.epoch), {})
+            holder = ids.get(env.id, known_ids.get((env.epoch, env.id)))
+            if holder is not None and holder != env.seq:
+                # event ids are unique per stream: a reused id is quarantined, never stored twice
+                self._reject(
+                    b,
+                    now,
+                    terminal,
+                    m,
+                    "duplicate_id",
+                    f"event id {env.id} is already seq {holder}",
+                    env.epoch,
+                    env.seq,
+                )
+                tally.quarantined += 1
+                row.seqs.add(env.seq)
+                row.quarantined += 1
+                continue
+            ids[env.id] = env.seq
+            row.seqs.add(env.seq)
             ts = format_ts(env.ts)
             if env.type == TOMBSTONE:
                 body = env.body
@@ -281,8 +451,11 @@ class IngestService:
                     (terminal, env.epoch, env.seq, body["reason"], body["original_type"], body["original_class"], ts)
                 )
                 row.dropped += 1
+                tally.dropped += 1
                 b.dropped_reasons[body["reason"]] = b.dropped_reasons.get(body["reason"], 0) + 1
                 continue
+            if is_late(env.ts, now_dt):
+                b.late += 1  # an offline terminal's backlog: stored; received_at notes when it came
             b.events.append(
                 (
                     terminal,
@@ -297,30 +470,72 @@ class IngestService:
                 )
             )
             row.stored += 1
+            tally.stored += 1
             b.ingested_types[env.type] = b.ingested_types.get(env.type, 0) + 1
 
+    def _known_ids(self, b: _Batch, terminal: str, events: list[Any]) -> dict[tuple[str, str], int]:
+        """Seqs already stored under the ids of `events` (new seqs only: re-sends are dropped anyway)."""
+        by_epoch: dict[str, list[str]] = {}
+        for env in events:
+            live = self._streams.get((terminal, env.epoch))
+            if live is not None and env.seq not in live.seqs:
+                by_epoch.setdefault(env.epoch, []).append(env.id)
+        assert self._store is not None
+        out: dict[tuple[str, str], int] = {}
+        for epoch, ids in by_epoch.items():
+            for event_id, seq in self._store.seqs_for_ids(terminal, epoch, ids).items():
+                out[(epoch, event_id)] = seq
+        return out
+
     def _take_status(self, b: _Batch, now: str, terminal: str, m: Inbound) -> None:
-        if len(m.payload) > STATUS_MAX_BYTES:
-            self._reject(b, now, terminal, m, "oversized", f"status is {len(m.payload)} bytes")
-            return
         try:
-            doc: Any = json.loads(m.payload) if m.payload else {"state": "offline", "reason": "cleared"}
-            state = doc["state"]
-            if state not in ("online", "offline"):
-                raise ValueError(f"state {state!r} is neither online nor offline")
-        except (ValueError, KeyError, TypeError) as err:
-            self._reject(b, now, terminal, m, "bad_status", f"status document: {err}")
+            doc = decode_status(m.payload)
+        except StatusInvalid as err:
+            self._reject_message(b, now, terminal, m, err.reason, str(err))
             return
-        reason = str(doc.get("reason", "heartbeat" if state == "online" else "unknown"))[:64]
-        b.status[terminal] = (
-            terminal,
-            state,
-            reason,
-            now,
-            now,
-            m.payload.decode("utf-8", "replace") if m.payload else json.dumps(doc),
-        )
-        b.status_states[state] = b.status_states.get(state, 0) + 1
+        b.tally(terminal).accepted += 1
+        reason = doc.reason or ("heartbeat" if doc.state == "online" else "unknown")
+        b.status[terminal] = (terminal, doc.state, reason, now, now, doc.to_json())
+        b.status_states[doc.state] = b.status_states.get(doc.state, 0) + 1
+
+    def _take_cmd_ack(self, b: _Batch, now: str, terminal: str, m: Inbound) -> None:
+        try:
+            ack = decode_cmd_ack(m.payload)
+        except CmdAckInvalid as err:
+            self._reject_message(b, now, terminal, m, err.reason, str(err))
+            return
+        b.tally(terminal).accepted += 1
+        b.cmd_ack_states[ack.state] = b.cmd_ack_states.get(ack.state, 0) + 1
+
+    def _admit(self, b: _Batch, now: str, terminal: str, epoch: str, seq: int, m: Inbound) -> StreamRow | None:
+        """The stream row that may take `seq`, or None when a per-terminal limit refuses it (counted)."""
+        key = (terminal, epoch)
+        if key not in b.streams and key not in self._streams:
+            epochs = self._epochs.get(terminal, {})
+            new_here = [e for (t, e) in b.streams if t == terminal and (t, e) not in self._streams]
+            if len(epochs) + len(new_here) >= self.limits.max_streams_per_terminal:
+                self._limited(b, now, terminal, m, "streams", epoch, seq)
+                return None
+            day_ago = format_ts(self._clock() - timedelta(days=1))
+            recent = sum(1 for first in epochs.values() if first >= day_ago) + len(new_here)
+            if recent >= self.limits.max_new_epochs_per_day:
+                self._limited(b, now, terminal, m, "new_epochs", epoch, seq)
+                return None
+        row = self._stream(b, terminal, epoch, now)
+        if row.seqs.range_count >= self.limits.max_ranges_per_stream and row.seqs.adds_range(seq):
+            self._limited(b, now, terminal, m, "ranges", epoch, seq)
+            return None
+        return row
+
+    def _limited(self, b: _Batch, now: str, terminal: str, m: Inbound, limit: str, epoch: str, seq: int) -> None:
+        detail = {
+            "streams": f"terminal already has {self.limits.max_streams_per_terminal} streams (epochs)",
+            "new_epochs": f"terminal opened {self.limits.max_new_epochs_per_day} new epochs in the last 24 h",
+            "ranges": f"stream holds {self.limits.max_ranges_per_stream} disjoint seq ranges; fill the gaps first",
+        }[limit]
+        self._reject(b, now, terminal, m, f"limit_{limit}", f"{detail}; seq {seq} refused, not stored", epoch, seq)
+        b.limited_reasons[limit] = b.limited_reasons.get(limit, 0) + 1
+        b.tally(terminal).limited += 1
 
     def _stream(self, b: _Batch, terminal: str, epoch: str, now: str) -> StreamRow:
         key = (terminal, epoch)
@@ -345,6 +560,11 @@ class IngestService:
         row.last_seen = now
         return row
 
+    def _reject_message(self, b: _Batch, now: str, terminal: str | None, m: Inbound, reason: str, detail: str) -> None:
+        """A message refused as a whole."""
+        b.tally(terminal if terminal in self._offices else None).rejected += 1
+        self._reject(b, now, terminal, m, reason, detail)
+
     def _reject(
         self,
         b: _Batch,
@@ -356,8 +576,22 @@ class IngestService:
         epoch: str | None = None,
         seq: int | None = None,
     ) -> None:
-        b.rejects.append((now, terminal, m.topic[:200], reason, detail[:500], epoch, seq, len(m.payload)))
         b.reject_reasons[reason] = b.reject_reasons.get(reason, 0) + 1
+        # Every reject is counted; only the first few per terminal a minute are written, so a
+        # flood costs a counter increment, not a row (and not a log line) each.
+        minute = now[:16]
+        if minute != self._reject_minute:
+            self._reject_minute = minute
+            self._reject_rows.clear()
+        key = terminal if terminal in self._offices else UNKNOWN
+        written = self._reject_rows.get(key, 0)
+        if written >= self.limits.max_reject_rows_per_minute:
+            b.unlogged += 1
+            return
+        self._reject_rows[key] = written + 1
+        b.rejects.append(
+            (now, terminal, _safe_text(m.topic[:200]), reason, _safe_text(detail[:500]), epoch, seq, len(m.payload))
+        )
         log.info("rejected %s from %s: %s", reason, terminal or m.topic[:80], detail[:200])
 
     def _safe_ack(self, mid: int, qos: int) -> None:
@@ -370,9 +604,26 @@ class IngestService:
 
     def _update_gap_gauge(self, touched: dict[tuple[str, str], StreamRow] | None = None) -> None:
         for key, row in (touched or self._streams).items():
-            gap = sum(e - s + 1 for s, e in row.seqs.missing(limit=1000)) if row.seqs.ranges else 0
+            gap = row.seqs.missing_count(self.limits.max_counted_gap) if row.seqs.ranges else 0
             if gap:
                 self._gaps[key] = gap
             else:
                 self._gaps.pop(key, None)
         self.metrics.gap_events.set(sum(self._gaps.values()))
+
+
+def _environmental(err: Exception) -> bool:
+    """Tell a database that cannot write now (disk full, I/O, locked) from one refusing this content."""
+    return isinstance(err, sqlite3.OperationalError) or type(err) is sqlite3.DatabaseError
+
+
+def _topic_terminal(topic: str) -> str | None:
+    try:
+        return topics.parse(topic).terminal_id
+    except TopicError:
+        return None
+
+
+def _safe_text(text: str) -> str:
+    """Text SQLite can store: a lone surrogate from a hostile payload must not fail the batch."""
+    return text.encode("utf-8", "replace").decode("utf-8")

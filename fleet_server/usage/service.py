@@ -158,9 +158,14 @@ class UsageService:
                     continue
                 office, ts = row[7], row[5]
                 received_upto = max(received_upto, row[6])
-                counts[(office, outcome)] = counts.get((office, outcome), 0) + 1
                 tz = self._office_tz(office, self._hook_conn)
-                pairs.add((office, fig.local_day(ts, tz).isoformat()))
+                try:
+                    day = fig.local_day(ts, tz)
+                except (ValueError, OverflowError):  # one unusable time must not leave the batch unmarked
+                    log.warning("event %s seq %s has an unusable time %r; left out of usage", row[0], row[2], ts)
+                    continue
+                counts[(office, outcome)] = counts.get((office, outcome), 0) + 1
+                pairs.add((office, day.isoformat()))
             if not pairs:
                 return
             store = UsageStore(self._hook_conn)
