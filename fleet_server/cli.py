@@ -38,6 +38,8 @@ class Api:
             fail("the server did not accept the token (set FLEETCTL_TOKEN)", EXIT_AUTH)
         if r.status_code == 403:
             fail(f"not allowed: {_detail(r)}", EXIT_AUTH)
+        if r.status_code == 429:
+            fail(f"the server is refusing this address for a while: {_detail(r)}", EXIT_AUTH)
         if r.status_code >= 500:
             fail(f"the server failed ({r.status_code}): {_detail(r)}", EXIT_SERVER)
         if r.status_code >= 400:

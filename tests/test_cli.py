@@ -68,3 +68,8 @@ def test_cli_errors_are_plain_words_with_exit_codes(server: Any, tmp_path: Path)
     assert r.exit_code == EXIT_USAGE and "atlantis" in r.output
     r = run(f"http://127.0.0.1:{free_port()}", st.admin_token, "terminals")
     assert r.exit_code == EXIT_UNREACHABLE and "cannot reach" in r.output
+    # a client that keeps guessing is told to wait, in plain words
+    for _ in range(st.server.auth.throttle.free_failures):
+        run(url, "wrong-token", "terminals")
+    r = run(url, "wrong-token", "whoami")
+    assert r.exit_code == EXIT_AUTH and "too many failed logins" in r.output and "retry in" in r.output
