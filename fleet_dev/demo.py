@@ -127,9 +127,11 @@ Ctrl-C stops everything.
             s = fleet.summary()
             backlog = sum(a.outbox.depth for a in agents)
             online = sum(1 for a in agents if a.link.connected)
+            states = [p["state"] for t in stack.server.health.terminals() for p in t["peripherals"].values()]
             print(
                 f"[{s['sim_time'][11:16]} sim] sessions {s['sessions']:>5}  events posted {s['events_posted']:>6}"
-                f"  stored {stack.stored():>6}  outbox backlog {backlog:>4}  online {online}/{len(agents)}",
+                f"  stored {stack.stored():>6}  outbox backlog {backlog:>4}  online {online}/{len(agents)}"
+                f"  peripherals warn {states.count('warn')} fail {states.count('fail')}",
                 flush=True,
             )
             if args.duration and time.monotonic() - began >= args.duration:

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 STEP_S = 0.1  # real seconds between simulation steps
 FAULTS_PER_TERMINAL_DAY = 1.5
-READINGS_EVERY_S = 20.0  # real seconds between a kiosk app's routine peripheral reports
+READINGS_EVERY_S = 30.0  # real seconds between a kiosk app's routine peripheral reports (stale after 90+)
 PAPER_PER_RECEIPT_PCT = 0.4  # an 80 m roll prints roughly 250 receipts
 
 
@@ -116,7 +116,7 @@ class SimulatedFleet:
     def stop(self) -> None:
         self._stop.set()
         if self._thread:
-            self._thread.join(5)
+            self._thread.join(30)  # a step ends at its next request; the clients close after it
         self.close()
 
     def close(self) -> None:
@@ -139,12 +139,13 @@ class SimulatedFleet:
                     if ev.body["peripheral"] in self.kiosks[tid].peripherals:  # only what this model carries
                         self._plan(tid, ev)
         now_ts = local.timestamp()
-        while self._due and self._due[0][0] <= now_ts:
+        while self._due and self._due[0][0] <= now_ts and not self._stop.is_set():
             _, _, tid, ev = heapq.heappop(self._due)
             self._post(tid, ev)
         for kiosk in self.kiosks.values():
-            if real_now >= kiosk.next_report:
-                kiosk.next_report = real_now + READINGS_EVERY_S
+            if real_now >= kiosk.next_report and not self._stop.is_set():
+                # spread over the interval: 18 kiosk apps reporting in the same step stall the simulation
+                kiosk.next_report = real_now + READINGS_EVERY_S * self.rng.uniform(0.5, 1.0)
                 self._report_all(kiosk)
 
     def _plan(self, tid: str, ev: PlannedEvent) -> None:
