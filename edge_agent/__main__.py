@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -22,28 +23,37 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from edge_agent.agent import Agent
+    from edge_agent.api.guard import ApiTokenUnusable
     from edge_agent.config import AgentSettings
 
+    # The outbox, face templates and logs hold citizens' data: nothing the agent creates is for others.
+    os.umask(0o077)
     try:
-        settings = AgentSettings.from_file(args.config) if args.config else AgentSettings()  # type: ignore[call-arg]
+        settings = AgentSettings.from_file(args.config) if args.config else AgentSettings()
     except (ValidationError, ValueError, OSError) as err:
         print(f"edge-agent: configuration is not usable:\n{err}", file=sys.stderr)
         return 2
     agent = Agent(settings)
-    agent.start()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     server = None
     if not args.no_api:
         import uvicorn
 
         from edge_agent.api import create_api
 
-        app = create_api(agent, extra_routers=_face_routers(agent))
+        try:
+            app = create_api(agent, extra_routers=_face_routers(agent))
+        except ApiTokenUnusable as err:
+            agent.outbox.close()
+            print(f"edge-agent: configuration is not usable:\n{err}", file=sys.stderr)
+            return 2
         config = uvicorn.Config(app, host=settings.api_host, port=settings.api_port, log_level="warning")
         server = uvicorn.Server(config)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        # run in a thread, uvicorn installs no signal handlers: SIGTERM stays ours (below)
+    agent.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if server is not None:
         threading.Thread(target=server.run, name="local-api", daemon=True).start()
     from edge_agent import systemd
 
@@ -61,11 +71,11 @@ def _face_routers(agent: Any) -> list[Any]:
     """Build face login if its packages and models are usable; the agent runs without it."""
     log = logging.getLogger("edge_agent.face")
     try:
-        from edge_agent.face import FaceError, FaceSettings, build_face_service
+        from edge_agent.face import FaceError, build_face_service
 
-        settings = FaceSettings()
+        settings = agent.settings.face
         if not settings.enabled:
-            log.info("face login disabled by configuration (EDGE_FACE_ENABLED)")
+            log.info("face login disabled by configuration (face.enabled in agent.yaml, or EDGE_FACE_ENABLED)")
             return []
         service = build_face_service(agent, settings)
         from edge_agent.api.face_routes import build_face_router

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from edge_agent.face.config import FaceSettings
 from fleet_wire.topics import TERMINAL_ID_PATTERN
 
 
@@ -44,6 +45,18 @@ class AgentSettings(BaseSettings):
     probe_timeout_s: float = Field(default=10.0, gt=0)
     # A reading older than this no longer counts (None: three of the peripheral's probe intervals).
     reading_stale_after_s: float | None = Field(default=None, gt=0)
+    # The local API's token (one line, 0600/0640: the agent and the kiosk app's group only), written
+    # by the provisioning playbook. Production refuses to serve the API without it; None is for
+    # development and tests only.
+    api_token_file: Path | None = None
+    # Face login: the `face:` section of agent.yaml; EDGE_FACE_* variables fill what it leaves out.
+    face: FaceSettings = Field(default_factory=FaceSettings)
+
+    @field_validator("face", mode="before")
+    @classmethod
+    def _face_section(cls, value: Any) -> Any:
+        # FaceSettings(**section), not plain validation: its EDGE_FACE_* variables still count.
+        return FaceSettings(**value) if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _safe_outside_development(self) -> "AgentSettings":

@@ -11,15 +11,17 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from edge_agent.outbox.store import InvalidEvent, OutboxFull, OutboxStorageError
+from edge_agent.api.guard import LIVENESS_PATH, LocalGuard, resolve_api_token
+from edge_agent.outbox.store import IdempotencyKeyReused, InvalidEvent, OutboxFull, OutboxStorageError
 
 if TYPE_CHECKING:
     from edge_agent.agent import Agent
 
+# Every route's body limit unless it has its own: an event, a peripheral report, a face erase.
 MAX_REQUEST_BYTES = 64 * 1024
-# Face routes carry base64 camera frames; their router enforces its own image limits.
+EVENTS_PATH = "/v1/events"
+# Face routes carry base64 camera frames: their limit comes from the face settings.
 FACE_PREFIX = "/v1/face/"
-FACE_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 
 
 class EventIn(BaseModel):
@@ -48,17 +50,22 @@ def error(status: int, code: str, detail: str, where: str | None = None) -> JSON
 
 
 def create_api(agent: "Agent", extra_routers: list[APIRouter] | None = None) -> FastAPI:
-    """Build the local API around a running agent."""
-    app = FastAPI(title="kiosk edge agent (local API)", version="1")
-    registry = agent.metrics_registry
+    """Build the local API around a running agent.
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Any) -> Any:
-        length = request.headers.get("content-length")
-        limit = FACE_MAX_REQUEST_BYTES if request.url.path.startswith(FACE_PREFIX) else MAX_REQUEST_BYTES
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            return error(413, "too_large", f"request body over {limit} bytes")
-        return await call_next(request)
+    Raises ApiTokenUnusable when the agent's api_token_file is unusable, or unset in production.
+    """
+    from edge_agent.api.peripheral_routes import build_peripheral_router
+
+    settings = agent.settings
+    token = resolve_api_token(settings.api_token_file, settings.environment)
+    app = FastAPI(title="kiosk edge agent (local API)", version="1")
+    app.add_middleware(
+        LocalGuard,
+        token=token,
+        limits=[(EVENTS_PATH, MAX_REQUEST_BYTES), (FACE_PREFIX, settings.face.max_request_bytes)],
+        default_limit=MAX_REQUEST_BYTES,
+    )
+    registry = agent.metrics_registry
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -73,7 +80,8 @@ def create_api(agent: "Agent", extra_routers: list[APIRouter] | None = None) -> 
         """Store one event durably; 201 means it is on disk and will reach the centre.
 
         Send a key (body `key` or header `Idempotency-Key`) and retry freely: a repeat of a stored
-        event answers 200 with the first event's seq and stores nothing.
+        event answers 200 with the first event's seq and stores nothing; the same key with a
+        different event answers 409 `idempotency_key_reused` and stores nothing.
         """
         ts: datetime | None = event.ts
         key = event.key or idempotency_key
@@ -81,6 +89,8 @@ def create_api(agent: "Agent", extra_routers: list[APIRouter] | None = None) -> 
             item = agent.post_event(event.type, event.body, ts=ts, key=key)
         except InvalidEvent as err:
             return error(422, err.reason, str(err), "body" if err.reason == "bad_body" else "type")
+        except IdempotencyKeyReused as err:
+            return error(409, "idempotency_key_reused", str(err), "key")
         except OutboxFull as err:
             return error(507, "outbox_full", str(err))
         except OutboxStorageError as err:
@@ -88,6 +98,11 @@ def create_api(agent: "Agent", extra_routers: list[APIRouter] | None = None) -> 
         if item.replayed:
             response.status_code = 200
         return EventStored(seq=item.seq, epoch=agent.outbox.epoch, type=item.type, replayed=item.replayed)
+
+    @app.get(LIVENESS_PATH)
+    def live() -> Response:
+        """Liveness probe, the one route without a token: 200 and nothing else, not even a version."""
+        return Response(status_code=200)
 
     @app.get("/v1/health")
     def health() -> dict[str, Any]:
@@ -98,6 +113,7 @@ def create_api(agent: "Agent", extra_routers: list[APIRouter] | None = None) -> 
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.include_router(build_peripheral_router(agent.health_monitor))
     for router in extra_routers or []:
         app.include_router(router)
     return app

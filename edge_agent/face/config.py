@@ -1,4 +1,4 @@
-"""Face settings (env prefix EDGE_FACE_), read once in the entry point and passed down."""
+"""Face settings: the `face:` section of agent.yaml, or EDGE_FACE_* variables; read once at start."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DLIB_DEFAULT_THRESHOLD = 0.6
 # A stricter setting for 1:N, where every extra template is one more chance of a false match.
 DLIB_STRICT_THRESHOLD = 0.55
+# JSON around the base64 images of a face request (field names, citizen id, top_k).
+_REQUEST_OVERHEAD_BYTES = 16 * 1024
 
 
 class FaceSettings(BaseSettings):
@@ -51,6 +53,11 @@ class FaceSettings(BaseSettings):
         if self.min_brightness >= self.max_brightness:
             raise ValueError("EDGE_FACE_MIN_BRIGHTNESS must be below EDGE_FACE_MAX_BRIGHTNESS")
         return self
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The local API's body limit for face routes: two images in base64 (compare-id) and the JSON around them."""
+        return 2 * 4 * -(-self.max_image_bytes // 3) + _REQUEST_OVERHEAD_BYTES
 
     def resolved(self, data_dir: Path) -> FaceSettings:
         """Return a copy with the key file and gallery dir filled in under `data_dir`."""
