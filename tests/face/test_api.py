@@ -16,6 +16,7 @@ from tests.face.test_imageheader import png_bomb
 
 pytestmark = pytest.mark.face
 CITIZEN = "110101199001011234"
+TOKEN = "face-api-test-token-" + "5eed" * 10
 
 
 def b64(data: bytes) -> str:
@@ -31,9 +32,17 @@ def api(tmp_path: Path, engine: Any) -> Iterator[tuple[TestClient, FaceService, 
     from edge_agent.config import AgentSettings
     from edge_agent.face import FaceSettings, build_face_service
 
-    agent = Agent(AgentSettings(environment="test", terminal_id="t-face-api", data_dir=tmp_path / "agent"))
+    token_file = tmp_path / "api.token"
+    token_file.write_text(TOKEN)
+    token_file.chmod(0o640)
+    agent = Agent(
+        AgentSettings(
+            environment="test", terminal_id="t-face-api", data_dir=tmp_path / "agent", api_token_file=token_file
+        )
+    )
     svc = build_face_service(agent, FaceSettings(max_image_bytes=40_000), engine=engine)
-    with TestClient(create_api(agent, extra_routers=[build_face_router(svc)])) as client:
+    app = create_api(agent, extra_routers=[build_face_router(svc)])
+    with TestClient(app, base_url="http://127.0.0.1:8700", headers={"Authorization": f"Bearer {TOKEN}"}) as client:
         yield client, svc, agent
     agent.outbox.close()
 
@@ -139,3 +148,29 @@ def test_camera_route_without_camera_is_503(api: tuple[TestClient, FaceService, 
     svc.enrol(CITIZEN, frames.obama_enrol)
     r = client.post("/v1/face/verify/camera", json={"citizen_id": CITIZEN})
     assert (r.status_code, r.json()["error"]) == (503, "face_unavailable")
+
+
+def test_face_routes_need_the_token_and_a_loopback_host(
+    api: tuple[TestClient, FaceService, Any], frames: Frames
+) -> None:
+    """Another process on the terminal, or a rebinding web page, can neither identify, replace nor erase."""
+    client, svc, _ = api
+    svc.enrol(CITIZEN, frames.obama_enrol)
+    before = [t.template_id for t in svc.list_templates()]
+    attempts = [
+        ("/v1/face/identify", {"image": b64(frames.obama_live2)}),
+        ("/v1/face/enrol", {"citizen_id": CITIZEN, "image": b64(frames.biden)}),
+        ("/v1/face/erase", {"citizen_id": CITIZEN}),
+    ]
+    for headers, status in [
+        ({"Authorization": ""}, 401),
+        ({"Authorization": "Bearer not-the-token-" + "0" * 20}, 401),
+        ({"Host": "evil.example:8700"}, 421),
+    ]:
+        for path, body in attempts:
+            r = client.post(path, json=body, headers=headers)
+            assert r.status_code == status, (path, headers, r.text)
+            assert CITIZEN not in r.text
+    assert [t.template_id for t in svc.list_templates()] == before
+    r = client.post("/v1/face/verify", json={"citizen_id": CITIZEN, "image": b64(frames.obama_live)})
+    assert r.json()["decision"] == "match"  # still the citizen's own template

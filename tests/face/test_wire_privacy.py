@@ -87,7 +87,8 @@ def test_broker_sees_no_image_template_or_citizen_id(tmp_path: Path, engine: Any
         agent.start()
         svc = build_face_service(agent, FaceSettings(), engine=engine)
         images = [frames.obama_enrol, frames.obama_live, frames.obama_live2, frames.biden]
-        with TestClient(create_api(agent, extra_routers=[build_face_router(svc)])) as client:
+        app = create_api(agent, extra_routers=[build_face_router(svc)])
+        with TestClient(app, base_url="http://127.0.0.1") as client:  # the API answers loopback Hosts only
             calls = [
                 ("/v1/face/enrol", {"citizen_id": CITIZEN, "image": b64(frames.obama_enrol)}),
                 ("/v1/face/enrol", {"citizen_id": "other-2", "image": b64(frames.biden)}),
