@@ -383,6 +383,7 @@ def test_playbook_routes_need_an_admin_and_record_the_run(tmp_path: Path) -> Non
             base_extravars={"manage_services": False},
             envvars={"ANSIBLE_REMOTE_TEMP": str(tmp_path / "ansible-remote-tmp")},
         )
+        st.server.admin.playbooks = st.server.playbooks  # runs are started (and audited) by the admin service
         manager = st.server.auth.create_user("m", Role.MANAGER, ["haidian"])
         app = create_app(st.settings, st.server)
         app.include_router(build_playbooks_router())
