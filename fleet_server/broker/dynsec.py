@@ -42,7 +42,7 @@ SERVER_ROLE = "kiosk-fleet-server"
 # textname of the clients and roles we own: reconcile deletes or rewrites only these.
 TERMINAL_MARK = "kiosk-fleet terminal"
 SERVER_MARK = "kiosk-fleet server ingest"
-COMMANDS_PER_MESSAGE = 100  # each changing command rewrites the plugin's JSON file once anyway
+COMMANDS_PER_MESSAGE = 10  # each changing command rewrites the whole plugin JSON (~55 ms at 1,000 terminals)
 LIST_PAGE = 500  # clients/roles per list call: keeps each answer well under message size limits
 RECONCILE_RETRY_S = 5.0
 MISSING_IN_LOG = 20  # terminal ids named in the "missing on the broker" line; the rest are counted
@@ -480,7 +480,8 @@ class DynsecAccounts:
         try:
             payload = json.dumps({"commands": [{**c, "correlationData": k} for c, k in zip(commands, corrs)]})
             assert self._client is not None
-            self._client.publish(CONTROL_TOPIC, payload, qos=1)
+            # QoS 0: the answer is the acknowledgement (a PUBACK ahead of it cost a 40 ms Nagle stall)
+            self._client.publish(CONTROL_TOPIC, payload, qos=0)
             if not pending.done.wait(max(0.0, deadline - time.monotonic())):
                 names = ", ".join(sorted({str(c["command"]) for c in commands}))
                 raise BrokerAccountsUnavailable(
