@@ -93,7 +93,8 @@ class Agent:
                 log.error("device profile unusable, judging the host by built-in limits only: %s", err)
         probes: dict[str, Callable[[], ProbeResult]] = {HOST_ID: HostProbe(settings.data_dir)}
         for camera in profile.of_kind("camera"):
-            probes[camera.id] = CameraProbe(settings.camera_probe_source, clock=clock)
+            source = settings.camera_probe_source or settings.face.camera_source
+            probes[camera.id] = CameraProbe(source, clock=clock)
         return HealthMonitor(
             profile,
             probes,

@@ -38,7 +38,8 @@ class AgentSettings(BaseSettings):
     # Peripheral health. The device profile the provisioning playbook installs on the terminal
     # (None: no profile, the host is judged by built-in limits and no peripheral is expected).
     profile_file: Path | None = None
-    # The camera the health probe opens: index, device path, stream URL, image file, directory or video.
+    # The camera the health probe opens: index, device path, stream URL, image file, directory or video
+    # ("": the face camera, face.camera_source).
     camera_probe_source: str = ""
     # Overrides every profile probe interval (diagnostics, tests); None: the profile's own per peripheral.
     probe_interval_s: float | None = Field(default=None, gt=0)

@@ -257,6 +257,13 @@ def test_camera_probe_reports_a_camera_that_cannot_be_opened(tmp_path: Path) -> 
     doc = monitor.state("camera")
     assert (doc["state"], doc["check"]) == ("fail", "fault") and "cannot be opened" in doc["error"]
     assert any(p.startswith("camera (required) failed: camera source") for p in monitor.problems())
+    # configured once: without a probe source of its own the agent probes the face camera
+    agent = _agent(tmp_path, face={"camera_source": missing, "enabled": False})
+    try:
+        agent.health_monitor.probe_now()
+        assert agent.health_monitor.state("camera")["error"] == f"camera source {missing!r} cannot be opened"
+    finally:
+        agent.stop(graceful=False)
 
 
 def _images(directory: Path, n: int = 4) -> Path:

@@ -93,7 +93,7 @@ class CameraProbe:
 
     def __call__(self) -> ProbeResult:
         if not self._source:
-            return ProbeResult(unavailable="no camera source configured (setting camera_probe_source)")
+            return ProbeResult(unavailable="no camera source configured (camera_probe_source or face.camera_source)")
         try:
             from edge_agent.face.camera import open_frame_source
             from edge_agent.face.errors import FaceUnavailable
@@ -108,7 +108,9 @@ class CameraProbe:
         try:
             source = open_frame_source(self._source)
             if source is None:
-                return ProbeResult(unavailable="no camera source configured (setting camera_probe_source)")
+                return ProbeResult(
+                    unavailable="no camera source configured (camera_probe_source or face.camera_source)"
+                )
             try:
                 last = time.monotonic()
                 for _ in range(self._frames):
