@@ -1,0 +1,151 @@
+"""The server's event store: the upgrade from the original WITHOUT ROWID layout keeps every row,
+and each event stays stored exactly once on (terminal, epoch, seq) after it."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import sqlite_utils
+
+from fleet_server.db import connect, migrate, migrations
+from fleet_server.ingest.store import IngestStore, StreamRow
+from fleet_server.usage.store import UsageStore
+from fleet_wire.receipt import SeqSet
+
+ROWID_MIGRATION = "0003_events_rowid"
+EPOCH_A = "a" * 32
+EPOCH_B = "b" * 32
+
+
+def _event(
+    terminal: str, epoch: str, seq: int, *, body: str = ""
+) -> tuple[str, str, int, str, str, str, str, str, str]:
+    kind = ("service.started", "service.completed", "device.sample")[seq % 3]
+    minute = seq % 60
+    return (
+        terminal,
+        epoch,
+        seq,
+        f"{terminal}{epoch[:4]}{seq:020d}",
+        kind,
+        f"2026-11-02T09:{minute:02d}:00.000Z",
+        f"2026-11-02T10:{minute:02d}:30.000Z",
+        "dongcheng" if terminal.endswith("1") else "haidian",
+        body or f'{{"session":"{terminal}-{seq}","service_code":"TQ02","duration_s":{60 + seq % 90}.5}}',
+    )
+
+
+def _stream(terminal: str, epoch: str, upto: int) -> StreamRow:
+    return StreamRow(terminal, epoch, SeqSet(upto), stored=upto, first_seen="x", last_seen="x")
+
+
+def _old_database(path: Path) -> None:
+    """A database as the server made it before the rowid rebuild: migrations up to 0003 only."""
+    with connect(path) as conn:
+        migrations.apply(sqlite_utils.Database(conn), stop_before=ROWID_MIGRATION)
+        (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name='events'").fetchone()
+        assert "WITHOUT ROWID" in sql
+
+
+def _rows(conn: sqlite3.Connection) -> list[tuple[object, ...]]:
+    return sorted(conn.execute("SELECT terminal, epoch, seq, id, type, ts, received_at, office_id, body FROM events"))
+
+
+def _schema(conn: sqlite3.Connection) -> dict[str, str]:
+    return dict(
+        conn.execute("SELECT name, sql FROM sqlite_master WHERE tbl_name='events' AND sql IS NOT NULL ORDER BY name")
+    )
+
+
+def test_upgrade_from_without_rowid_keeps_every_row_and_tombstone(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.db"
+    _old_database(path)
+    events = [_event(t, e, s) for t in ("t-001", "t-002", "t-003") for e in (EPOCH_A, EPOCH_B) for s in range(1, 401)]
+    tombstones = [("t-001", EPOCH_A, 401, "ttl_expired", "device.sample", 2, "2026-11-02T09:00:00.000Z")]
+    with connect(path) as conn:
+        store = IngestStore(conn)
+        for i in range(0, len(events), 200):  # as the ingest writes: batches, one transaction each
+            store.write(events[i : i + 200], tombstones if i == 0 else (), (), [_stream("t-001", EPOCH_A, 400)])
+        before = _rows(conn)
+        dropped_before = conn.execute("SELECT * FROM dropped").fetchall()
+    assert len(before) == 2400
+
+    migrate(path)
+
+    with connect(path) as conn:
+        (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name='events'").fetchone()
+        assert "WITHOUT ROWID" not in sql
+        assert _rows(conn) == before
+        assert conn.execute("SELECT * FROM dropped").fetchall() == dropped_before
+        assert conn.execute("SELECT count(*) FROM streams").fetchone()[0] == 1
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        unique = [r[1] for r in conn.execute("PRAGMA index_list(events)") if r[2]]
+        assert [[c[2] for c in conn.execute(f"PRAGMA index_info({name})")] for name in unique] == [
+            ["terminal", "epoch", "seq"]
+        ]
+
+
+def test_upgraded_store_ignores_duplicates_and_keeps_the_first_copy(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.db"
+    _old_database(path)
+    with connect(path) as conn:
+        IngestStore(conn).write([_event("t-001", EPOCH_A, s) for s in range(1, 101)], (), (), ())
+    migrate(path)
+    with connect(path) as conn:
+        store = IngestStore(conn)
+        first = dict(((r[0], r[1], r[2]), r) for r in _rows(conn))
+        # a re-sent batch overlapping what is stored (with a changed body), plus new seqs
+        resent = [_event("t-001", EPOCH_A, s, body='{"changed":true}') for s in range(51, 151)]
+        store.write(resent, (), (), ())
+        store.write(resent[:10], (), (), ())  # the very same batch again
+        rows = _rows(conn)
+        assert len(rows) == 150
+        assert [r[2] for r in rows if r[0] == "t-001"] == sorted(range(1, 151))
+        for r in rows:
+            key = (r[0], r[1], r[2])
+            assert r == (first[key] if key in first else _event("t-001", EPOCH_A, r[2], body='{"changed":true}'))
+        # the same seq in another epoch (a reinstalled terminal) is a new event, not a duplicate
+        store.write([_event("t-001", EPOCH_B, 1)], (), (), ())
+        assert conn.execute("SELECT count(*) FROM events WHERE seq=1").fetchone()[0] == 2
+        # the key is enforced by the database itself, not only by INSERT OR IGNORE
+        try:
+            conn.execute(
+                "INSERT INTO events (terminal, epoch, seq, id, type, ts, received_at, office_id, body)"
+                " VALUES (?,?,?,?,?,?,?,?,?)",
+                _event("t-001", EPOCH_A, 7),
+            )
+        except sqlite3.IntegrityError as err:
+            assert "UNIQUE" in str(err)
+        else:
+            raise AssertionError("a duplicate (terminal, epoch, seq) was accepted")
+
+
+def test_fresh_and_upgraded_databases_have_the_same_events_layout(tmp_path: Path) -> None:
+    fresh, old = tmp_path / "fresh.db", tmp_path / "old.db"
+    migrate(fresh)
+    _old_database(old)
+    migrate(old)
+    with connect(fresh) as a, connect(old) as b:
+        assert _schema(a) == _schema(b)
+        assert {"events_office_ts", "events_received_at"} <= set(_schema(a))
+
+
+def test_usage_reads_of_the_events_use_an_index(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.db"
+    _old_database(path)
+    migrate(path)
+    with connect(path) as conn:
+        IngestStore(conn).write([_event("t-001", EPOCH_A, s) for s in range(1, 50)], (), (), ())
+        conn.execute("ANALYZE")
+        issued: list[str] = []
+        conn.set_trace_callback(issued.append)
+        usage = UsageStore(conn)
+        usage.service_events("dongcheng", "2026-11-02T00:00:00.000Z", "2026-11-03T00:00:00.000Z")
+        usage.received_since("2026-11-02T10:30:00.000Z")
+        conn.set_trace_callback(None)
+        reads = [sql for sql in issued if "FROM events" in sql]
+        assert len(reads) == 2
+        for sql in reads:
+            plan = " ".join(str(r[3]) for r in conn.execute("EXPLAIN QUERY PLAN " + sql))
+            assert "USING INDEX" in plan or "USING COVERING INDEX" in plan, (sql, plan)
