@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fleet_wire import topics
-from fleet_wire.envelope import decode_batch, encode_batch
-from fleet_wire.errors import TopicError, WireError
+from fleet_wire.commands import decode_cmd_ack
+from fleet_wire.envelope import decode_batch, encode_batch, is_epoch, is_late
+from fleet_wire.errors import CmdAckInvalid, StatusInvalid, TopicError, WireError
 from fleet_wire.receipt import Receipt, SeqSet
+from fleet_wire.status import decode_status
 from fleet_wire.topics import Channel
 
 terminal_ids = st.from_regex(r"\A[a-z0-9][a-z0-9-]{1,62}\Z")
@@ -151,3 +153,184 @@ def test_whole_message_faults() -> None:
     assert decode_batch("t-1", b"x" * 300_000).rejected[0].reason == "oversized"
     big = json.dumps({"v": 1, "events": [{}] * 501}).encode()
     assert decode_batch("t-1", big).rejected[0].reason == "oversized"
+
+
+# -- hostile input (issue 8): bounded, strict, never escapes --------------------------------------
+
+epochs = st.text("0123456789abcdef", min_size=32, max_size=32)
+moments = st.datetimes(min_value=datetime(2026, 1, 1), max_value=datetime(2026, 12, 31), timezones=st.just(UTC)).map(
+    lambda d: d.replace(microsecond=d.microsecond // 1000 * 1000)
+)
+bodies = st.fixed_dictionaries(
+    {
+        "session": st.from_regex(r"\A[A-Za-z0-9_.:-]{1,64}\Z"),
+        "service_code": st.from_regex(r"\A[A-Z]{2}[0-9]{2}\Z"),
+        "duration_s": st.floats(min_value=0, max_value=86400, allow_nan=False),
+        "face_login": st.booleans(),
+    }
+)
+NOW = datetime(2026, 12, 31, tzinfo=UTC)
+
+
+@given(terminal_ids, epochs, st.integers(min_value=1, max_value=2**53), moments, bodies)
+def test_valid_envelopes_round_trip_exactly(
+    tid: str, epoch: str, seq: int, moment: datetime, body: dict[str, object]
+) -> None:
+    doc = {
+        "v": 1,
+        "terminal": tid,
+        "epoch": epoch,
+        "seq": seq,
+        "id": uuid.uuid4().hex,
+        "ts": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "type": "service.completed",
+        "body": body,
+    }
+    out = decode_batch(tid, encode_batch([doc]), now=NOW)
+    assert not out.rejected
+    [env] = out.events
+    assert (env.terminal, env.epoch, env.seq, env.id, env.ts) == (tid, epoch, seq, doc["id"], moment)
+    assert env.body == body
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=30,
+)
+
+
+@given(st.binary(max_size=400) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_no_payload_escapes_any_decoder(payload: bytes) -> None:
+    out = decode_batch("t-1", payload)  # never raises
+    if not out.rejected:  # nothing refused: it was a well-formed batch
+        assert json.loads(payload)["events"] == [e.model_dump(mode="json") for e in out.events]
+    for decode in (decode_status, decode_cmd_ack, Receipt.decode):
+        try:
+            decode(payload)
+        except WireError:
+            pass
+
+
+@pytest.mark.parametrize(
+    "payload, reason",
+    [
+        (b'{"v":1,"events":' + b"[" * 3000 + b"]" * 3000 + b"}", "too_deep"),
+        (b"[" * 200_000, "too_deep"),
+        (b'{"v":1,"events":[{"seq":' + b"9" * 5000 + b"}]}", "number_too_long"),
+        (b'{"v":1,"events":[NaN]}', "non_finite_number"),
+        (b'{"v":1,"events":[1e400]}', "non_finite_number"),
+        (b'"' + b'\\"' * 100_000, "malformed_json"),  # quadratic for a naive string regex
+        (b'{"v":true,"events":[]}', "schema_version"),
+    ],
+)
+def test_poisons_are_refused_as_a_whole_with_their_reason(payload: bytes, reason: str) -> None:
+    out = decode_batch("t-1", payload)
+    assert out.message_refused and [r.reason for r in out.rejected] == [reason]
+
+
+def test_brackets_and_digits_inside_strings_are_not_structure() -> None:
+    body = {"session": "s", "service_code": "TQ02", "duration_s": 1.0, "step": "[[[[[[[[[[[[" + "9" * 40}
+    out = decode_batch("t-1", encode_batch([_event(type="service.abandoned", body=body)]))
+    assert [e.body["step"] for e in out.events] == [body["step"]]
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"v": True},
+        {"ts": 1764590000},
+        {"ts": 0},
+        {"ts": "2026-12-01"},
+        {"seq": True},
+        {"seq": 2**53 + 1},
+        {"epoch": "a" * 32 + "\n"},
+        {"id": "b" * 32 + "\n"},
+        {"body": {"session": "s", "service_code": "TQ02", "duration_s": True}},
+        {"body": {"session": "s", "service_code": "TQ02", "duration_s": "95"}},
+        {"body": {"session": "s", "service_code": "TQ02", "duration_s": 9.0, "face_login": "yes"}},
+        {"body": {"session": "s", "service_code": "TQ02", "duration_s": 9.0, "face_login": 1}},
+    ],
+)
+def test_wrong_types_are_refused_not_coerced(over: dict[str, object]) -> None:
+    out = decode_batch("t-1", encode_batch([_event(**over)]))
+    assert not out.events and out.rejected[0].reason in ("schema", "bad_body")
+
+
+def test_an_epoch_with_a_trailing_newline_is_not_salvaged_as_a_stream() -> None:
+    out = decode_batch("t-1", encode_batch([_event(epoch="a" * 32 + "\n", body={"session": "x"})]))
+    assert out.rejected[0].epoch is None and out.rejected[0].seq is None
+    assert not is_epoch("a" * 32 + "\n") and is_epoch("a" * 32)
+    assert not topics.is_terminal_id("t-1\n")
+    with pytest.raises(TopicError):
+        topics.parse("fleet/v1/t/t-1\n/events")
+
+
+@pytest.mark.parametrize(
+    "delta, reason",
+    [(timedelta(days=2), "ts_future"), (timedelta(days=-401), "ts_too_old"), (timedelta(days=-45), None)],
+)
+def test_timestamps_are_judged_against_the_receivers_clock(delta: timedelta, reason: str | None) -> None:
+    now = datetime.now(UTC)
+    ts = (now + delta).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    out = decode_batch("t-1", encode_batch([_event(ts=ts)]), now=now)
+    if reason is None:  # an offline terminal's backlog: stored, and the server counts it as late
+        assert out.events and is_late(out.events[0].ts, now)
+    else:
+        assert not out.events and out.rejected[0].reason == reason and out.rejected[0].seq == 1
+
+
+def test_a_lone_surrogate_is_refused_before_it_reaches_storage() -> None:
+    body = {"session": "s", "service_code": "TQ02", "duration_s": 1.0, "step": "\ud800"}
+    payload = json.dumps({"v": 1, "events": [_event(type="service.abandoned", body=body)]}).encode()
+    out = decode_batch("t-1", payload)
+    assert not out.events and out.rejected[0].reason == "bad_text"
+
+
+@given(st.lists(st.integers(min_value=1, max_value=10_000), max_size=200), st.integers(min_value=1, max_value=50))
+def test_seqset_range_accounting(seqs: list[int], cap: int) -> None:
+    s = SeqSet()
+    for x in seqs:
+        before = s.range_count
+        grows = s.adds_range(x)
+        s.add(x)
+        assert (s.range_count == before + 1) == grows
+    assert s.missing_count(cap) == sum(min(b - a + 1, cap) for a, b in s.missing(limit=10**6))
+
+
+def test_far_seq_is_one_capped_gap() -> None:
+    s = SeqSet()
+    for x in (1, 2, 5, 2**53):
+        s.add(x)
+    assert s.missing_count(10_000) == 2 + 10_000
+
+
+def test_status_documents_are_bounded_and_strict() -> None:
+    doc = {"state": "online", "hb_interval_s": 5.0, "outbox": {"depth": 3, "oldest_age_s": 1.5}, "new_field": 1}
+    status = decode_status(json.dumps(doc).encode())
+    assert json.loads(status.to_json()) == {k: v for k, v in doc.items() if k != "new_field"} | {
+        "outbox": {"depth": 3, "oldest_age_s": 1.5, "refused": 0}
+    }
+    assert decode_status(b"").state == "offline"
+    for bad in (
+        b'{"state":"online","x":' + b"[" * 3000,
+        b'{"state":true}',
+        b'{"state":"online","hb_interval_s":1e12}',
+        b'{"state":"online","hb_interval_s":"5"}',
+        b'{"state":"online","outbox":{"depth":' + b"9" * 5000 + b"}}",
+        b"\xff\xfe",
+    ):
+        with pytest.raises(StatusInvalid) as err:
+            decode_status(bad)
+        assert err.value.reason == "bad_status"
+    with pytest.raises(StatusInvalid) as err:
+        decode_status(b" " * 20_000)
+    assert err.value.reason == "oversized"
+
+
+def test_cmd_acks_are_strict() -> None:
+    ack = decode_cmd_ack(json.dumps({"v": 1, "cmd": "c" * 32, "state": "done"}).encode())
+    assert ack.state == "done"
+    for bad in (b'{"ok":true}', b'{"v":true,"cmd":"' + b"c" * 32 + b'","state":"done"}', b"[" * 900):
+        with pytest.raises(CmdAckInvalid):
+            decode_cmd_ack(bad)
