@@ -35,7 +35,8 @@ def main() -> None:
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-fuzz-") as tmp:
         # a deep queue for the server's session: a broker drop would hide what the ingest did
-        st = DevStack(Path(tmp), max_queued_messages=200_000)
+        # accounts in the dynamic-security plugin, as in production: each bound to its own client id
+        st = DevStack(Path(tmp), max_queued_messages=200_000, accounts="dynsec")
         try:
             st.enrol("fuzz-00", "dongcheng")
             honest = [f"honest-{i:02d}" for i in range(args.honest)]

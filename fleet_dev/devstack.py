@@ -15,6 +15,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from fleet_dev.broker import Mosquitto
+from fleet_dev.dynsec import DynsecBroker
 from fleet_dev.proc import die_with_parent, free_port
 from fleet_server.app import FleetServer
 from fleet_server.broker.files import FileAccounts
@@ -36,10 +37,26 @@ class DevStack:
     server: FleetServer | None = None
     broker: Mosquitto | None = None
     server_options: dict[str, Any] = field(default_factory=dict)
+    # "files": password file + ACL + SIGHUP (the single-host path); "dynsec": the production broker,
+    # accounts in Mosquitto's dynamic-security plugin, each bound to its own client id. A dynsec
+    # broker starts with the stack, since every enrolment is a command to it.
+    accounts: str = "files"
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
+        self.dynsec: DynsecBroker | None = None
+        extra: dict[str, Any] = {}
+        if self.accounts == "dynsec":
+            self.dynsec = DynsecBroker(self.root / "broker", self.port, max_queued_messages=self.max_queued_messages)
+            self.broker = self.dynsec.start()
+            extra = {
+                "broker_accounts": "dynsec",
+                "broker_dynsec_username": self.dynsec.admin_username,
+                "broker_dynsec_password": self.dynsec.admin_password,
+            }
+        elif self.accounts != "files":
+            raise ValueError(f"accounts must be 'files' or 'dynsec', not {self.accounts!r}")
         self.broker_config = BrokerConfig(
             self.root / "broker",
             self.port,
@@ -53,13 +70,14 @@ class DevStack:
             broker_port=self.port,
             broker_password=self.server_password,
             admin_token=self.admin_token,
+            **extra,
         )
         self.server = self._new_server()
 
     def _new_server(self) -> FleetServer:
-        return FleetServer(
-            self.settings, CollectorRegistry(), broker_accounts=self._broker_accounts(), **self.server_options
-        )
+        # dynsec: the server builds its accounts from settings, exactly as `fleet-server run` does
+        accounts = self._broker_accounts() if self.dynsec is None else None
+        return FleetServer(self.settings, CollectorRegistry(), broker_accounts=accounts, **self.server_options)
 
     def _broker_accounts(self) -> FileAccounts:
         """The production file-based path (fleet_server/broker/files.py), reloading our own broker."""
@@ -94,12 +112,17 @@ class DevStack:
         write_broker_files(self.broker_config, creds)
 
     def start_broker(self) -> Mosquitto:
+        if self.dynsec is not None:
+            self.broker = self.dynsec.start()
+            return self.broker
         self.write_broker_files()
         self.broker = Mosquitto(self.broker_config)
         self.broker.start()
         return self.broker
 
     def reload_broker(self) -> None:
+        if self.dynsec is not None:
+            return  # accounts live in the broker itself
         self.write_broker_files()
         assert self.broker is not None
         self.broker.reload()
@@ -124,7 +147,17 @@ class DevStack:
             "FLEET_ADMIN_TOKEN": self.admin_token,
             "FLEET_HTTP_PORT": str(http_port or free_port()),
         }
-        log = open(self.root / "server.log", "ab")  # noqa: SIM115 - the child process owns it
+        if self.dynsec is not None:
+            env.update(
+                {
+                    "FLEET_BROKER_ACCOUNTS": "dynsec",
+                    "FLEET_BROKER_DYNSEC_USERNAME": self.dynsec.admin_username,
+                    "FLEET_BROKER_DYNSEC_PASSWORD": self.dynsec.admin_password,
+                }
+            )
+        else:
+            env["FLEET_BROKER_ACCOUNTS"] = "none"  # the in-process stack rewrote the files already
+        log = _private_log(self.root / "server.log")
         return subprocess.Popen(
             [sys.executable, "-m", "fleet_server", "run"],
             env=env,
@@ -173,7 +206,7 @@ class DevStack:
         env = {**os.environ}
         for key, value in self.agent_settings(terminal_id, **overrides).items():
             env[f"EDGE_{key.upper()}"] = str(value)
-        log = open(self.root / f"agent-{terminal_id}.log", "ab")  # noqa: SIM115 - the child process owns it
+        log = _private_log(self.root / f"agent-{terminal_id}.log")
         return subprocess.Popen(
             [sys.executable, "-m", "edge_agent", "run", "--no-api"],
             env=env,
@@ -193,6 +226,11 @@ class DevStack:
             if terminal_id is None:
                 return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
             return int(conn.execute("SELECT count(*) FROM events WHERE terminal=?", (terminal_id,)).fetchone()[0])
+
+
+def _private_log(path: Path) -> Any:
+    """A log file for a child process, readable by us only (it may name terminals and accounts)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
 
 
 def service_events(n: int, prefix: str = "s") -> Iterable[tuple[str, dict[str, Any], None]]:

@@ -22,7 +22,7 @@ class MosquittoCtrlNotInstalled(RuntimeError):
     """mosquitto_ctrl is missing: on Debian it ships in the `mosquitto` package itself."""
 
 
-def write_operator_layout(config: BrokerConfig, snippet: str) -> None:
+def write_operator_layout(config: BrokerConfig, snippet: str, *, max_queued_messages: int = 1000) -> None:
     """A main mosquitto.conf shaped like Debian's (pid file, persistence, log, include_dir) in
     `config.directory`, plus `snippet` (what `fleet-server broker-config` prints) in its conf.d:
     the broker then runs exactly what an operator installs."""
@@ -34,6 +34,7 @@ def write_operator_layout(config: BrokerConfig, snippet: str) -> None:
         "persistence true",
         f"persistence_location {config.directory}/",
         "autosave_interval 1",
+        f"max_queued_messages {max_queued_messages}",
         f"log_dest file {config.log_path}",
         "log_type error",
         "log_type warning",
@@ -55,6 +56,7 @@ class DynsecBroker:
     admin_username: str = "fleet-dynsec-admin"
     admin_password: str = field(default_factory=new_password)
     broker: Mosquitto | None = None
+    max_queued_messages: int = 1000
 
     def __post_init__(self) -> None:
         self.port = self.port or free_port()
@@ -71,7 +73,11 @@ class DynsecBroker:
                 capture_output=True,
             )
             self.dynsec_file.chmod(0o600)
-        write_operator_layout(self.config, broker_conf(self.port, str(self.dynsec_file), host="127.0.0.1"))
+        write_operator_layout(
+            self.config,
+            broker_conf(self.port, str(self.dynsec_file), host="127.0.0.1"),
+            max_queued_messages=self.max_queued_messages,
+        )
 
     def start(self) -> Mosquitto:
         if self.broker is None:
