@@ -232,7 +232,9 @@ class IngestService:
             msgs: list[Inbound] = []
             while self._pending and len(msgs) < BATCH_MAX_MESSAGES:
                 msgs.append(self._pending.popleft())
-            if any(m.topic.endswith("/events") for m in self._pending):
+            # list() copies in C under the GIL; a generator over the deque itself raised
+            # "deque mutated during iteration" when paho's thread appended, killing the writer
+            if any(m.topic.endswith("/events") for m in list(self._pending)):
                 self._events_arrived.set()  # more events left behind this batch: no long wait
             self.metrics.queue_depth.set(len(self._pending))
             try:
