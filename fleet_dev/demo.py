@@ -17,6 +17,20 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+# The simulated fortnight starts this many weekdays back and replays once it reaches today: the
+# server refuses event times more than a day ahead of its clock, and at 60x a simulated week
+# would otherwise run ahead of the real one within the hour.
+HISTORY_WEEKDAYS = 10
+
+
+def _opening_weekdays_ago(now_local: datetime, n: int) -> datetime:
+    day = now_local
+    while n > 0:
+        day = day - timedelta(days=1)
+        if day.weekday() < 5:
+            n -= 1
+    return day.replace(hour=8, minute=30, second=0, microsecond=0)
+
 
 def _next_opening(now_local: datetime) -> datetime:
     day = now_local
@@ -86,10 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for a in agents:
         a.start()
-    today = datetime.now(BEIJING)
-    start = today.replace(hour=8, minute=30, second=0, microsecond=0)
-    if today.weekday() >= 5:
-        start = _next_opening(today)
+    start = _opening_weekdays_ago(datetime.now(BEIJING), HISTORY_WEEKDAYS)
     clock = SimClock(start, args.speed, time.time())
     fleet = SimulatedFleet(agents, clock, peak_sessions_per_hour=args.peak)
     fleet.start()
@@ -102,14 +113,14 @@ kiosk-fleet demo is running
   terminals      {len(agents)} simulated ({args.terminals_per_office} per pilot office), real agent code,
                  each with its local API (the simulated kiosk apps post events and peripheral readings there)
   broker         mqtt://127.0.0.1:{stack.port}  (per-terminal accounts: {creds})
-  overview       {url}/
-  API docs       {url}/docs     (Authorize with the admin token below)
+  API            {url}/api/v1/…  (every call needs the admin token below as a bearer token)
   admin token    {stack.admin_token}
   try            FLEETCTL_URL={url} FLEETCTL_TOKEN={stack.admin_token} .venv/bin/fleetctl terminals
                  curl -H 'Authorization: Bearer {stack.admin_token}' {url}/api/v1/usage/charts/busy-hours.svg
-  metrics        {url}/metrics
+  metrics        {url}/metrics  (loopback only, or with FLEET_METRICS_TOKEN)
   state          {root}
-  simulated day  starts {start:%Y-%m-%d %H:%M} Beijing time, {args.speed:g}x real time
+  simulated days from {start:%Y-%m-%d %H:%M} Beijing time ({HISTORY_WEEKDAYS} weekdays back, replayed once
+                 they reach today), {args.speed:g}x real time
 Ctrl-C stops everything.
 """,
         flush=True,
@@ -123,7 +134,10 @@ Ctrl-C stops everything.
         while not stop.wait(5.0):
             local = clock.at(time.time())
             if local.hour >= 17:
-                clock.start, clock.real_start = _next_opening(local), time.time()
+                following = _next_opening(local)
+                if following > datetime.now(BEIJING):  # caught up with today: replay the fortnight
+                    following = _opening_weekdays_ago(datetime.now(BEIJING), HISTORY_WEEKDAYS)
+                clock.start, clock.real_start = following, time.time()
             s = fleet.summary()
             backlog = sum(a.outbox.depth for a in agents)
             online = sum(1 for a in agents if a.link.connected)
