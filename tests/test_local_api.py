@@ -266,3 +266,25 @@ def test_production_refuses_to_serve_without_a_usable_token_file(tmp_path: Path)
     assert api_with(api_token_file=write_token(tmp_path / "t4", mode=0o600)) is not None
     # development may run without one, when it says so
     assert api_with(environment="development") is not None
+
+
+def test_face_settings_come_from_the_face_section_of_agent_yaml(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGE_FACE_IDENTIFY_THRESHOLD", "0.5")  # still fills what the file leaves out
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(
+        "environment: test\nterminal_id: t-face\nface:\n  threshold: 0.52\n  camera_source: /dev/video2\n"
+        "  max_image_bytes: 1048576\n  enabled: false\n"
+    )
+    face = AgentSettings.from_file(cfg).face
+    assert (face.threshold, face.camera_source, face.enabled, face.identify_threshold) == (
+        0.52,
+        "/dev/video2",
+        False,
+        0.5,
+    )
+    assert face.max_request_bytes < 4 * 1024 * 1024  # the API's face body limit follows the image limit
+    cfg.write_text("environment: test\nterminal_id: t-face\nface:\n  treshold: 0.52\n")
+    with pytest.raises(ValueError, match=r"face\.treshold"):
+        AgentSettings.from_file(cfg)
