@@ -23,7 +23,12 @@ from fleet_server.auth.models import Role
 from fleet_server.auth.routes import build_auth_router
 from fleet_server.auth.service import AuthService
 from fleet_server.broker import build_broker_accounts
-from fleet_server.broker.accounts import BrokerAccounts
+from fleet_server.broker.accounts import (
+    BrokerAccounts,
+    BrokerAccountsError,
+    BrokerAccountsUnavailable,
+    BrokerCommandRefused,
+)
 from fleet_server.config import ConfigurationError, ServerSettings
 from fleet_server.db import ClosingConnection, connect, migrate
 from fleet_server.health import service as health_service
@@ -265,8 +270,11 @@ HTTP_STATUS: dict[type[Exception], int] = {
     UnknownPlaybook: 404,
     RunNotFound: 404,
     NoInventory: 409,
+    # the broker could not be told of an account change, so nothing changed: retry later
+    BrokerAccountsUnavailable: 503,
+    BrokerCommandRefused: 502,
 }
-DOMAIN_ERRORS: tuple[type[Exception], ...] = (AuthError, RegistryError, UsageError, PlaybookError)
+DOMAIN_ERRORS: tuple[type[Exception], ...] = (AuthError, RegistryError, UsageError, PlaybookError, BrokerAccountsError)
 
 
 def http_status(err: Exception) -> int:
