@@ -1,57 +1,31 @@
-"""Helpers for the playbook tests: an agent wheel built offline, local inventories, file checks."""
+"""Helpers for the playbook tests: installing the real agent wheel, local inventories, file checks."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 PLAYBOOKS_DIR = REPO / "playbooks"
-# What a terminal runs: the agent and the wire contract it speaks; the server stays out.
-AGENT_PACKAGES = ("edge_agent", "fleet_wire")
 
 
-def build_agent_wheel(out_dir: Path) -> Path:
-    """Write a PEP 427 wheel of the agent packages (no network, no `wheel` package needed).
+def agent_install_vars(dist: Any) -> dict[str, Any]:
+    """Extra vars that install the real agent wheel (`./run.sh dist`'s, from the session's `dist`
+    fixture) with its hash-pinned lock and wheelhouse into a clean venv made by this interpreter.
 
-    The dev venv's setuptools has no bdist_wheel and the tests must not download one, so this
-    zips the sources with the metadata pip needs: name, version, the `edge-agent` entry point.
+    The venv has no pip of its own (ensurepip costs 5-25 s a terminal); this interpreter's pip
+    installs into it with --python. No system site packages: what the agent imports came from
+    the wheelhouse.
     """
-    from edge_agent import __version__
-
-    name, version = "kiosk_fleet", __version__
-    dist_info = f"{name}-{version}.dist-info"
-    files: dict[str, bytes] = {}
-    for package in AGENT_PACKAGES:
-        for path in sorted((REPO / package).rglob("*")):
-            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
-                files[path.relative_to(REPO).as_posix()] = path.read_bytes()
-    files[f"{dist_info}/METADATA"] = (
-        f"Metadata-Version: 2.1\nName: kiosk-fleet\nVersion: {version}\n"
-        "Requires-Python: >=3.11\nRequires-Dist: paho-mqtt<3,>=2.1\nRequires-Dist: pydantic<3,>=2.6\n"
-        "Requires-Dist: pydantic-settings<3,>=2.2\nRequires-Dist: PyYAML<7,>=6\n"
-    ).encode()
-    files[f"{dist_info}/WHEEL"] = (
-        b"Wheel-Version: 1.0\nGenerator: kiosk-fleet-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-    )
-    files[f"{dist_info}/entry_points.txt"] = b"[console_scripts]\nedge-agent = edge_agent.__main__:main\n"
-    record = [f"{p},sha256={_digest(b)},{len(b)}" for p, b in files.items()] + [f"{dist_info}/RECORD,,"]
-    files[f"{dist_info}/RECORD"] = ("\n".join(record) + "\n").encode()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    wheel = out_dir / f"{name}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as zf:
-        for path, data in files.items():
-            # Fixed timestamps: the same sources give the same bytes, hence the same install stamp.
-            zf.writestr(zipfile.ZipInfo(path, date_time=(2020, 1, 1, 0, 0, 0)), data)
-    return wheel
-
-
-def _digest(data: bytes) -> str:
-    return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return {
+        "agent_wheel": str(dist.agent_wheel),
+        "agent_lock": str(dist.agent_lock),
+        "agent_wheelhouse": str(dist.wheelhouse),
+        "agent_python": sys.executable,
+        "agent_venv_args": ["--without-pip"],
+        "agent_pip": [sys.executable, "-m", "pip", "--python", "{{ agent_venv }}/bin/python"],
+    }
 
 
 def local_inventory() -> dict[str, Any]:

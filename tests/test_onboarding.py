@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
 from fleet_dev.devstack import service_events
@@ -61,22 +62,22 @@ def test_onboard_non_pilot_office_terminals_report_and_revoked_one_is_cut_off(ma
     wait_for(lambda: st.stored("fangshan-01") == 25, 10, what="fangshan-01 still reporting")
 
 
-def test_onboard_office_by_playbook_then_terminals_run_from_the_config_it_wrote(make_stack: Any, tmp_path: Any) -> None:
+@pytest.mark.timeout(900)
+def test_onboard_office_by_playbook_then_terminals_run_from_the_config_it_wrote(
+    make_stack: Any, tmp_path: Any, dist: Any
+) -> None:
     import sys
 
     from edge_agent.agent import Agent
     from edge_agent.config import AgentSettings
-    from tests.playbooks_util import build_agent_wheel, local_inventory
+    from tests.playbooks_util import agent_install_vars, local_inventory
 
-    wheel = build_agent_wheel(tmp_path / "dist")
     options = {
         "inventory": local_inventory(),
         "envvars": {"ANSIBLE_REMOTE_TEMP": str(tmp_path / "ansible-tmp")},
         "base_extravars": {
             "manage_services": False,
-            "agent_wheel": str(wheel),
-            "agent_install_deps": False,
-            "agent_venv_args": ["--system-site-packages", "--without-pip"],
+            **agent_install_vars(dist),  # the real agent wheel, installed hash-pinned from its wheelhouse
             "agent_heartbeat_interval_s": 1,
         },
     }
@@ -95,7 +96,7 @@ def test_onboard_office_by_playbook_then_terminals_run_from_the_config_it_wrote(
     r = client.post("/api/v1/offices/tongzhou/onboard", json=body, headers=admin)
     assert r.status_code == 201, r.text
     run_id = r.json()["playbook_run"]["id"]
-    run = st.server.playbooks.wait(run_id, timeout_s=240)
+    run = st.server.playbooks.wait(run_id, timeout_s=480)
     assert run.status == "successful", run
     detail = client.get(f"/api/v1/playbooks/runs/{run_id}", headers=admin).json()
     assert detail["status"] == "successful" and detail["events"]

@@ -19,17 +19,19 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from edge_agent.config import AgentSettings
+from fleet_dev.proc import die_with_parent, free_port, wait_for
 from fleet_server.auth.models import Role
 from fleet_server.db import migrate
 from fleet_server.playbooks import store as playbook_store
 from fleet_server.playbooks.routes import build_playbooks_router
 from fleet_server.playbooks.schemas import RunDetail
 from fleet_server.playbooks.service import PlaybookService, UnknownPlaybook
-from tests.playbooks_util import PLAYBOOKS_DIR, REPO, build_agent_wheel, files_under, local_inventory
+from tests.playbooks_util import PLAYBOOKS_DIR, REPO, agent_install_vars, files_under, local_inventory
 
 PASSWORD = "pw-first-7Qx9vT2mLk4s"
 NEW_PASSWORD = "pw-rotated-R8nW3zYp6cHd"
-RUN_TIMEOUT_S = 120
+# A stall bound, not a speed test: four real installs may share two busy cores.
+RUN_TIMEOUT_S = 480
 # Where a run that ignored root_prefix would have written on this machine.
 REAL_PATHS = [
     Path("/etc/kiosk-agent"),
@@ -38,7 +40,7 @@ REAL_PATHS = [
     Path("/etc/systemd/system/kiosk-agent.service"),
 ]
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(1200)
 
 
 @pytest.fixture(scope="module")
@@ -52,24 +54,17 @@ def metrics() -> CollectorRegistry:
 
 
 @pytest.fixture(scope="module")
-def service(work: Path, metrics: CollectorRegistry) -> Iterator[PlaybookService]:
-    """A service on a real SQLite file, running on this machine with a wheel built from the repo."""
+def service(work: Path, metrics: CollectorRegistry, dist: Any) -> Iterator[PlaybookService]:
+    """A service on a real SQLite file, running on this machine with `./run.sh dist`'s agent wheel."""
     db = work / "fleet.db"
     migrate(db, playbook_store.migrations)
-    wheel = build_agent_wheel(work / "dist")
     svc = PlaybookService(
         db,
         PLAYBOOKS_DIR,
         registry=metrics,
         work_dir=work / "runs",
         inventory=local_inventory(),
-        base_extravars={
-            "manage_services": False,
-            "agent_wheel": str(wheel),
-            # Reuse this interpreter's packages and pip: nothing is downloaded, and it stays fast.
-            "agent_install_deps": False,
-            "agent_venv_args": ["--system-site-packages", "--without-pip"],
-        },
+        base_extravars={"manage_services": False, **agent_install_vars(dist)},
         # ansible's own scratch files go under the test directory too, not into ~/.ansible.
         envvars={"ANSIBLE_REMOTE_TEMP": str(work / "ansible-remote-tmp")},
     )
@@ -89,7 +84,11 @@ def terminal_vars(root: Path, terminal_id: str = "hd-01", password: str = PASSWO
         "office_id": "haidian",
         "terminal_password": password,
         "device_profile": "generic",
+        "agent_api_port": API_PORT,
     }
+
+
+API_PORT = free_port()
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +97,11 @@ def provisioned(service: PlaybookService, work: Path) -> dict[str, Any]:
     root = work / "root-hd-01"
     before = {p: p.exists() for p in REAL_PATHS}
     first = run(service, "provision_terminal", **terminal_vars(root))
+    token = (root / "etc/kiosk-api/token").read_text().strip() if first.status == "successful" else None
     second = run(service, "provision_terminal", **terminal_vars(root))
-    return {"root": root, "first": first, "second": second, "real_before": before}
+    after = (root / "etc/kiosk-api/token").read_text().strip() if second.status == "successful" else None
+    assert token == after
+    return {"root": root, "first": first, "second": second, "real_before": before, "token_after_second_run": after}
 
 
 OFFICE_TERMINALS = [f"cy-{i:02d}" for i in range(1, 4)]
@@ -176,12 +178,26 @@ def test_provision_installs_agent_config_unit_and_profile(
     assert (settings.terminal_id, settings.office_id, settings.username) == ("hd-01", "haidian", "hd-01")
     assert settings.password == PASSWORD
     assert settings.data_dir == root / "var/lib/kiosk-agent"
+    token_file = root / "etc/kiosk-api/token"
+    assert settings.api_token_file == token_file
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o640
+    assert stat.S_IMODE(token_file.parent.stat().st_mode) == 0o750
+    token = token_file.read_text().strip()
+    assert len(token) == 64 and token.isalnum()
+    assert provisioned["token_after_second_run"] == token  # a re-run keeps the terminal's token
+    assert token not in json.dumps(
+        [e.model_dump() for r in (provisioned["first"], provisioned["second"]) for e in r.events]
+    )
+    # a clean venv: the agent's dependencies came from the wheelhouse, pinned by hash
+    assert not (root / "opt/kiosk-agent/venv/lib/python3.11/site-packages/fleet_server").exists()
+    assert (root / "opt/kiosk-agent/venv/pyvenv.cfg").read_text().count("include-system-site-packages = false") == 1
 
     unit = (root / "etc/systemd/system/kiosk-agent.service").read_text()
     assert "Restart=always" in unit
     assert "RestartSec=5" in unit
     assert "WatchdogSec=60" in unit
     assert "User=kiosk-agent" in unit
+    assert "SupplementaryGroups=kiosk-api" in unit
     assert f"ExecStart={root}/opt/kiosk-agent/venv/bin/edge-agent run --config {config}" in unit
 
     profile = root / "etc/kiosk-agent/device-profile.yaml"
@@ -254,11 +270,17 @@ def test_rotate_credentials_changes_only_the_password_line(rotated: dict[str, An
 
 
 class _HealthHandler(BaseHTTPRequestHandler):
-    """Stands in for the agent's local API: answers /v1/health like the agent does."""
+    """Stands in for the agent's local API: answers /v1/health like the agent does, to its token only."""
+
+    token = ""
 
     def do_GET(self) -> None:
-        body = json.dumps({"terminal": "hd-01", "ok": True, "outbox": {"depth": 1}}).encode()
-        self.send_response(200 if self.path == "/v1/health" else 404)
+        if self.headers.get("Authorization") != f"Bearer {self.token}":
+            body = json.dumps({"error": "missing_token"}).encode()
+            self.send_response(401)
+        else:
+            body = json.dumps({"terminal": "hd-01", "ok": True, "outbox": {"depth": 1}}).encode()
+            self.send_response(200 if self.path == "/v1/health" else 404)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -280,6 +302,7 @@ def test_collect_diagnostics_packs_health_config_logs_and_outbox_without_secrets
         "service.completed", {"session": "s-1", "service_code": "TQ02", "duration_s": 95.0, "face_login": True}
     )
     outbox.close()
+    _HealthHandler.token = (root / "etc/kiosk-api/token").read_text().strip()
     api = ThreadingHTTPServer(("127.0.0.1", 0), _HealthHandler)
     threading.Thread(target=api.serve_forever, name="fake-agent-api", daemon=True).start()
     try:
@@ -312,10 +335,12 @@ def test_collect_diagnostics_packs_health_config_logs_and_outbox_without_secrets
     assert b"password" not in members["agent-config.yaml"]
     outbox_doc = json.loads(members["outbox.json"])
     assert outbox_doc["rows"] == 1
-    assert outbox_doc["installed"].startswith("kiosk_fleet-0.1.0-py3-none-any.whl sha1:")
+    assert outbox_doc["installed"].startswith("kiosk_fleet_agent-0.1.0-py3-none-any.whl sha256:")
+    assert " lock sha256:" in outbox_doc["installed"]
     assert b"connected to broker" in members["logs/agent.log"]
     for name, data in members.items():
         assert PASSWORD.encode() not in data and NEW_PASSWORD.encode() not in data, name
+        assert _HealthHandler.token.encode() not in data, name
 
 
 def test_onboard_office_provisions_each_terminal_with_its_own_credentials(
@@ -428,3 +453,53 @@ def test_playbook_routes_need_an_admin_and_record_the_run(tmp_path: Path) -> Non
         assert NEW_PASSWORD.encode() not in b"".join(p.read_bytes() for p in tmp_path.glob("fleet.db*"))
     finally:
         st.close()
+
+
+def test_provisioned_agent_runs_from_its_venv_and_config_with_the_token(provisioned: dict[str, Any]) -> None:
+    """The unit's ExecStart, run by hand: the real wheel's agent, the config and token the playbook wrote."""
+    import httpx
+
+    root: Path = provisioned["root"]
+    token = (root / "etc/kiosk-api/token").read_text().strip()
+    log = root / "var/log/kiosk-agent/agent.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGE_", "PYTHON"))}
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [
+                str(root / "opt/kiosk-agent/venv/bin/edge-agent"),
+                "run",
+                "--config",
+                str(root / "etc/kiosk-agent/agent.yaml"),
+            ],
+            env=env,
+            cwd=root,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+    base = f"http://127.0.0.1:{API_PORT}"
+
+    def live() -> bool:
+        assert proc.poll() is None, log.read_text()
+        try:
+            return httpx.get(base + "/v1/live", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(live, 60, what="the provisioned agent's local API")
+        assert httpx.get(base + "/v1/health", timeout=5).status_code == 401
+        r = httpx.get(base + "/v1/health", headers={"Authorization": f"Bearer {token}"}, timeout=5)
+        assert r.status_code == 200 and r.json()["terminal"] == "hd-01"
+        event = {"type": "service.started", "body": {"session": "pb-1", "service_code": "TQ02"}}
+        r = httpx.post(base + "/v1/events", json=event, headers={"Authorization": f"Bearer {token}"}, timeout=5)
+        assert r.status_code == 201, r.text
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert stat.S_IMODE((root / "var/lib/kiosk-agent/outbox.db").stat().st_mode) == 0o600
