@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Query
 
 from fleet_server.auth.deps import FleetDep, ReaderUser
+from fleet_server.auth.errors import NotAllowed
+from fleet_server.registry.store import UnknownTerminal
 
 
 def build_health_router() -> APIRouter:
@@ -16,7 +18,7 @@ def build_health_router() -> APIRouter:
     def terminals(user: ReaderUser, fleet: FleetDep, office: str | None = None) -> list[dict[str, Any]]:
         """Every visible terminal's state, reason and time of the last transition."""
         if office and not user.sees_office(office):
-            raise HTTPException(403, f"you are not assigned to office {office!r}")
+            raise NotAllowed(f"you are not assigned to office {office!r}")
         return fleet.health.terminals(user.office_filter([office] if office else None))
 
     @r.get("/terminals/{terminal_id}")
@@ -24,9 +26,9 @@ def build_health_router() -> APIRouter:
         """One terminal's health with its recent transitions."""
         doc = fleet.health.terminal(terminal_id)
         if doc is None:
-            raise HTTPException(404, f"terminal {terminal_id!r} is not enrolled")
+            raise UnknownTerminal(f"terminal {terminal_id!r} is not enrolled")
         if not user.sees_office(doc["office"]):
-            raise HTTPException(403, f"you are not assigned to office {doc['office']!r}")
+            raise NotAllowed(f"you are not assigned to office {doc['office']!r}")
         return doc
 
     @r.get("/offices")

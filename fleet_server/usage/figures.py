@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from datetime import date, datetime, time, timedelta, tzinfo
+
+from fleet_wire.envelope import format_ts as format_ts  # the one timestamp format (string order is time order)
 
 OUTCOMES = ("started", "completed", "abandoned")
 SERVICE_TYPES = {f"service.{o}": o for o in OUTCOMES}
@@ -51,11 +53,6 @@ def ratio(part: int, whole: int) -> float | None:
 def parse_ts(ts: str) -> datetime:
     """Parse a stored UTC timestamp ('2026-11-23T01:02:03.456Z')."""
     return datetime.fromisoformat(ts)
-
-
-def format_ts(moment: datetime) -> str:
-    """Format like the events table does, so string comparison is time comparison."""
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def local_day(ts: str, tz: tzinfo) -> date:
