@@ -34,3 +34,11 @@ def test_ruff_format_is_applied() -> None:
         [_tool("ruff"), "format", "--check", *LINTED], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, "run `ruff format` on:\n" + out.stdout + out.stderr
+
+
+def test_mypy_strict_finds_nothing() -> None:
+    """Strict typing over the three deliverable packages (settings in pyproject.toml)."""
+    packages = [arg for p in TYPED for arg in ("-p", p)]
+    out = subprocess.run([_tool("mypy"), "--no-incremental", *packages], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-2000:]

@@ -143,7 +143,7 @@ class MqttLink:
 
     def _run(self) -> None:
         s = self.settings
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho ships no annotations here
         props.SessionExpiryInterval = SESSION_EXPIRY_S
         first = True
         while not self._stop.is_set():
