@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import repeat
-from typing import Any, NamedTuple, cast, overload
+from typing import Any, NamedTuple, cast
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
@@ -146,39 +146,6 @@ class _Batch:
 
     def _columns(self) -> tuple[list[Any], ...]:
         return (self.types, self.classes, self.stamps, self.bodies, self.ttls, self.explicit_ts)
-
-
-class StoredItems(Sequence[OutboxItem]):
-    """The items a call stored, made on first access: a batch's callers mostly want none or one."""
-
-    __slots__ = ("_classes", "_envs", "_items", "_seq0", "_sizes", "_types")
-
-    def __init__(self, seq0: int, types: list[str], classes: list[int], envs: list[str], sizes: list[int]) -> None:
-        self._seq0, self._types, self._classes, self._envs, self._sizes = seq0, types, classes, envs, sizes
-        self._items: list[OutboxItem] | None = None
-
-    def _all(self) -> list[OutboxItem]:
-        if self._items is None:
-            self._items = [
-                OutboxItem(self._seq0 + i, t, c, e, n)
-                for i, (t, c, e, n) in enumerate(zip(self._types, self._classes, self._envs, self._sizes))
-            ]
-        return self._items
-
-    def __len__(self) -> int:
-        return len(self._envs)
-
-    @overload
-    def __getitem__(self, index: int) -> OutboxItem: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[OutboxItem]: ...
-    def __getitem__(self, index: int | slice) -> OutboxItem | list[OutboxItem]:
-        return self._all()[index]
-
-    def __eq__(self, other: object) -> bool:
-        return list(self) == other if isinstance(other, list) else NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
 
 
 class _BodyCodec:
@@ -330,7 +297,7 @@ class Outbox:
         self,
         events: Iterable[tuple[str, Any, datetime | None]],
         keys: Sequence[str | None] | None = None,
-    ) -> Sequence[OutboxItem]:
+    ) -> list[OutboxItem]:
         """Validate and durably store several events in one transaction (all or none).
 
         Raises InvalidEvent (nothing stored), IdempotencyKeyReused when a key already stands for a
@@ -392,7 +359,7 @@ class Outbox:
                 out.append(OutboxItem(first.seq, first.type, first.event_class, "", 0, True))
         return out
 
-    def _store(self, now: float, batch: _Batch, keyed: list[tuple[str | None, str]] | None) -> StoredItems:
+    def _store(self, now: float, batch: _Batch, keyed: list[tuple[str | None, str]] | None) -> list[OutboxItem]:
         """Number and insert validated events in one transaction (caller holds the lock)."""
         n = len(batch)
         need_bytes = sum(map(len, batch.bodies)) + _ENVELOPE_OVERHEAD_BYTES * n
@@ -427,7 +394,8 @@ class Outbox:
         self._live += n
         self._bytes += sum(sizes)
         self.counters.enqueued += n
-        return StoredItems(seq0, batch.types, batch.classes, envs, sizes)
+        # tuple.__new__ over zip: the items are made in C, not one Python call per event
+        return list(map(OutboxItem._make, zip(seqs, batch.types, batch.classes, envs, sizes, repeat(False))))
 
     def _prepare(self, events: list[tuple[str, Any, datetime | None]]) -> _Batch:
         """Validate every event (bodies of one type in one pydantic call); raise InvalidEvent for the first bad one."""
