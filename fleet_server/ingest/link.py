@@ -1,19 +1,28 @@
 """The server's MQTT client: one persistent session that subscribes to every terminal's uplink.
 
 Messages are acknowledged by hand (paho `manual_ack`) only after the writer committed them.
+
+MQTT 3.1.1, not 5: paho parses every MQTT 5 packet's properties in Python, and as a subscriber
+at 10,000 terminals' heartbeats it cost 20-30% more CPU over MQTT 5 (measured). The server uses
+nothing MQTT 5 adds: a 3.1.1 persistent session (clean session off) keeps the subscriptions and
+every unacknowledged QoS 1 message across reconnects just as a v5 session with an expiry does,
+and never expires (Mosquitto keeps it until `persistent_client_expiration`, unset by default),
+so a server away for longer than a day still finds what the broker queued for it. What 3.1.1
+lacks is the CONNECT "receive maximum": the broker's `max_inflight_messages` (Mosquitto's
+default 20) bounds how many QoS 1 messages it sends us before our acknowledgements.
 """
 
 from __future__ import annotations
 
 import logging
+import select
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from fleet_server.ingest.service import Inbound, IngestService
 from fleet_wire import topics
@@ -21,7 +30,15 @@ from fleet_wire.topics import Channel
 
 log = logging.getLogger(__name__)
 
-SESSION_EXPIRY_S = 24 * 3600
+KEEPALIVE_S = 30
+# After the last queued message is handed over, paho's thread waits this long before it blocks
+# on the socket again, so the next messages are read in one wake-up instead of one each. At
+# 10,000 terminals' heartbeats (333 msg/s, one every 3 ms) a wake-up per message was most of
+# the link's CPU: a paho subscriber used 0.059-0.072 of a core without the pause, 0.026-0.027
+# with 20 ms (0.039 with 10 ms), measured side by side. 20 ms is the writer's own group-commit
+# wait (BATCH_WAIT_S), so a receipt is late by at most as much again; under load the socket is
+# never drained and nothing waits.
+READ_PAUSE_S = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,10 +58,12 @@ class ServerLink:
         self.connected = threading.Event()
         self.connects = 0
         self.last_error = ""
+        self._stopping = False
         c = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
-            protocol=MQTTProtocolVersion.MQTTv5,
+            protocol=MQTTProtocolVersion.MQTTv311,
+            clean_session=False,  # the persistent session: see the module docstring
             manual_ack=True,
         )
         c.username_pw_set(settings.username, settings.password)
@@ -61,12 +80,7 @@ class ServerLink:
         ingest.ack = self._ack
 
     def start(self) -> None:
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = SESSION_EXPIRY_S
-        props.ReceiveMaximum = 1000
-        self._client.connect_async(
-            self.settings.host, self.settings.port, keepalive=30, clean_start=False, properties=props
-        )
+        self._client.connect_async(self.settings.host, self.settings.port, keepalive=KEEPALIVE_S)
         self._client.loop_start()
 
     def stop(self) -> None:
@@ -102,7 +116,7 @@ class ServerLink:
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         self.connected.clear()
-        if getattr(self, "_stopping", False):
+        if self._stopping:
             log.info("ingest disconnected on shutdown")
         else:
             log.warning("ingest disconnected: %s", reason_code)
@@ -112,3 +126,17 @@ class ServerLink:
             self.ingest.submit(Inbound(message.topic, bytes(message.payload), message.mid, message.qos))
         except Exception:
             log.exception("could not queue message from %s", message.topic)
+        self._pause_when_drained(client)
+
+    def _pause_when_drained(self, client: paho.Client) -> None:
+        """Let the next messages gather in the socket before paho blocks on it (READ_PAUSE_S)."""
+        sock: Any = client.socket()
+        if sock is None or self._stopping:
+            return
+        pending = getattr(sock, "pending", None)  # TLS: bytes already decrypted, unseen by select
+        try:
+            if (pending is not None and pending()) or select.select([sock], [], [], 0)[0]:
+                return
+        except (OSError, ValueError):  # the socket closed under us: paho reports the loss itself
+            return
+        time.sleep(READ_PAUSE_S)
