@@ -216,6 +216,8 @@ def main() -> None:
                     flush=True,
                 )
         stored = ours_conn.execute("SELECT count(*) FROM events").fetchone()[0]
+        # every index the server keeps on its events table costs its own insert per row
+        indexes = [r[1] for r in ours_conn.execute("PRAGMA index_list(events)")]
         # the exactly-once key still holds: a re-sent batch adds nothing
         store.write(rows, (), (), streams)
         after_resend = ours_conn.execute("SELECT count(*) FROM events").fetchone()[0]
@@ -239,6 +241,7 @@ def main() -> None:
         "baseline_cpu_us_per_row_last_100k": round(base.cpu_us(-1), 2),
         "resend_added_rows": after_resend - stored,
         "row_bytes": row_len,
+        "events_indexes": sorted(indexes),
         "batch": args.batch,
         "terminals": args.terminals,
     }
