@@ -34,7 +34,7 @@ KEEPALIVE_S = 30
 # After the last queued message is handed over, paho's thread waits this long before it blocks
 # on the socket again, so the next messages are read in one wake-up instead of one each. At
 # 10,000 terminals' heartbeats (333 msg/s, one every 3 ms) a wake-up per message was most of
-# the link's CPU: a paho subscriber used 0.059-0.072 of a core without the pause, 0.026-0.027
+# the link's CPU: a paho subscriber used 0.059-0.072 of a core without the pause, 0.025-0.027
 # with 20 ms (0.039 with 10 ms), measured side by side. 20 ms is the writer's own group-commit
 # wait (BATCH_WAIT_S), so a receipt is late by at most as much again; under load the socket is
 # never drained and nothing waits.
