@@ -117,10 +117,19 @@ def create_private(path: str | os.PathLike[str]) -> None:
 
     SQLite gives the -wal and -shm files the database file's own mode, so they follow. A file
     that already exists loses only its world bits (a group an operator granted keeps reading).
+
+    An existing database file is never opened here: POSIX record locks belong to the process, and
+    closing *any* descriptor of the file drops every lock SQLite holds on it through its other
+    connections, so two of our writers could then write the WAL at once and committed rows be
+    lost (seen: a server that had receipted events no longer had them).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.close(os.open(target, os.O_RDWR | os.O_CREAT, 0o600))
+    if not target.exists():
+        try:
+            os.close(os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
     for f in (target, *(target.with_name(target.name + s) for s in ("-wal", "-shm", "-journal"))):
         try:
             mode = f.stat().st_mode & 0o777
