@@ -103,7 +103,8 @@ class Fleet:
                         t,
                         self.epochs[t],
                         seq,
-                        uuid.UUID(int=self.rng.getrandbits(128)).hex,
+                        # time-ordered, as fleet_wire.envelope.new_event_ids makes them on the terminal
+                        f"{int(self.clock.timestamp() * 1000):012x}{seq & 0xFFFF:04x}{self.rng.getrandbits(64):016x}",
                         kind,
                         _ts(self.clock - timedelta(seconds=2)),
                         received,

@@ -18,7 +18,9 @@ Timestamps are checked against the receiver's clock (`fleet_wire.limits`):
 
 from __future__ import annotations
 
+import os
 import re
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -49,9 +51,22 @@ def new_epoch() -> str:
     return uuid.uuid4().hex
 
 
+def new_event_ids(n: int, now_s: float | None = None) -> list[str]:
+    """`n` globally unique event ids that sort by creation time (32 hex digits, like UUIDv7):
+    48 bits of Unix milliseconds, 16 bits counting within the call, 64 random bits.
+
+    Time order matters to the receiver: it keeps event ids unique per stream with an index, and
+    ids that follow each other land at the end of the stream's part of it instead of at random
+    pages (random ids cost that index ~10 µs a row, growing with the table).
+    """
+    ms = int((time.time() if now_s is None else now_s) * 1000) & 0xFFFF_FFFF_FFFF
+    rand = os.urandom(8 * n).hex()  # one system call for the whole batch
+    return [f"{ms:012x}{i & 0xFFFF:04x}{rand[16 * i : 16 * i + 16]}" for i in range(n)]
+
+
 def new_event_id() -> str:
-    """A globally unique event id."""
-    return uuid.uuid4().hex
+    """A globally unique, time-ordered event id."""
+    return new_event_ids(1)[0]
 
 
 def is_epoch(value: object) -> TypeGuard[str]:

@@ -334,3 +334,13 @@ def test_cmd_acks_are_strict() -> None:
     for bad in (b'{"ok":true}', b'{"v":true,"cmd":"' + b"c" * 32 + b'","state":"done"}', b"[" * 900):
         with pytest.raises(CmdAckInvalid):
             decode_cmd_ack(bad)
+
+
+def test_event_ids_sort_by_creation_and_stay_unique() -> None:
+    """Time-ordered ids keep the server's per-stream id index appending, not scattering."""
+    from fleet_wire.envelope import is_event_id, new_event_ids
+
+    early, late = new_event_ids(300, now_s=1_800_000_000.0), new_event_ids(300, now_s=1_800_000_000.5)
+    assert all(is_event_id(i) for i in early + late)
+    assert early == sorted(early) and max(early) < min(late)
+    assert len(set(early + late)) == 600
