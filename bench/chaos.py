@@ -25,7 +25,7 @@ import httpx
 
 from fleet_dev.bench import emit, machine
 from fleet_dev.devstack import DevStack
-from fleet_dev.proc import die_with_parent, free_port, wait_for
+from fleet_dev.proc import free_port, spawn, wait_for
 
 OFFICES = ["dongcheng", "haidian", "chaoyang", "mentougou", "miyun", "loan-centre"]
 
@@ -43,15 +43,7 @@ class Terminal:
         env = {**os.environ}
         for key, value in self.st.agent_settings(self.tid, **env_over).items():
             env[f"EDGE_{key.upper()}"] = str(value)
-        log = open(self.st.root / f"agent-{self.tid}.log", "ab")  # noqa: SIM115 - the child process owns it
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edge_agent", "run"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
+        self.proc = spawn([sys.executable, "-m", "edge_agent", "run"], env, self.st.root / f"agent-{self.tid}.log")
 
     def kill(self) -> None:
         if self.proc:

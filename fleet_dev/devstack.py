@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from fleet_dev.broker import Mosquitto
 from fleet_dev.dynsec import DynsecBroker
-from fleet_dev.proc import die_with_parent, free_port
+from fleet_dev.proc import free_port, spawn
 from fleet_server.app import FleetServer
 from fleet_server.broker.files import FileAccounts
 from fleet_server.broker.mosquitto import BrokerConfig, BrokerCredentials, new_password, write_broker_files
@@ -157,15 +157,7 @@ class DevStack:
             )
         else:
             env["FLEET_BROKER_ACCOUNTS"] = "none"  # the in-process stack rewrote the files already
-        log = _private_log(self.root / "server.log")
-        return subprocess.Popen(
-            [sys.executable, "-m", "fleet_server", "run"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
+        return spawn([sys.executable, "-m", "fleet_server", "run"], env, self.root / "server.log")
 
     def stop_server(self) -> None:
         """Stop the in-process server (its broker session keeps queueing for it)."""
@@ -206,14 +198,8 @@ class DevStack:
         env = {**os.environ}
         for key, value in self.agent_settings(terminal_id, **overrides).items():
             env[f"EDGE_{key.upper()}"] = str(value)
-        log = _private_log(self.root / f"agent-{terminal_id}.log")
-        return subprocess.Popen(
-            [sys.executable, "-m", "edge_agent", "run", "--no-api"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
+        return spawn(
+            [sys.executable, "-m", "edge_agent", "run", "--no-api"], env, self.root / f"agent-{terminal_id}.log"
         )
 
     # -- reading back -----------------------------------------------------------------------------
@@ -226,11 +212,6 @@ class DevStack:
             if terminal_id is None:
                 return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
             return int(conn.execute("SELECT count(*) FROM events WHERE terminal=?", (terminal_id,)).fetchone()[0])
-
-
-def _private_log(path: Path) -> Any:
-    """A log file for a child process, readable by us only (it may name terminals and accounts)."""
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
 
 
 def service_events(n: int, prefix: str = "s") -> Iterable[tuple[str, dict[str, Any], None]]:

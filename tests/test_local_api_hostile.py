@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fleet_dev.proc import die_with_parent, free_port, wait_for
+from fleet_dev.proc import die_with_parent, free_port, stop, wait_for
 from tests.http_util import chunked_upload, rss_kib
 
 TOKEN = "hostile-test-token-" + "c0ffee42" * 6
@@ -97,12 +97,7 @@ def agent(tmp_path: Path) -> Iterator[AgentProcess]:
         wait_for(live, 60, what="the agent's local API")
         yield ap
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def _depth(ap: AgentProcess) -> int:

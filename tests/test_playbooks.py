@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
 from edge_agent.config import AgentSettings
-from fleet_dev.proc import die_with_parent, free_port, wait_for
+from fleet_dev.proc import die_with_parent, free_port, stop, wait_for
 from fleet_server.auth.models import Role
 from fleet_server.db import migrate
 from fleet_server.playbooks import store as playbook_store
@@ -496,10 +496,5 @@ def test_provisioned_agent_runs_from_its_venv_and_config_with_the_token(provisio
         r = httpx.post(base + "/v1/events", json=event, headers={"Authorization": f"Bearer {token}"}, timeout=5)
         assert r.status_code == 201, r.text
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     assert stat.S_IMODE((root / "var/lib/kiosk-agent/outbox.db").stat().st_mode) == 0o600
