@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fleet_wire import limits
 from fleet_wire.codec import dumps_checked, loads_bounded
-from fleet_wire.envelope import EVENT_ID_PATTERN, SCHEMA_VERSION, parse_ts
+from fleet_wire.envelope import EVENT_ID_PATTERN, SCHEMA_VERSION, OptionalWireTs
 from fleet_wire.errors import CmdAckInvalid, WireError
 from fleet_wire.events import describe
 
@@ -22,20 +22,13 @@ class CmdAck(BaseModel):
     cmd: str = Field(pattern=EVENT_ID_PATTERN, description="the command's id")
     state: Literal["accepted", "running", "done", "failed", "rejected"]
     detail: str = Field(default="", max_length=500)
-    ts: str | None = None
+    ts: OptionalWireTs = None
 
     @field_validator("v", mode="before")
     @classmethod
     def _no_bool_version(cls, value: Any) -> Any:
         if isinstance(value, bool):
             raise ValueError("schema version must be the number 1, not a boolean")
-        return value
-
-    @field_validator("ts")
-    @classmethod
-    def _wire_ts(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_ts(value)
         return value
 
 

@@ -24,9 +24,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, Literal, TypeGuard
+from typing import Annotated, Any, Final, Literal, TypeGuard
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fleet_wire import limits
 from fleet_wire.codec import dumps_checked, loads_bounded
@@ -98,6 +98,16 @@ def parse_ts(value: object) -> datetime:
     if _TS_RE.fullmatch(value) is None:
         raise ValueError("timestamp must be UTC ISO 8601 like 2026-11-27T02:00:00.000Z (suffix Z or +00:00)")
     return datetime.fromisoformat(value)
+
+
+def _optional_ts(value: str | None) -> str | None:
+    if value is not None:
+        parse_ts(value)
+    return value
+
+
+# An optional wire timestamp kept as the string it came as (status documents, command acks).
+OptionalWireTs = Annotated[str | None, AfterValidator(_optional_ts)]
 
 
 def check_ts_window(ts: datetime, now: datetime) -> None:

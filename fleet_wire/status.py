@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from fleet_wire import limits
 from fleet_wire.codec import dumps_checked, loads_bounded
-from fleet_wire.envelope import parse_ts
+from fleet_wire.envelope import OptionalWireTs
 from fleet_wire.errors import StatusInvalid, WireError
 from fleet_wire.events import describe
 
@@ -56,7 +56,7 @@ class StatusDoc(BaseModel):
 
     state: Literal["online", "offline"]
     reason: str | None = Field(default=None, max_length=64)
-    ts: str | None = None
+    ts: OptionalWireTs = None
     version: str | None = Field(default=None, max_length=64)
     office: str | None = Field(default=None, max_length=64)
     uptime_s: float | None = Field(default=None, ge=0, le=10**10)
@@ -67,13 +67,8 @@ class StatusDoc(BaseModel):
     host: PeripheralStatus | None = None
     profile: str | None = Field(default=None, max_length=64)  # the device profile the agent judges by
     disk_pct: float | None = Field(default=None, ge=0, le=100)
-
-    @field_validator("ts")
-    @classmethod
-    def _wire_ts(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_ts(value)
-        return value
+    # decode_status checks the document serialises; the ingest then stores that same text
+    _json: str | None = PrivateAttr(default=None)
 
     @field_validator("peripherals")
     @classmethod
@@ -83,8 +78,10 @@ class StatusDoc(BaseModel):
         return value
 
     def to_json(self) -> str:
-        """The normalised document as stored: only known fields, valid UTF-8."""
-        return dumps_checked(self.model_dump(exclude_none=True), what="status")
+        """The normalised document as stored: only known fields, valid UTF-8 (made once: the model is frozen)."""
+        if self._json is None:
+            self._json = dumps_checked(self.model_dump(exclude_none=True), what="status")
+        return self._json
 
 
 CLEARED = StatusDoc(state="offline", reason="cleared")  # an empty retained payload clears the topic
