@@ -27,7 +27,7 @@ apt_install() {
 ensure_system() {
     local pkgs=(mosquitto)
     # tests also run Prometheus (promtool, a real scrape) and Chromium for the console
-    [ "${1:-}" = test ] && pkgs+=(mosquitto-clients prometheus)
+    [ "${1:-}" = test ] && pkgs+=(mosquitto-clients prometheus chromium)
     apt_install "${pkgs[@]}"
     if ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
         apt_install python3-venv

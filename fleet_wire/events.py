@@ -87,6 +87,46 @@ class AgentLifecycle(_Body):
     detail: str = Field(default="", max_length=500)
 
 
+# Terminal-side states, in the order a good update passes them; the last four end it.
+UpdateState = Literal[
+    "notified",  # the command arrived and was persisted
+    "downloading",
+    "downloaded",  # verified by TUF, staged; nothing installed yet
+    "waiting_window",  # downloaded, outside the office's maintenance window
+    "waiting_session",  # a citizen's session is open on the kiosk
+    "installing",
+    "on_trial",  # switched and restarted on the new version; health gate running
+    "committed",  # the gate passed: the only success
+    "failed",  # could not download or install; still on the old version
+    "rolled_back",  # the new version failed its gate or crash-looped; back on the old one
+    "rejected",  # refused before anything was installed (trust, counter, profile)
+]
+UPDATE_STATES: tuple[str, ...] = UpdateState.__args__  # type: ignore[attr-defined]
+FINAL_UPDATE_STATES = frozenset({"committed", "failed", "rolled_back", "rejected"})
+
+# Stable reason codes (metrics labels, console text). `ok` for progress without a problem.
+
+
+class UpdateStatus(_Body):
+    """Body of an `update.status` event: one step of one update on one terminal. `report` grows
+    by one per report of the same (rollout, target): the server applies only a newer one."""
+
+    rollout: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")
+    cmd: str = Field(pattern=r"^[0-9a-f]{32}$")
+    kind: Literal["agent", "config", "face_model"]
+    target: str = Field(pattern=r"^(agent|config|models|wheels)/[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$")
+    version: str = Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")
+    counter: int = Field(ge=1, le=2**53)
+    state: UpdateState
+    report: int = Field(ge=1, le=2**53)
+    reason: str = Field(default="ok", pattern=r"^[a-z_]{1,48}$")
+    detail: str = Field(default="", max_length=500)
+    running: str = Field(default="", max_length=64, description="the agent version running when reported")
+    metadata_expires: str | None = Field(
+        default=None, max_length=40
+    )  # earliest expiry among the terminal's trusted metadata
+
+
 class Tombstone(_Body):
     """Stands in for an event the outbox dropped by policy, so the server counts it, not loses it."""
 
@@ -114,6 +154,8 @@ EVENT_SPECS: dict[str, EventSpec] = {
         EventSpec("peripheral.recovered", EventClass.OPERATIONAL, PeripheralRecovered),
         EventSpec("face.decision", EventClass.OPERATIONAL, FaceDecision),
         EventSpec("agent.lifecycle", EventClass.OPERATIONAL, AgentLifecycle),
+        # a step of a release update: never evicted, the rollout counts on every report
+        EventSpec("update.status", EventClass.BUSINESS, UpdateStatus),
         EventSpec("telemetry.sample", EventClass.TELEMETRY, TelemetrySample),
         EventSpec(TOMBSTONE, EventClass.TELEMETRY, Tombstone),
     )

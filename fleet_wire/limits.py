@@ -7,6 +7,7 @@ hostile payload costs a bounded amount of CPU and memory and can never escape th
 MAX_MESSAGE_BYTES = 256 * 1024  # one MQTT payload on an events topic
 MAX_STATUS_BYTES = 16 * 1024  # one status document (birth, heartbeat, will)
 MAX_CMD_ACK_BYTES = 16 * 1024  # one command acknowledgement
+MAX_CMD_BYTES = 16 * 1024  # one command to a terminal (a desired release)
 MAX_RECEIPT_BYTES = 16 * 1024  # one receipt (64 ranges of two 16-digit seqs fit in ~2.3 KiB)
 MAX_EVENT_BODY_BYTES = 8 * 1024  # one event's JSON body
 MAX_BATCH_EVENTS = 500  # events in one batch message
