@@ -251,7 +251,16 @@ def whoami(ctx: typer.Context) -> None:
     out.print(f"{me['name']} ({me['role']}){' · offices: ' + ', '.join(me['offices']) if me['offices'] else ''}")
 
 
+def _register_subcommands() -> None:
+    # each group lives in its own module; they import Api, api, fail, out from here
+    from fleet_server import cli_release, cli_rollout
+
+    app.add_typer(cli_release.app, name="release", help="Build, sign, publish and list TUF-signed releases.")
+    app.add_typer(cli_rollout.app, name="rollout", help="Plan, preview, run and control staged rollouts.")
+
+
 def main() -> None:
+    _register_subcommands()
     app()
 
 

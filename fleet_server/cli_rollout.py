@@ -1,0 +1,7 @@
+"""fleetctl rollout …: see the commands below. Registered on the main app by fleet_server/cli.py."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(help="Rollouts (see `fleetctl rollout --help`).", no_args_is_help=True, add_completion=False)
