@@ -114,7 +114,9 @@ class UpdateStatus(_Body):
     rollout: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")
     cmd: str = Field(pattern=r"^[0-9a-f]{32}$")
     kind: Literal["agent", "config", "face_model"]
-    target: str = Field(pattern=r"^(agent|config|models|wheels)/[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$")
+    target: str = Field(
+        pattern=r"^(agent|config|models|wheels)/([A-Za-z0-9][A-Za-z0-9._+-]{0,99}/)?[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$"
+    )
     version: str = Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")
     counter: int = Field(ge=1, le=2**53)
     state: UpdateState

@@ -34,7 +34,11 @@ KINDS: tuple[ReleaseKind, ...] = ("agent", "config", "face_model")
 # TUF target paths per kind. Face models sit under the delegated role that needs two signatures.
 TARGET_PREFIX: dict[str, str] = {"agent": "agent/", "config": "config/", "face_model": "models/"}
 WHEELS_PREFIX = "wheels/"  # an agent release's dependency wheels, each a target of its own
-TARGET_PATH_PATTERN = r"^(agent|config|models|wheels)/[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$"
+# A path is a kind's prefix, at most one folder (e.g. the release counter, so a wheel keeps the
+# file name pip needs) and a file name; never "..".
+TARGET_PATH_PATTERN = (
+    r"^(agent|config|models|wheels)/([A-Za-z0-9][A-Za-z0-9._+-]{0,99}/)?[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$"
+)
 _TARGET_PATH_RE = re.compile(TARGET_PATH_PATTERN[1:-1])
 VERSION_PATTERN = r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$"
 ROLLOUT_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}$"
