@@ -33,6 +33,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +53,12 @@ BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 # whose content stands in for the kernel's boot id.
 BOOT_ID_ENV = "KIOSK_LAUNCHER_BOOT_ID_FILE"
 ROOT_ENV = "EDGE_INSTALL_ROOT"
+
+
+def _say(message: str) -> None:
+    # stderr is the journal under systemd; the launcher has no logging set-up to depend on
+    sys.stderr.write(f"launcher: {message}\n")
+    sys.stderr.flush()
 
 
 class LauncherError(Exception):
@@ -93,7 +100,7 @@ def read_json(path: Path, default: Any) -> Any:
         return default
     except (OSError, ValueError) as err:
         # A state file we cannot read must not stop the terminal: start from empty, say so.
-        print(f"launcher: {path} unreadable ({err}); treating it as empty", file=sys.stderr)
+        _say(f"{path} unreadable ({err}); treating it as empty")
         return default
 
 
@@ -224,11 +231,8 @@ def write_clean_stop(root: Path, release: str) -> None:
 # -- one start --------------------------------------------------------------------------------------
 
 
-def prepare_start(root: Path, log: Any = None) -> Path:
+def prepare_start(root: Path) -> Path:
     """Count this start, roll a crash-looping trial back, and return the real release directory."""
-
-    def say(msg: str) -> None:
-        print(f"launcher: {msg}", file=log or sys.stderr, flush=True)
 
     with state_lock(root):
         state = read_state(root)
@@ -239,15 +243,15 @@ def prepare_start(root: Path, log: Any = None) -> Path:
         current = current_release(root)
         if trial is not None and trial.get("release") != current:
             # the updater recorded the trial but the switch never happened (cut in between)
-            say(f"trial of {trial.get('release')} ended: current is {current}")
+            _say(f"trial of {trial.get('release')} ended: current is {current}")
             state["trial"] = trial = None
         if trial is not None:
             if trial.get("running_boot") == boot and not clean:
                 trial["crashes"] = int(trial.get("crashes", 0)) + 1
-                say(f"{trial['release']} ended uncleanly on trial (crash {trial['crashes']})")
+                _say(f"{trial['release']} ended uncleanly on trial (crash {trial['crashes']})")
             if int(trial["crashes"]) >= int(trial.get("max_crashes") or DEFAULT_MAX_CRASHES):
                 previous = trial.get("previous")
-                say(f"{trial['release']} crash-looped; rolling back to {previous}")
+                _say(f"{trial['release']} crash-looped; rolling back to {previous}")
                 if trial["release"] not in state["failed"]:
                     state["failed"].append(trial["release"])
                 state["rolled_back"] = {
@@ -262,7 +266,7 @@ def prepare_start(root: Path, log: Any = None) -> Path:
                     switch_current(root, previous)
                     current = previous
                 else:
-                    say("no previous release to roll back to; keeping the current one")
+                    _say("no previous release to roll back to; keeping the current one")
             else:
                 trial["starts"] = int(trial.get("starts", 0)) + 1
                 trial["running_boot"] = boot
@@ -293,11 +297,10 @@ def run_exec(root: Path, config: str | None, extra: list[str]) -> int:
     try:
         real = prepare_start(root)
     except LauncherError as err:
-        print(f"launcher: {err}", file=sys.stderr)
+        _say(str(err))
         return EXIT_CONFIG
     argv = agent_argv(real, config, extra)
     os.execve(argv[0], argv, child_env(root))
-    return 0  # not reached
 
 
 def _die_with_parent() -> None:
@@ -311,35 +314,34 @@ def _die_with_parent() -> None:
 
 
 def run_supervise(root: Path, config: str | None, extra: list[str], backoff_s: float, max_backoff_s: float) -> int:
-    stopping = False
+    stopping = threading.Event()
     child: subprocess.Popen[bytes] | None = None
 
     def on_term(signum: int, _frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
+        stopping.set()
         if child is not None and child.poll() is None:
             child.send_signal(signum)
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     delay = backoff_s
-    while not stopping:
+    while not stopping.is_set():
         try:
             real = prepare_start(root)
         except LauncherError as err:
-            print(f"launcher: {err}", file=sys.stderr, flush=True)
+            _say(str(err))
             time.sleep(delay)
             delay = min(max_backoff_s, delay * 2)
             continue
         started = time.monotonic()
         argv = agent_argv(real, config, extra)
-        print(f"launcher: starting {real.name}", file=sys.stderr, flush=True)
+        _say(f"starting {real.name}")
         child = subprocess.Popen(argv, env=child_env(root), preexec_fn=_die_with_parent)
         code = child.wait()
         child = None
-        if stopping:
+        if stopping.is_set():
             break
-        print(f"launcher: {real.name} exited with {code}", file=sys.stderr, flush=True)
+        _say(f"{real.name} exited with {code}")
         if code == EXIT_RESTART:
             delay = backoff_s
             continue
@@ -361,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = Path(args.root).absolute()
     if not (root / RELEASES).is_dir():
-        print(f"launcher: {root} has no {RELEASES}/ directory", file=sys.stderr)
+        _say(f"{root} has no {RELEASES}/ directory")
         return EXIT_CONFIG
     if args.mode == "exec":
         return run_exec(root, args.config, args.extra)
