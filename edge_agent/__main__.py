@@ -33,6 +33,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, ValueError, OSError) as err:
         print(f"edge-agent: configuration is not usable:\n{err}", file=sys.stderr)
         return 2
+    from edge_agent.update.overlay import OverlayRefused
+    from edge_agent.update.updater import note_clean_stop, startup_overlay
+
+    try:
+        overlay = startup_overlay(settings.data_dir, settings.install_root)
+    except (OverlayRefused, OSError, ValueError) as err:
+        logging.getLogger("edge_agent.update").error("config release settings not applied: %s", err)
+        overlay = {}
+    if overlay:
+        logging.getLogger("edge_agent.update").info("settings from config releases: %s", sorted(overlay))
+        settings = settings.model_copy(update=overlay)
     agent = Agent(settings)
     server = None
     if not args.no_api:
@@ -50,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         server = uvicorn.Server(config)
         # run in a thread, uvicorn installs no signal handlers: SIGTERM stays ours (below)
     agent.start()
-    stop = threading.Event()
+    # set by SIGTERM/SIGINT, or by the updater after an install (exit code EXIT_RESTART)
+    stop = agent.exit_requested
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     if server is not None:
@@ -64,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     if server:
         server.should_exit = True
     agent.stop(graceful=True)
-    return 0
+    note_clean_stop(settings.install_root)
+    return agent.exit_code
 
 
 def _face_routers(agent: Any) -> list[Any]:

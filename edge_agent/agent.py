@@ -70,6 +70,16 @@ class Agent:
         self.profile_error: str | None = None
         self.health_monitor = self._build_health_monitor(settings, clock)
         self.bad_receipts = 0
+        # Updates: citizen sessions (an install never starts during one), the last receipt (could
+        # this version reach the server?), and the exit code asked for (EXIT_RESTART after an install).
+        from edge_agent.update.timing import SessionTracker
+        from edge_agent.update.updater import Updater
+
+        self.sessions = SessionTracker(settings.update_session_timeout_s)
+        self.last_receipt_at: float | None = None
+        self.exit_requested = threading.Event()
+        self.exit_code = 0
+        self.updater = Updater(self)
         self._events_topic = topics.topic(settings.terminal_id, Channel.EVENTS)
         self._stop = threading.Event()
         self._pump_thread: threading.Thread | None = None
@@ -110,15 +120,24 @@ class Agent:
         self.link.start()
         self._pump_thread = threading.Thread(target=self._pump, name=f"pump-{self.settings.terminal_id}", daemon=True)
         self._pump_thread.start()
+        self.updater.start()
 
     def stop(self, graceful: bool = True) -> None:
         self._stop.set()
         self._inbox.put(_WAKE)
+        self.updater.stop()
         if self._pump_thread:
             self._pump_thread.join(5)
         self.link.stop(graceful=graceful)
         self.health_monitor.stop()
         self.outbox.close()
+
+    def request_restart(self) -> None:
+        """Ask the entry point to stop cleanly and exit with EXIT_RESTART (the launcher restarts us)."""
+        from edge_agent.launcher import EXIT_RESTART
+
+        self.exit_code = EXIT_RESTART
+        self.exit_requested.set()
 
     @property
     def stopped(self) -> bool:
@@ -135,11 +154,14 @@ class Agent:
     def post_event(self, event_type: str, body: Any, ts: datetime | None = None, key: str | None = None) -> OutboxItem:
         """Store one event durably and wake the pump. Raises InvalidEvent or OutboxFull."""
         item = self.outbox.enqueue(event_type, body, ts=ts, key=key)
+        self.sessions.observe(event_type, body)
         self._inbox.put(_WAKE)
         return item
 
     def post_events(self, events: list[tuple[str, Any, datetime | None]]) -> list[OutboxItem]:
         items = self.outbox.enqueue_many(events)
+        for event_type, body, _ts in events:
+            self.sessions.observe(event_type, body)
         self._inbox.put(_WAKE)
         return items
 
@@ -268,8 +290,9 @@ class Agent:
             ref = topics.parse(topic)
             if ref.channel == Channel.RECEIPT:
                 self.window.receipt(Receipt.decode(payload))
+                self.last_receipt_at = time.time()
             elif ref.channel == Channel.CMD:
-                log.info("command received (%d bytes); commands arrive with the rollout work", len(payload))
+                self.updater.submit(payload)
         except WireError as err:
             self.bad_receipts += 1
             log.warning("ignored malformed message on %s: %s", topic, err)

@@ -50,6 +50,25 @@ class AgentSettings(BaseSettings):
     # by the provisioning playbook. Production refuses to serve the API without it; None is for
     # development and tests only.
     api_token_file: Path | None = None
+    # Updates. The launcher passes the install root (EDGE_INSTALL_ROOT: releases/, current, its
+    # state); None outside the A/B layout (development), where releases are refused.
+    install_root: Path | None = None
+    # The fleet server's TUF repository (…/tuf, holding metadata/ and targets/) and the root.json
+    # this terminal trusts first (installed by provisioning); either empty: updates are refused.
+    update_repo_url: str = ""
+    update_root_file: Path | None = None
+    update_fetch_timeout_s: float = Field(default=30.0, gt=0)
+    # A citizen session the kiosk app never closed stops holding an install back after this.
+    update_session_timeout_s: float = Field(default=1800.0, gt=0)
+    # Unclean starts of a release on trial before the launcher switches back.
+    update_max_crashes: int = Field(default=3, ge=1, le=100)
+    # The old version "could reach the server" when a receipt came within this before the install;
+    # only then must the new version's on_trial report be acknowledged by the server to commit.
+    update_reach_window_s: float = Field(default=600.0, gt=0)
+    update_tick_s: float = Field(default=1.0, gt=0, le=60)
+    # The pip wheel that builds release venvs (they carry no pip); None: <install_root>/tools/pip-*.whl,
+    # then the system's.
+    update_pip_wheel: Path | None = None
     # Face login: the `face:` section of agent.yaml; EDGE_FACE_* variables fill what it leaves out.
     face: FaceSettings = Field(default_factory=FaceSettings)
 

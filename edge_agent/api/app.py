@@ -114,6 +114,9 @@ def create_api(agent: "Agent", extra_routers: list[APIRouter] | None = None) -> 
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(build_peripheral_router(agent.health_monitor))
+    from edge_agent.api.update_routes import build_update_router
+
+    app.include_router(build_update_router(agent.updater))
     for router in extra_routers or []:
         app.include_router(router)
     return app
