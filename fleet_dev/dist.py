@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def _toml_list(items: list[str]) -> str:
     return "[" + ", ".join(f'"{i}"' for i in items) + "]"
 
 
-def staged_pyproject(dist: Distribution, root: dict[str, object]) -> str:
+def staged_pyproject(dist: Distribution, root: dict[str, object], version: str | None = None) -> str:
     """The pyproject.toml of one distribution, its dependency lists taken from the root project."""
     project = root["project"]
     assert isinstance(project, dict)
@@ -103,7 +104,7 @@ def staged_pyproject(dist: Distribution, root: dict[str, object]) -> str:
         "",
         "[project]",
         f'name = "{dist.name}"',
-        f'version = "{version_of(dist.version_from)}"',
+        f'version = "{version or version_of(dist.version_from)}"',
         f'description = "{dist.summary}"',
         f'requires-python = "{project["requires-python"]}"',
         'license = { text = "Proprietary" }',
@@ -125,15 +126,35 @@ def staged_pyproject(dist: Distribution, root: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def build_wheel(dist: Distribution, out_dir: Path, root: dict[str, object]) -> Path:
-    """Stage one distribution's files and build its wheel into `out_dir`."""
+def build_wheel(
+    dist: Distribution,
+    out_dir: Path,
+    root: dict[str, object],
+    *,
+    version: str | None = None,
+    patch: Callable[[Path], None] | None = None,
+) -> Path:
+    """Stage one distribution's files and build its wheel into `out_dir`.
+
+    `version` overrides the package's `__version__` (in the staged copy); `patch` may change the
+    staged sources before the build (test-only builds; the real sources are never touched)."""
     with tempfile.TemporaryDirectory(prefix=f"{dist.name}-") as tmp:
         stage = Path(tmp)
         for package in dist.packages:
             shutil.copytree(REPO / package, stage / package, ignore=_IGNORE)
         for src, dest in dist.data.items():
             shutil.copytree(REPO / src, stage / dest, ignore=_IGNORE)
-        (stage / "pyproject.toml").write_text(staged_pyproject(dist, root), "utf-8")
+        if version is not None:
+            init = stage / dist.version_from / "__init__.py"
+            text, n = re.subn(
+                r'^__version__ = "[^"]+"', f'__version__ = "{version}"', init.read_text("utf-8"), flags=re.M
+            )
+            if n != 1:
+                raise RuntimeError(f"{init} has no __version__ to set")
+            init.write_text(text, "utf-8")
+        if patch is not None:
+            patch(stage)
+        (stage / "pyproject.toml").write_text(staged_pyproject(dist, root, version), "utf-8")
         before = set(out_dir.glob("*.whl"))
         _run(
             [
@@ -219,6 +240,46 @@ def _run(cmd: list[str], *, what: str) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{what} failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+
+
+# -- agent builds for update tests --------------------------------------------------------------------
+
+# Test-only defects, each made by patching the STAGED copy of the sources:
+#   crash_at_start  `edge-agent run` dies at once (a release that crash-loops)
+#   gate_fails      runs, stores and sends events, but its pump reports itself stuck (fails the health gate)
+DEFECTS = ("crash_at_start", "gate_fails")
+
+
+def _patch_source(stage: Path, rel: str, old: str, new: str) -> None:
+    path = stage / rel
+    text = path.read_text("utf-8")
+    if text.count(old) != 1:
+        raise RuntimeError(f"defect patch does not apply to {rel}: {old!r} not found exactly once")
+    path.write_text(text.replace(old, new), "utf-8")
+
+
+def _defect(name: str) -> Callable[[Path], None]:
+    if name == "crash_at_start":
+        return lambda stage: _patch_source(
+            stage,
+            "edge_agent/__main__.py",
+            "    args = parser.parse_args(argv)\n",
+            '    args = parser.parse_args(argv)\n    raise RuntimeError("defective test build: crashes at start")\n',
+        )
+    if name == "gate_fails":
+        doc = '        """The pump turned recently (for the systemd watchdog)."""\n'
+        return lambda stage: _patch_source(
+            stage, "edge_agent/agent.py", doc, doc + "        return False  # defective test build\n"
+        )
+    raise ValueError(f"unknown defect {name!r}; known: {', '.join(DEFECTS)}")
+
+
+def build_agent_wheel(out_dir: Path, version: str, *, defect: str | None = None) -> Path:
+    """The agent wheel as `./run.sh dist` builds it, but versioned `version` and, for tests, with
+    one of DEFECTS. Its dependencies are those of the normal build (reuse its wheelhouse)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = tomllib.loads((REPO / "pyproject.toml").read_text("utf-8"))
+    return build_wheel(AGENT, out_dir, root, version=version, patch=_defect(defect) if defect else None)
 
 
 def build(out_dir: Path, *, lock: bool = True, face: bool = False) -> Built:

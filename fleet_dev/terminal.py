@@ -1,0 +1,187 @@
+"""A terminal install in a temporary directory, laid out as provisioning lays it out, and run
+under the launcher's own supervision as a subprocess (tests, demo):
+
+    <root>/opt/launcher.py                 copied from edge_agent/launcher.py (outside any release)
+    <root>/opt/releases/<version>-<sha8>/  the first release venv, from the agent wheel + wheelhouse
+    <root>/opt/current -> releases/...
+    <root>/opt/tools/pip-*.whl             what the updater builds later releases with
+    <root>/agent.yaml, <root>/data/        settings and the agent's data dir (outbox, update state)
+
+The launcher runs on the base interpreter (no venv, no third-party package): what a terminal's
+system python3 gives it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edge_agent import launcher
+from edge_agent.update.install import Artifact, build_release, find_pip_wheel, release_name
+from fleet_dev.proc import die_with_parent, free_port, wait_for
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def locked_wheels(lock: Path, wheelhouse: Path) -> list[Path]:
+    """The wheelhouse files the hash-pinned lock names (name==version --hash=sha256:...)."""
+    files = {_sha256(p): p for p in wheelhouse.glob("*.whl")}
+    out = []
+    for line in lock.read_text("utf-8").splitlines():
+        match = re.search(r"--hash=sha256:([0-9a-f]{64})", line)
+        if match:
+            if match.group(1) not in files:
+                raise RuntimeError(f"{lock}: {line.split()[0]} is not in {wheelhouse}")
+            out.append(files[match.group(1)])
+    return out
+
+
+@dataclass
+class Terminal:
+    root: Path
+    settings: dict[str, Any]  # agent.yaml
+    backoff_s: float = 0.2
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.opt = self.root / "opt"
+        self.config = self.root / "agent.yaml"
+        self.data_dir = Path(self.settings.setdefault("data_dir", str(self.root / "data")))
+        if not self.settings.get("api_port"):
+            self.settings["api_port"] = free_port()
+        self.log_path = self.root / "terminal.log"
+
+    # -- set-up -----------------------------------------------------------------------------------
+
+    def install(self, wheel: Path, lock: Path, wheelhouse: Path) -> str:
+        """Lay out the install and build the first release (as provisioning does); its name."""
+        (self.opt / launcher.RELEASES).mkdir(parents=True, exist_ok=True)
+        (self.opt / "tools").mkdir(exist_ok=True)
+        shutil.copy2(launcher.__file__, self.opt / "launcher.py")
+        pip = find_pip_wheel(self.opt, None)
+        shutil.copy2(pip, self.opt / "tools" / pip.name)
+        artifacts = [Artifact(p, _sha256(p)) for p in locked_wheels(lock, wheelhouse)]
+        digest = _sha256(wheel)
+        artifacts.append(Artifact(wheel, digest))
+        version = wheel.name.split("-")[1]
+        name = release_name(version, digest)
+        build_release(self.opt, name, artifacts, self.opt / "tools" / pip.name, sys.executable)
+        launcher.switch_current(self.opt, name)
+        self.write_config()
+        return name
+
+    def write_config(self, **changes: Any) -> None:
+        self.settings.update(changes)
+        fd = os.open(self.config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            yaml.safe_dump(self.settings, fh)
+
+    # -- running ----------------------------------------------------------------------------------
+
+    def start(self) -> subprocess.Popen[bytes]:
+        """Run the launcher in supervise mode (it starts and restarts the agent)."""
+        python = Path(sys.base_prefix) / "bin" / "python3"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGE_", "VIRTUAL_ENV", "PYTHON"))}
+        env.update(self.env)
+        args = [str(python), str(self.opt / "launcher.py"), "supervise", "--root", str(self.opt)]
+        args += ["--config", str(self.config), "--backoff-s", str(self.backoff_s), "--max-backoff-s", "2"]
+        log = os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
+        with log:
+            self.proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True, preexec_fn=die_with_parent)  # fmt: skip
+        return self.proc
+
+    def agent_pid(self) -> int | None:
+        """The agent the launcher runs now, if any."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None
+        try:
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        except OSError:
+            return None
+        return int(children[0]) if children else None
+
+    def wait_agent(self, timeout_s: float = 60.0) -> int:
+        wait_for(lambda: self.agent_pid() is not None, timeout_s, what="the agent under its launcher")
+        pid = self.agent_pid()
+        assert pid is not None
+        return pid
+
+    def kill_agent(self) -> int:
+        """kill -9 the agent (the launcher starts it again)."""
+        pid = self.wait_agent()
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def kill_launcher(self) -> None:
+        """kill -9 the launcher; its agent dies with it (as the whole unit does under systemd)."""
+        assert self.proc is not None
+        pid = self.agent_pid()
+        self.proc.kill()
+        self.proc.wait(10)
+        self.proc = None
+        if pid is not None:
+            wait_for(lambda: not _alive(pid), 15, what="the agent to die with its launcher")
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM the launcher (forwarded to the agent, which stops cleanly)."""
+        if self.proc is None:
+            return None
+        proc, self.proc = self.proc, None
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            return proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+    # -- reading back -----------------------------------------------------------------------------
+
+    def current(self) -> str | None:
+        return launcher.current_release(self.opt)
+
+    def releases(self) -> list[str]:
+        return sorted(p.name for p in (self.opt / launcher.RELEASES).iterdir() if p.is_dir())
+
+    def launcher_state(self) -> dict[str, Any]:
+        return launcher.read_state(self.opt)
+
+    def update_state(self) -> dict[str, Any]:
+        doc = launcher.read_json(self.data_dir / "update" / "state.json", {})
+        return doc if isinstance(doc, dict) else {}
+
+    def log(self) -> str:
+        return self.log_path.read_text("utf-8", errors="replace") if self.log_path.exists() else ""
+
+    def api_get(self, path: str) -> Any:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.settings['api_port']}{path}", timeout=10) as resp:
+            return json.loads(resp.read())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
