@@ -22,6 +22,7 @@ from fleet_server.auth.errors import AuthError, NotAllowed, NotAuthenticated, To
 from fleet_server.auth.models import Role
 from fleet_server.auth.routes import build_auth_router
 from fleet_server.auth.service import AuthService
+from fleet_server.auth.store import migrations as auth_migrations
 from fleet_server.broker import build_broker_accounts
 from fleet_server.broker.accounts import (
     BrokerAccounts,
@@ -30,6 +31,7 @@ from fleet_server.broker.accounts import (
     BrokerCommandRefused,
 )
 from fleet_server.config import ConfigurationError, ServerSettings
+from fleet_server.console.routes import install_console
 from fleet_server.db import ClosingConnection, connect, migrate
 from fleet_server.health import service as health_service
 from fleet_server.health.routes import build_health_router
@@ -80,7 +82,13 @@ class FleetServer:
         self.settings = settings
         self.metrics_registry = registry or CollectorRegistry()
         settings.check_data()
-        migrate(settings.db_path, health_service.migrations, usage_migrations, playbook_store.migrations)
+        migrate(
+            settings.db_path,
+            auth_migrations,
+            health_service.migrations,
+            usage_migrations,
+            playbook_store.migrations,
+        )
         self._conn = connect(settings.db_path)
         # One shared writer connection for admin changes; this lock keeps two request threads from
         # interleaving statements inside each other's transaction. Readers open their own.
@@ -93,6 +101,8 @@ class FleetServer:
         self.auth = AuthService(self._conn, lock=self.lock, registry=self.metrics_registry)
         if settings.admin_token:
             self.auth.create_user("admin", Role.ADMIN, token=settings.admin_token)
+            if settings.admin_password:
+                self.auth.bootstrap_password("admin", settings.admin_password)
         self.ingest_metrics = IngestMetrics(self.metrics_registry)
         self.ingest = IngestService(str(settings.db_path), self.ingest_metrics, self._enabled_terminals)
         self.health = HealthService(
@@ -365,15 +375,12 @@ def create_app(settings: ServerSettings, server: FleetServer | None = None) -> F
     def openapi(user: CurrentUser) -> dict[str, Any]:
         return app.openapi()
 
-    @app.get("/", include_in_schema=False)
-    def home(user: CurrentUser) -> dict[str, Any]:
-        """Where things are, for a logged-in caller (the console replaces this)."""
-        return {"service": "kiosk-fleet server", "user": user.name, "api": "/api/v1", "schema": "/openapi.json"}
-
     app.include_router(build_ingest_router())
     app.include_router(build_registry_router())
     app.include_router(build_health_router())
     app.include_router(build_auth_router())
     app.include_router(build_usage_router())
     app.include_router(build_playbooks_router())
+    # the console's pages; `/` is its overview (a bearer-token caller still gets the JSON pointer)
+    install_console(app, settings)
     return app

@@ -50,6 +50,15 @@ class ServerSettings(BaseSettings):
     admin_token: str = ""
     # Bearer token Prometheus sends for /metrics; empty: /metrics answers loopback clients only.
     metrics_token: str = ""
+    # The console (fleet_server/console/): the bootstrap admin's password (12+ characters; empty:
+    # set one with `POST /api/v1/users/admin/password`), how long a login lasts idle and at most,
+    # and failed logins: this many per address and per user name within 10 min are free, then each
+    # further one blocks them for login_block_s, doubling each time, at most 15 min.
+    admin_password: str = ""
+    session_idle_s: float = Field(default=1800.0, gt=0, le=86_400)
+    session_max_s: float = Field(default=43_200.0, gt=0, le=7 * 86_400)
+    login_free_failures: int = Field(default=5, ge=1, le=100)
+    login_block_s: float = Field(default=5.0, gt=0, le=900)
     # Data the server needs at run time, one setting each; shipped inside the server wheel.
     offices_file: Path = Field(default_factory=lambda: SEED_DIR / "offices.yaml")
     catalog_file: Path = Field(default_factory=_catalog_file)
@@ -81,6 +90,8 @@ class ServerSettings(BaseSettings):
                 raise ValueError("FLEET_BROKER_PASSWORD is empty: the server needs its own broker account")
             if len(self.admin_token) < 24 or self.admin_token.lower() in _DEFAULT_SECRETS:
                 raise ValueError("FLEET_ADMIN_TOKEN must be a random secret of 24+ characters in production")
+        if self.admin_password and len(self.admin_password) < 12:
+            raise ValueError("FLEET_ADMIN_PASSWORD must have 12+ characters")
         return self
 
     def check_data(self) -> None:

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from fleet_server.auth.errors import NotAuthenticated, TooManyFailures, UserRefused
 from fleet_server.auth.models import Role, User
+from fleet_server.auth.passwords import WeakPassword, check_policy, dummy_hash, hash_password, verify_password
 from fleet_server.auth.store import AuthStore
 from fleet_server.auth.throttle import LoginThrottle
 from fleet_server.registry.store import UnknownOffice
@@ -104,6 +105,43 @@ class AuthService:
         with self.lock:
             return self.store.users()
 
+    def user(self, name: str) -> User | None:
+        """An enabled user by name (a console session is re-checked with this on every request)."""
+        with self.lock:
+            found = self.store.password_hash(name)
+        return found[0] if found else None
+
+    # -- console passwords ---------------------------------------------------------------------------
+
+    def set_password(self, actor: User | str, name: str, password: str) -> None:
+        """Set a user's console password (audited; the password itself never reaches the log)."""
+        try:
+            check_policy(password)
+        except WeakPassword as err:
+            raise UserRefused(str(err)) from err
+        digest = hash_password(password)
+        with self.lock:
+            if not self.store.set_password_hash(name, digest):
+                raise UserRefused(f"there is no user {name!r}; create it first")
+            self.audit(actor, "user.password", name, None, {"password_set": True})
+
+    def bootstrap_password(self, name: str, password: str) -> None:
+        """Give the bootstrap admin its console password from settings (not audited, like its token)."""
+        try:
+            check_policy(password)
+        except WeakPassword as err:
+            raise UserRefused(f"FLEET_ADMIN_PASSWORD: {err}") from err
+        with self.lock:
+            self.store.set_password_hash(name, hash_password(password))
+
+    def check_password(self, name: str, password: str) -> User | None:
+        """The user if `password` is theirs; None otherwise (as slowly for an unknown user)."""
+        with self.lock:
+            found = self.store.password_hash(name[:64])
+        stored = found[1] if found else None
+        ok = verify_password(password, stored or dummy_hash())
+        return found[0] if found and stored and ok else None
+
     # -- who is calling -------------------------------------------------------------------------------
 
     def authenticate(self, token: str) -> User | None:
@@ -171,7 +209,15 @@ class AuthService:
         with self.lock:
             return self.store.record(name, action, target, redact(before), redact(after))
 
-    def audit_log(self, limit: int = 100, actor: str | None = None, action: str | None = None) -> list[dict[str, Any]]:
-        """The newest audit entries first, optionally for one actor or action."""
+    def audit_log(
+        self,
+        limit: int = 100,
+        actor: str | None = None,
+        action: str | None = None,
+        target: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """The newest audit entries first, optionally for one actor, action, target or time range."""
         with self.lock:
-            return self.store.audit(limit, actor, action)
+            return self.store.audit(limit, actor, action, target, since, until)

@@ -6,8 +6,20 @@ import json
 import sqlite3
 from typing import Any
 
+import sqlite_utils
+from sqlite_utils.migrations import Migrations
+
 from fleet_server.auth.models import Role, User
 from fleet_server.clock import utc_now_iso
+
+migrations = Migrations("fleet_server.auth")
+
+
+@migrations(name="0001_user_passwords")
+def _m0001(db: sqlite_utils.Database) -> None:
+    # the console's login; NULL: this user signs in with a bearer token only (scripts, fleetctl)
+    db.execute("ALTER TABLE users ADD COLUMN password_hash TEXT")
+    db.execute("CREATE INDEX audit_target ON audit (target, id)")
 
 
 class AuthStore:
@@ -32,6 +44,18 @@ class AuthStore:
         row = self._db.execute("SELECT name, role, offices FROM users WHERE name=?", (name,)).fetchone()
         return _user(row) if row else None
 
+    def set_password_hash(self, name: str, password_hash: str) -> bool:
+        """Store a user's password hash; False when there is no such (enabled) user."""
+        cur = self._db.execute("UPDATE users SET password_hash=? WHERE name=? AND disabled=0", (password_hash, name))
+        return cur.rowcount > 0
+
+    def password_hash(self, name: str) -> tuple[User, str | None] | None:
+        """An enabled user and their password hash (None: no password set)."""
+        row = self._db.execute(
+            "SELECT name, role, offices, password_hash FROM users WHERE name=? AND disabled=0", (name,)
+        ).fetchone()
+        return (_user(row[:3]), row[3]) if row else None
+
     def users(self) -> list[User]:
         return [
             _user(r) for r in self._db.execute("SELECT name, role, offices FROM users WHERE disabled=0 ORDER BY name")
@@ -51,16 +75,28 @@ class AuthStore:
         )
         return int(cur.lastrowid or 0)
 
-    def audit(self, limit: int = 100, actor: str | None = None, action: str | None = None) -> list[dict[str, Any]]:
+    def audit(
+        self,
+        limit: int = 100,
+        actor: str | None = None,
+        action: str | None = None,
+        target: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+    ) -> list[dict[str, Any]]:
         sql = "SELECT id, at, actor, action, target, before, after FROM audit"
         where: list[str] = []
         params: list[Any] = []
-        if actor:
-            where.append("actor=?")
-            params.append(actor)
-        if action:
-            where.append("action=?")
-            params.append(action)
+        for column, op, value in (
+            ("actor", "=", actor),
+            ("action", "=", action),
+            ("target", "=", target),
+            ("at", ">=", since),
+            ("at", "<", until),
+        ):
+            if value:
+                where.append(f"{column}{op}?")
+                params.append(value)
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC LIMIT ?"

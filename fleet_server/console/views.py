@@ -1,0 +1,302 @@
+"""What each console page shows, gathered from the same service calls the JSON API makes.
+
+No SQL of its own except two reads the API has no route for yet (a terminal's update reports and
+its rejects), kept in `fleet_server.console.queries`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from typing import TYPE_CHECKING, Any
+
+from fleet_server.auth.models import Role, User
+from fleet_server.console import queries
+from fleet_server.console.charts import WeekPoint, heatmap_svg, trend_svg
+from fleet_server.health.service import PeripheralReport
+from fleet_server.usage import charts as usage_charts
+from fleet_server.usage.schemas import ItemRow, OfficeComparison, PeriodComparison
+
+if TYPE_CHECKING:
+    from fleet_server.app import FleetServer
+
+log = logging.getLogger(__name__)
+
+STATES = ("online", "stale", "offline", "missing")
+TREND_WEEKS = 8
+RECENT_RUNS = 5
+
+
+@dataclass
+class OfficeLine:
+    id: str
+    name: str
+    name_en: str
+    district: str
+    pilot: bool
+    counts: dict[str, int]
+    terminals: int
+    alerts: int
+    versions: list[tuple[str, int]]
+
+
+def overview(fleet: FleetServer, user: User) -> dict[str, Any]:
+    """Every visible office with its terminals by state, open alerts and agent versions in use."""
+    allowed = user.office_filter()
+    health = {o["office"]: o for o in fleet.health.offices(allowed)}
+    versions: dict[str, Counter[str]] = {}
+    for t in fleet.health.terminals(allowed):
+        versions.setdefault(t["office"], Counter())[t["agent_version"] or "?"] += 1
+    alerts = fleet.health.alerts(True, allowed, 200)
+    alerts_by_office = Counter(a["office"] for a in alerts)
+    lines = []
+    for o in fleet.registry.offices():
+        if allowed is not None and o.id not in allowed:
+            continue
+        h = health.get(o.id, {})
+        lines.append(
+            OfficeLine(
+                o.id,
+                o.name,
+                o.name_en,
+                o.district,
+                o.pilot,
+                {s: int(h.get(s, 0)) for s in STATES},
+                int(h.get("terminals", 0)),
+                alerts_by_office.get(o.id, 0),
+                sorted(versions.get(o.id, Counter()).items(), key=lambda kv: (-kv[1], kv[0])),
+            )
+        )
+    totals = {s: sum(line.counts[s] for line in lines) for s in STATES}
+    all_versions: Counter[str] = Counter()
+    for v in versions.values():
+        all_versions.update(v)
+    return {
+        "pilots": [line for line in lines if line.pilot],
+        "later": [line for line in lines if not line.pilot],
+        "totals": totals,
+        "terminals": sum(totals.values()),
+        "alerts": alerts[:50],
+        "alert_count": len(alerts),
+        "versions": sorted(all_versions.items(), key=lambda kv: (-kv[1], kv[0])),
+    }
+
+
+def office_page(fleet: FleetServer, user: User, office_id: str) -> dict[str, Any] | None:
+    """One office: its terminals (state, reason, heartbeat, version, peripherals, backlog), alerts,
+    onboarding and playbook runs (admins), opening hours and maintenance window."""
+    office = fleet.registry.office(office_id)
+    if office is None:
+        return None
+    enrolled = [t for t in fleet.registry.terminals() if t.office_id == office_id]
+    health = {h["terminal"]: h for h in fleet.health.terminals([office_id])}
+    rows = []
+    counts: Counter[str] = Counter()
+    for t in enrolled:
+        h = health.get(t.id)
+        counts[(h or {}).get("state", "missing")] += 1
+        rows.append({"terminal": t, "health": h, "peripherals": _peripherals(h)})
+    alerts = fleet.health.alerts(False, [office_id], 30)
+    runs: list[Any] = []
+    onboarding: list[dict[str, Any]] = []
+    if user.role == Role.ADMIN:
+        runs = [fleet.playbooks.get_run(r.id) for r in fleet.playbooks.runs(RECENT_RUNS, None, office_id)]
+        onboarding = fleet.auth.audit_log(10, None, "office.onboard", office_id)
+    return {
+        "office": office,
+        "rows": rows,
+        "counts": {s: counts.get(s, 0) for s in STATES},
+        "alerts": alerts,
+        "runs": runs,
+        "onboarding": onboarding,
+    }
+
+
+def _peripherals(h: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Each peripheral that is not plainly ok, with the reading that tripped it, in words."""
+    out = []
+    for pid, p in sorted(((h or {}).get("peripherals") or {}).items()):
+        try:
+            report = PeripheralReport(**p)
+        except TypeError:
+            continue
+        out.append({"id": pid, "state": report.state, "why": report.explain()})
+    return out
+
+
+def terminal_page(fleet: FleetServer, terminal_id: str) -> dict[str, Any] | None:
+    """One terminal: health with transitions, the update timeline per rollout, recent rejects."""
+    t = fleet.registry.terminal(terminal_id)
+    if t is None:
+        return None
+    doc = fleet.health.terminal(terminal_id)
+    with fleet.reader() as conn:
+        updates = queries.update_reports(conn, terminal_id)
+        rejects = queries.terminal_rejects(conn, terminal_id)
+    timeline: dict[str, list[dict[str, Any]]] = {}
+    for u in updates:
+        timeline.setdefault(u["rollout"], []).append(u)
+    transitions: list[dict[str, Any]] = (doc or {}).get("transitions", [])
+    return {
+        "terminal": t,
+        "health": doc,
+        "peripherals": _peripherals(doc),
+        "transitions": transitions,
+        "timeline": timeline,
+        "rejects": rejects,
+    }
+
+
+# -- usage --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ItemRank:
+    """A service item over the chosen offices (counts summed; durations only for one office)."""
+
+    service_code: str
+    name: str
+    name_en: str
+    started: int = 0
+    completed: int = 0
+    abandoned: int = 0
+    face_login_sessions: int = 0
+    median_duration_s: float | None = None
+    p90_duration_s: float | None = None
+
+    @property
+    def completion_rate(self) -> float | None:
+        ended = self.completed + self.abandoned
+        return self.completed / ended if ended else None
+
+    @property
+    def face_login_share(self) -> float | None:
+        return self.face_login_sessions / self.started if self.started else None
+
+
+ITEM_COLUMNS = (
+    "service_code",
+    "name",
+    "name_en",
+    "started",
+    "completed",
+    "abandoned",
+    "completion_rate",
+    "face_login_share",
+    "median_duration_s",
+    "p90_duration_s",
+)
+OFFICE_COLUMNS = (
+    "office_id",
+    "name",
+    "pilot",
+    "started",
+    "completed",
+    "abandoned",
+    "completion_rate",
+    "abandon_rate",
+    "face_login_share",
+    "median_duration_s",
+    "p90_duration_s",
+    "sessions_per_terminal_day",
+)
+
+
+@dataclass
+class UsageQuery:
+    office: str | None
+    date_from: date
+    date_to: date
+    base_from: date
+    base_to: date
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+def rank_items(rows: list[ItemRow], one_office: bool) -> list[ItemRank]:
+    """Items ranked by sessions started; for one office the table's rows as they are."""
+    merged: dict[str, ItemRank] = {}
+    for r in rows:
+        m = merged.setdefault(r.service_code, ItemRank(r.service_code, r.name, r.name_en))
+        m.started += r.started
+        m.completed += r.completed
+        m.abandoned += r.abandoned
+        m.face_login_sessions += r.face_login_sessions
+        if one_office:
+            m.median_duration_s, m.p90_duration_s = r.median_duration_s, r.p90_duration_s
+    return sorted(merged.values(), key=lambda m: (-m.started, m.service_code))
+
+
+def usage_page(fleet: FleetServer, user: User, q: UsageQuery, lang: str) -> dict[str, Any]:
+    """The usage figures of the chosen offices and range, each from the service the API uses."""
+    offices = user.office_filter([q.office] if q.office else None)
+    usage = fleet.usage
+    comparison: OfficeComparison = usage.compare_offices(offices, q.date_from, q.date_to)
+    table = usage.item_table(offices, q.date_from, q.date_to)
+    items = rank_items(table.rows, q.office is not None)
+    busy = usage.busy_hours(offices, q.date_from, q.date_to)
+    periods: PeriodComparison = usage.compare_periods(offices, q.base_from, q.base_to, q.date_from, q.date_to)
+    weeks = []
+    end = q.date_to
+    for _ in range(TREND_WEEKS):
+        start = end - timedelta(days=6)
+        total = usage.compare_offices(offices, start, end).total
+        weeks.append(WeekPoint(start.strftime("%m-%d"), total.started, total.completion_rate))
+        end = start - timedelta(days=1)
+    weeks.reverse()
+    zh = lang == "zh"
+    office_names = [o.name if zh else o.name_en for o in comparison.offices]
+    label = ", ".join(office_names) if len(office_names) <= 3 else f"{len(office_names)}"
+    charts = {
+        "items": usage_charts.items_svg(table, ("业务事项 · " if zh else "Service items · ") + label)
+        if q.office
+        else None,
+        "offices": usage_charts.offices_svg(
+            comparison, "completion_rate", "网点对比 · 办结率" if zh else "Offices compared · completion rate"
+        )
+        if not q.office
+        else None,
+        "heatmap": heatmap_svg(busy, "繁忙时段 周×时" if zh else "Busy hours, weekday × hour", lang),
+        "trend": trend_svg(
+            weeks,
+            "按周趋势" if zh else "Trend by week",
+            "每周业务量" if zh else "sessions per week",
+            "办结率" if zh else "completion rate",
+        ),
+    }
+    return {
+        "comparison": comparison,
+        "items": items,
+        "busy": busy,
+        "periods": periods,
+        "weeks": weeks,
+        "charts": charts,
+        "one_office": q.office is not None,
+    }
+
+
+def item_csv_rows(items: list[ItemRank]) -> list[list[Any]]:
+    """The ranked item table as the page shows it, one list per row (header first)."""
+    out: list[list[Any]] = [["rank", *ITEM_COLUMNS]]
+    for i, m in enumerate(items, 1):
+        out.append([i, *(_cell(getattr(m, c)) for c in ITEM_COLUMNS)])
+    return out
+
+
+def office_csv_rows(comparison: OfficeComparison) -> list[list[Any]]:
+    """The office comparison table as the page shows it (header first)."""
+    out: list[list[Any]] = [list(OFFICE_COLUMNS)]
+    for o in comparison.offices:
+        out.append([_cell(getattr(o, c)) for c in OFFICE_COLUMNS])
+    return out
+
+
+def _cell(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, float):
+        return round(v, 4)
+    return v
