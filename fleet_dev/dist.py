@@ -65,7 +65,11 @@ SERVER = Distribution(
     extras=(),
     scripts={"fleet-server": "fleet_server.__main__:main", "fleetctl": "fleet_server.cli:main"},
     data={"device_profiles": "fleet_server/data/device_profiles", "playbooks": "fleet_server/data/playbooks"},
-    package_data={"fleet_wire": ["catalog/*.yaml"], "fleet_server": ["seed/*.yaml", "data/**/*"]},
+    package_data={
+        "fleet_wire": ["catalog/*.yaml"],
+        # the console's templates and its stylesheet are read from the package at start
+        "fleet_server": ["seed/*.yaml", "data/**/*", "console/templates/*.html", "console/static/*"],
+    },
 )
 
 
