@@ -55,6 +55,12 @@ from fleet_server.registry.store import (
     UnknownProfile,
     UnknownTerminal,
 )
+from fleet_server.rollouts import store as rollout_store
+from fleet_server.rollouts.engine import EngineSettings, TerminalCondition
+from fleet_server.rollouts.errors import BadPlan, RolloutConflict, RolloutError, UnknownRollout
+from fleet_server.rollouts.planner import OfficeRef, TerminalInfo
+from fleet_server.rollouts.routes import build_rollouts_router
+from fleet_server.rollouts.service import RolloutService
 from fleet_server.usage.routes import build_usage_router
 from fleet_server.usage.service import BadQuery, UsageError, UsageService, load_item_names
 from fleet_server.usage.service import UnknownOffice as UsageUnknownOffice
@@ -63,6 +69,7 @@ from fleet_server.usage.store import migrations as usage_migrations
 log = logging.getLogger(__name__)
 
 HEALTH_SWEEP_S = 5.0
+ROLLOUT_TICK_S = 1.0
 
 
 class FleetServer:
@@ -78,6 +85,8 @@ class FleetServer:
         health_sweep_s: float = HEALTH_SWEEP_S,
         playbook_options: dict[str, Any] | None = None,
         broker_accounts: BrokerAccounts | None = None,
+        rollout_tick_s: float = ROLLOUT_TICK_S,
+        rollout_settings: EngineSettings | None = None,
     ) -> None:
         self.settings = settings
         self.metrics_registry = registry or CollectorRegistry()
@@ -88,6 +97,7 @@ class FleetServer:
             health_service.migrations,
             usage_migrations,
             playbook_store.migrations,
+            rollout_store.migrations,
         )
         self._conn = connect(settings.db_path)
         # One shared writer connection for admin changes; this lock keeps two request threads from
@@ -140,6 +150,26 @@ class FleetServer:
             coalesce=True,
         )
         self.usage.schedule(self.scheduler)
+        # Rollouts: desired state in their tables, a level-triggered tick sends and judges.
+        self.rollouts = RolloutService(
+            str(settings.db_path),
+            releases=lambda: getattr(self, "releases", None),
+            terminals=self._rollout_terminals,
+            offices=self._rollout_offices,
+            health=self._rollout_health,
+            publish=self.link.publish,
+            audit=self.auth.audit,
+            registry=self.metrics_registry,
+            settings=rollout_settings,
+        )
+        self.scheduler.add_job(
+            self._safe(self.rollouts.tick),
+            "interval",
+            seconds=rollout_tick_s,
+            id="rollout-tick",
+            max_instances=1,
+            coalesce=True,
+        )
         options = dict(playbook_options or {})
         base = {
             "broker_host": settings.terminal_broker_host,
@@ -174,7 +204,7 @@ class FleetServer:
             self.profiles,
             lock=self.lock,
             broker=self.broker_accounts,
-            on_change=[self.ingest.refresh_terminals, self.health.refresh_registry],
+            on_change=[self.ingest.refresh_terminals, self.health.refresh_registry, self.rollouts.registry_changed],
         )
         self._running = False
 
@@ -205,6 +235,7 @@ class FleetServer:
         if self.broker_accounts is not None:
             self.broker_accounts.close()
         self.playbooks.close()
+        self.rollouts.close()
         self.usage.close()
         self.health.close()
         self._conn.close()
@@ -243,6 +274,33 @@ class FleetServer:
             for tid, profile in self.registry.enabled_terminal_profiles().items()
             if profile in per_profile
         }
+
+    def _rollout_terminals(self) -> list[TerminalInfo]:
+        return [TerminalInfo(t.id, t.office_id, t.profile, tuple(t.tags), t.enabled) for t in self.registry.terminals()]
+
+    def _rollout_offices(self) -> dict[str, OfficeRef]:
+        return {o.id: OfficeRef(o.id, o.name, o.pilot, o.timezone, o.maintenance) for o in self.registry.offices()}
+
+    def _rollout_health(self) -> dict[str, TerminalCondition]:
+        """Each terminal as a rollout's gate sees it: online with no failing peripheral is healthy."""
+        out = {}
+        for h in self.health.terminals():
+            failing = [
+                name
+                for name, p in h["peripherals"].items()
+                if p["state"] not in health_service.PERIPHERAL_OK | health_service.PERIPHERAL_WARN
+            ]
+            online = h["state"] == "online"
+            why = h["state"] if not online else (", ".join(f"{p} failing" for p in failing) if failing else "")
+            since = h.get("since")
+            out[h["terminal"]] = TerminalCondition(
+                healthy=online and not failing,
+                why=why,
+                online_since=_epoch(since) if online and since else None,
+                state=h["state"],
+                disk_pct=h.get("disk_pct"),
+            )
+        return out
 
     def _office_infos(self) -> list[OfficeInfo]:
         return [OfficeInfo(o.id, o.hours, o.timezone) for o in self.registry.offices()]
@@ -283,8 +341,25 @@ HTTP_STATUS: dict[type[Exception], int] = {
     # the broker could not be told of an account change, so nothing changed: retry later
     BrokerAccountsUnavailable: 503,
     BrokerCommandRefused: 502,
+    RolloutError: 400,
+    UnknownRollout: 404,
+    BadPlan: 422,
+    RolloutConflict: 409,
 }
-DOMAIN_ERRORS: tuple[type[Exception], ...] = (AuthError, RegistryError, UsageError, PlaybookError, BrokerAccountsError)
+DOMAIN_ERRORS: tuple[type[Exception], ...] = (
+    AuthError,
+    RegistryError,
+    UsageError,
+    PlaybookError,
+    BrokerAccountsError,
+    RolloutError,
+)
+
+
+def _epoch(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 def http_status(err: Exception) -> int:
@@ -381,6 +456,7 @@ def create_app(settings: ServerSettings, server: FleetServer | None = None) -> F
     app.include_router(build_auth_router())
     app.include_router(build_usage_router())
     app.include_router(build_playbooks_router())
+    app.include_router(build_rollouts_router())
     # the console's pages; `/` is its overview (a bearer-token caller still gets the JSON pointer)
     install_console(app, settings)
     return app

@@ -91,6 +91,10 @@ class ServerLink:
     def _publish(self, topic: str, payload: bytes) -> None:
         self._client.publish(topic, payload, qos=1)
 
+    def publish(self, topic: str, payload: bytes) -> None:
+        """Send a downlink message (QoS 1) to a terminal's topic; queued by paho while disconnected."""
+        self._client.publish(topic, payload, qos=1)
+
     def _ack(self, mid: int, qos: int) -> None:
         self._client.ack(mid, qos)
 
