@@ -8,6 +8,7 @@ import math
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Annotated, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -55,6 +56,11 @@ from fleet_server.registry.store import (
     UnknownProfile,
     UnknownTerminal,
 )
+from fleet_server.releases import errors as release_errors
+from fleet_server.releases.repository import TufRepository
+from fleet_server.releases.routes import build_releases_router, build_tuf_router
+from fleet_server.releases.service import ReleaseService
+from fleet_server.releases.store import migrations as release_migrations
 from fleet_server.rollouts import store as rollout_store
 from fleet_server.rollouts.engine import EngineSettings, TerminalCondition
 from fleet_server.rollouts.errors import BadPlan, RolloutConflict, RolloutError, UnknownRollout
@@ -98,6 +104,7 @@ class FleetServer:
             usage_migrations,
             playbook_store.migrations,
             rollout_store.migrations,
+            release_migrations,
         )
         self._conn = connect(settings.db_path)
         # One shared writer connection for admin changes; this lock keeps two request threads from
@@ -150,6 +157,28 @@ class FleetServer:
             coalesce=True,
         )
         self.usage.schedule(self.scheduler)
+        # TUF releases: the repository under /tuf; snapshot/timestamp re-signed before they expire
+        tuf_dir, online_key = settings.tuf_paths()
+        self.releases = ReleaseService(
+            TufRepository(
+                tuf_dir,
+                online_key,
+                timestamp_expiry=timedelta(seconds=settings.tuf_timestamp_expiry_s),
+                snapshot_expiry=timedelta(seconds=settings.tuf_snapshot_expiry_s),
+                max_target_bytes=settings.tuf_max_target_bytes,
+            ),
+            settings.db_path,
+            self.metrics_registry,
+            audit=self.auth.audit,
+        )
+        self.scheduler.add_job(
+            self._safe(self.releases.resign_due),
+            "interval",
+            seconds=settings.tuf_resign_check_s,
+            id="tuf-resign",
+            max_instances=1,
+            coalesce=True,
+        )
         # Rollouts: desired state in their tables, a level-triggered tick sends and judges.
         self.rollouts = RolloutService(
             str(settings.db_path),
@@ -238,6 +267,7 @@ class FleetServer:
         self.rollouts.close()
         self.usage.close()
         self.health.close()
+        self.releases.close()
         self._conn.close()
 
     def reader(self) -> ClosingConnection:
@@ -345,6 +375,12 @@ HTTP_STATUS: dict[type[Exception], int] = {
     UnknownRollout: 404,
     BadPlan: 422,
     RolloutConflict: 409,
+    release_errors.ReleaseError: 400,
+    release_errors.PublishRefused: 422,
+    release_errors.VersionConflict: 409,
+    release_errors.UnknownRelease: 404,
+    release_errors.RepositoryNotReady: 409,
+    release_errors.OnlineKeyUnusable: 503,
 }
 DOMAIN_ERRORS: tuple[type[Exception], ...] = (
     AuthError,
@@ -353,6 +389,7 @@ DOMAIN_ERRORS: tuple[type[Exception], ...] = (
     PlaybookError,
     BrokerAccountsError,
     RolloutError,
+    release_errors.ReleaseError,
 )
 
 
@@ -457,6 +494,8 @@ def create_app(settings: ServerSettings, server: FleetServer | None = None) -> F
     app.include_router(build_usage_router())
     app.include_router(build_playbooks_router())
     app.include_router(build_rollouts_router())
+    app.include_router(build_releases_router())
+    app.include_router(build_tuf_router())
     # the console's pages; `/` is its overview (a bearer-token caller still gets the JSON pointer)
     install_console(app, settings)
     return app

@@ -82,6 +82,23 @@ class ServerSettings(BaseSettings):
     broker_passwd_file: Path = Path("/etc/mosquitto/kiosk-fleet/passwd")
     broker_acl_file: Path = Path("/etc/mosquitto/kiosk-fleet/acl")
     broker_pid_file: Path = Path("/run/mosquitto/mosquitto.pid")
+    # TUF-signed releases (fleet_server/releases/): the repository served under /tuf (unset: a
+    # "tuf" folder next to the database), the online key that signs snapshot + timestamp (copied
+    # from the keystore; unset: "tuf-online-key.pem" next to the database; mode 0600), how long
+    # those two stay valid (re-signed when half of that is gone) and the largest target file.
+    tuf_dir: Path | None = None
+    tuf_online_key: Path | None = None
+    tuf_timestamp_expiry_s: int = Field(default=86_400, ge=60, le=30 * 86_400)
+    tuf_snapshot_expiry_s: int = Field(default=7 * 86_400, ge=60, le=365 * 86_400)
+    tuf_resign_check_s: float = Field(default=300.0, gt=0, le=86_400)
+    tuf_max_target_bytes: int = Field(default=2 << 30, ge=1, le=1 << 40)
+
+    def tuf_paths(self) -> tuple[Path, Path]:
+        """(repository folder, online key file) with their defaults next to the database."""
+        return (
+            self.tuf_dir or self.db_path.parent / "tuf",
+            self.tuf_online_key or self.db_path.parent / "tuf-online-key.pem",
+        )
 
     @model_validator(mode="after")
     def _safe_outside_development(self) -> ServerSettings:
