@@ -173,6 +173,8 @@ class Updater:
         if job is None:
             return
         ours = trial is not None and trial.get("job") == job["cmd"]["id"]
+        if job["phase"] != "done" and self.enabled:
+            self._note_expiry()
         if job["phase"] == "done":
             if ours and job.get("last_state") == "committed":
                 launcher.clear_trial(self.root)  # cut between the commit and clearing the trial
@@ -274,6 +276,15 @@ class Updater:
         except (RuntimeError, OSError, ValueError):
             self.metadata_expires = None
         return client
+
+    def _note_expiry(self) -> None:
+        """Learn when the trusted metadata expires (a new process reports it too); offline is fine."""
+        from edge_agent.update.trust import TrustError
+
+        try:
+            self._refreshed()
+        except (TrustError, OSError, ValueError) as err:
+            log.info("release metadata not refreshed at start: %s", err)
 
     def _verify(self, job: dict[str, Any]) -> None:
         from edge_agent.update.trust import TrustError
