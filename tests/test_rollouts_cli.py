@@ -1,0 +1,82 @@
+"""fleetctl rollout … against a real server over HTTP, with scripted terminals behind it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import uvicorn
+from typer.testing import CliRunner
+
+from fleet_dev.devstack import DevStack
+from fleet_dev.proc import free_port
+from fleet_server.app import create_app
+from fleet_server.auth.models import Role
+from fleet_server.cli import EXIT_AUTH, EXIT_SERVER, EXIT_USAGE, app
+from tests.test_rollouts import ScriptedTerminals, fails, fleet, server  # noqa: F401 (fixture)
+
+
+@pytest.fixture
+def http(fleet: Callable[..., tuple[DevStack, ScriptedTerminals]]) -> Iterator[tuple[DevStack, ScriptedTerminals, str]]:  # noqa: F811
+    stack, scripted = fleet({"t-k-1": "dongcheng", "t-k-2": "haidian", "t-k-3": "xicheng"})
+    port = free_port()
+    web = uvicorn.Server(
+        uvicorn.Config(
+            create_app(stack.settings, server(stack)), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
+        )
+    )
+    thread = threading.Thread(target=web.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not web.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield stack, scripted, f"http://127.0.0.1:{port}"
+    web.should_exit = True
+    thread.join(5)
+
+
+def _with_groups() -> None:
+    """`fleetctl` registers its command groups in main(); do the same once here."""
+    from fleet_server import cli
+
+    if not any(g.name == "rollout" for g in cli.app.registered_groups):
+        cli._register_subcommands()
+
+
+def run(url: str, token: str, *args: str) -> Any:
+    _with_groups()
+    return CliRunner().invoke(app, ["--url", url, "--token", token, "rollout", *args])
+
+
+def test_preview_create_watch_status_and_controls(http: tuple[DevStack, ScriptedTerminals, str]) -> None:
+    stack, scripted, url = http
+    tok = stack.admin_token
+    r = run(url, tok, "preview", "--release", "agent/agent-2.0.0.whl", "--wave", "1@pilot", "--wave", "rest", "--now")
+    assert r.exit_code == 0, r.output
+    assert "wave 1" in r.output and "wave 2" in r.output and "3 terminals" in r.output
+    r = run(url, tok, "preview", "--release", "agent/agent-2.0.0.whl", "--wave", "9")
+    assert r.exit_code == EXIT_USAGE and "wave 1: asks for 9" in r.output
+    r = run(
+        url, tok, "create", "--id", "cli-one", "--release", "agent/agent-2.0.0.whl",
+        "--wave", "1@pilot", "--wave", "rest", "--now", "--watch",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert ("completed" in r.output and "东城管理部" in r.output) or "海淀管理部" in r.output
+    r = run(url, tok, "status", "cli-one", "--terminals")
+    assert r.exit_code == 0 and "1/1 committed" in r.output and "2/2 committed" in r.output and "t-k-3" in r.output
+    assert "cli-one" in run(url, tok, "list").output
+    # a manager may read but not act
+    mgr = server(stack).auth.create_user("mgr", Role.MANAGER, offices=["dongcheng"])
+    assert run(url, mgr, "status", "cli-one").exit_code == 0
+    r = run(url, mgr, "pause", "cli-one")
+    assert r.exit_code == EXIT_AUTH and "needs admin" in r.output
+    # a failing rollout: --watch stops at the halt, says why, exits non-zero
+    scripted.default = fails("failed", "disk_full", "")
+    r = run(url, tok, "create", "--id", "cli-bad", "--release", "agent/agent-1.0.0-r21.whl", "--now", "--watch")
+    assert r.exit_code == EXIT_SERVER, r.output
+    assert "halted" in r.output and "not enough disk space" in r.output
+    r = run(url, tok, "abort", "cli-bad", "--note", "disk")
+    assert r.exit_code == 0 and "aborted by admin: disk" in r.output
