@@ -328,7 +328,7 @@ class FleetServer:
                 why=why,
                 online_since=_epoch(since) if online and since else None,
                 state=h["state"],
-                disk_pct=h.get("disk_pct"),
+                disk_pct=h.get("disk_pct") if h.get("last_seen") else None,
             )
         return out
 
