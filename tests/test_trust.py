@@ -5,83 +5,27 @@ once), plus a root rotation the client follows."""
 from __future__ import annotations
 
 import hashlib
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from securesystemslib.signer._crypto_signer import CryptoSigner
 from tuf.api._payload import Timestamp
 from tuf.api.metadata import Metadata
 
 from edge_agent.update import trust as trust_mod
-from edge_agent.update.trust import TrustClient, TrustError
+from edge_agent.update.trust import TrustError
 from fleet_dev import releases as rel
-from fleet_dev.devstack import DevStack
-from fleet_dev.proc import free_port
-from fleet_server.app import create_app
-from fleet_server.releases.keystore import Keystore
 from fleet_server.releases.tufmeta import now_utc, to_bytes
-
-
-@dataclass
-class Repo:
-    stack: DevStack
-    url: str
-    keystore: Keystore
-    rc: Any
-    work: Path
-
-    @property
-    def tuf(self) -> str:
-        return f"{self.url}/tuf"
-
-    def root1(self) -> bytes:
-        return (self.keystore.folder / "metadata" / "1.root.json").read_bytes()
-
-    def client(self, name: str = "t1", **kw: Any) -> TrustClient:
-        base = self.work / name
-        return TrustClient(base / "metadata", self.tuf, self.root1(), base / "downloads", **kw)
-
-
-def serve(stack: DevStack) -> tuple[uvicorn.Server, threading.Thread, str]:
-    port = free_port()
-    http = uvicorn.Server(
-        uvicorn.Config(
-            create_app(stack.settings, stack.server), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
-        )
-    )
-    thread = threading.Thread(target=http.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not http.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return http, thread, f"http://127.0.0.1:{port}"
+from tests.release_util import Repo, agent, running_repo
 
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Iterator[Repo]:
-    st = DevStack(tmp_path / "s")
-    http, thread, url = serve(st)
-    ks = rel.make_keystore(tmp_path / "keystore")
-    rel.install_online_key(ks, st.settings)
-    rc = rel.client(url, st.admin_token)
-    rel.set_up_server(rc, ks)
-    yield Repo(st, url, ks, rc, tmp_path / "work")
-    rc.http.close()
-    http.should_exit = True
-    thread.join(5)
-    st.close()
-
-
-def agent(repo: Repo, version: str, **kw: Any) -> rel.Published:
-    dist = rel.write_agent_dist(repo.work / f"dist-{version}", version, **kw)
-    return rel.publish_agent(repo.rc, repo.keystore, dist, repo.work)
+    with running_repo(tmp_path) as r:
+        yield r
 
 
 def test_fetch_verifies_an_agent_release_and_its_wheels(repo: Repo) -> None:

@@ -222,7 +222,7 @@ class ReleaseService:
             restores = rolls_back = None
             same = [r for r in by_sha.get(t.sha256, []) if r["kind"] == t.info.kind]
             if same:
-                restores = max(same, key=lambda r: r["counter"])["path"]
+                restores = min(same, key=lambda r: r["counter"])["path"]  # the original, not a copy
                 # a twin is signed together with the release it rolls back, one counter above it
                 partner = fresh.get(t.info.counter - 1)
                 if partner is not None and partner.info is not None and partner.info.kind == t.info.kind:
