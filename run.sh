@@ -26,8 +26,9 @@ apt_install() {
 
 ensure_system() {
     local pkgs=(mosquitto)
-    # tests also run Prometheus (promtool, a real scrape) and Chromium for the console
-    [ "${1:-}" = test ] && pkgs+=(mosquitto-clients prometheus chromium)
+    # tests also run Prometheus (promtool, a real scrape) and Chromium for the console, with a
+    # Chinese font so the console's screenshots show characters rather than boxes
+    [ "${1:-}" = test ] && pkgs+=(mosquitto-clients prometheus chromium fonts-wqy-microhei)
     apt_install "${pkgs[@]}"
     if ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
         apt_install python3-venv
