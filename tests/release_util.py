@@ -76,3 +76,14 @@ def running_repo(tmp_path: Path) -> Iterator[Repo]:
 def agent(repo: Repo, version: str, **kw: Any) -> rel.Published:
     dist = rel.write_agent_dist(repo.work / f"dist-{version}", version, **kw)
     return rel.publish_agent(repo.rc, repo.keystore, dist, repo.work)
+
+
+def fleetctl(url: str, token: str, *args: str) -> Any:
+    """Run fleetctl (with its release and rollout groups, as `main()` registers them)."""
+    from typer.testing import CliRunner
+
+    from fleet_server import cli
+
+    if not any(g.name == "release" for g in cli.app.registered_groups):
+        cli._register_subcommands()
+    return CliRunner().invoke(cli.app, ["--url", url, "--token", token, *args])

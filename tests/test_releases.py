@@ -15,18 +15,15 @@ import httpx
 import pytest
 from prometheus_client import generate_latest
 from securesystemslib.signer._crypto_signer import CryptoSigner
-from typer.testing import CliRunner
 
 from fleet_dev import releases as rel
 from fleet_server.auth.models import Role
-from fleet_server.cli import EXIT_USAGE, _register_subcommands, app
+from fleet_server.cli import EXIT_USAGE
 from fleet_server.releases import bundle as bundles
 from fleet_server.releases.client import ReleaseClientError
 from fleet_server.releases.signing import SignedRelease, sign_bundle
 from fleet_server.releases.tufmeta import now_utc
-from tests.release_util import Repo, agent, running_repo
-
-_register_subcommands()
+from tests.release_util import Repo, agent, fleetctl, running_repo
 
 
 @pytest.fixture
@@ -36,7 +33,7 @@ def repo(tmp_path: Path) -> Iterator[Repo]:
 
 
 def run(url: str, token: str, *args: str) -> Any:
-    return CliRunner().invoke(app, ["--url", url, "--token", token, *args])
+    return fleetctl(url, token, *args)
 
 
 def timestamp_version(repo: Repo) -> int:

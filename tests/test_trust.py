@@ -4,7 +4,11 @@ once), plus a root rotation the client follows."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
+import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -18,8 +22,9 @@ from tuf.api.metadata import Metadata
 from edge_agent.update import trust as trust_mod
 from edge_agent.update.trust import TrustError
 from fleet_dev import releases as rel
+from fleet_server.releases.keystore import Keystore
 from fleet_server.releases.tufmeta import now_utc, to_bytes
-from tests.release_util import Repo, agent, running_repo
+from tests.release_util import Repo, agent, fleetctl, running_repo
 
 
 @pytest.fixture
@@ -219,9 +224,14 @@ def test_client_follows_a_root_rotation_and_a_retired_release_key(repo: Repo) ->
     first = agent(repo, "1.0.0")
     c = repo.client()
     c.refresh()
-    # v2: all root keys replaced (signed by old and new); v3: a new release key, the old retired
-    md = repo.keystore.rotate_root()
-    repo.rc.publish_root(repo.keystore, md, resign=False)
+    # v2: all root keys replaced (signed by old and new), through fleetctl; v3: a new release
+    # key; v4: the old release key retired (targets re-signed with the new one in the same publish)
+    r = fleetctl(
+        repo.url, repo.stack.admin_token, "release", "keys", "rotate-root", "--keystore", str(repo.keystore.folder)
+    )
+    assert r.exit_code == 0 and "root version 2" in r.output, r.output
+    repo.keystore = Keystore(repo.keystore.folder)
+    assert len([e for e in repo.keystore.keys.values() if e.role == "root" and e.retired]) == 2
     old_release = next(e.keyid for e in repo.keystore.keys.values() if e.role == "targets")
     _, md = repo.keystore.add_key("targets")
     repo.rc.publish_root(repo.keystore, md, resign=True)
@@ -234,3 +244,41 @@ def test_client_follows_a_root_rotation_and_a_retired_release_key(repo: Repo) ->
     assert again.release(second.path).version == "1.1.0"
     assert again.release(first.path).version == "1.0.0"
     assert (again.metadata_dir / "root_history" / "4.root.json").is_file()
+
+
+def test_one_process_at_a_time_uses_a_metadata_folder(repo: Repo) -> None:
+    pub = agent(repo, "1.0.0")
+    c = repo.client()
+    order: list[str] = []
+    fd = os.open(c.metadata_dir / trust_mod.LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as another process would hold it
+
+    def poll() -> None:
+        c.refresh()
+        order.append("refreshed")
+
+    t = threading.Thread(target=poll)
+    t.start()
+    time.sleep(0.3)  # give the poll every chance to get in first if the lock did not hold
+    order.append("released")
+    os.close(fd)
+    t.join(10)
+    assert order == ["released", "refreshed"]
+    assert c.release(pub.path).counter == 1
+
+
+def test_the_real_agent_wheel_and_its_locked_wheels_arrive_verified(repo: Repo, dist: Any) -> None:
+    """`./run.sh dist` output as the release manager has it: the agent wheel, agent-wheels/, the lock."""
+    pub = rel.publish_agent(repo.rc, repo.keystore, dist.agent_wheel.parent, repo.work, profiles=["generic"])
+    c = repo.client()
+    c.refresh()
+    info = c.release(pub.path)
+    assert info.fits("generic") and not info.fits("other") and len(info.wheels) >= 5
+    got = c.fetch(pub.path)
+    assert got.file.read_bytes() == dist.agent_wheel.read_bytes()
+    house = c.downloads_dir / "wheels"
+    for w in info.wheels:
+        c.fetch(w.path)
+    lock = dist.agent_lock.read_text()
+    assert all(f"sha256:{w.sha256}" in lock for w in info.wheels)
+    assert sorted(p.name for p in house.iterdir()) == sorted(w.path.removeprefix("wheels/") for w in info.wheels)
