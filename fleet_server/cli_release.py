@@ -19,7 +19,7 @@ from fleet_server.releases import bundle as bundles
 from fleet_server.releases.client import ReleaseClient, ReleaseClientError
 from fleet_server.releases.errors import ReleaseError
 from fleet_server.releases.keystore import Keystore
-from fleet_server.releases.signing import sign_bundle, sign_republish
+from fleet_server.releases.signing import SignedRelease, resign_targets, sign_bundle, sign_republish
 
 app = typer.Typer(help="Releases (see `fleetctl release --help`).", no_args_is_help=True, add_completion=False)
 keys_app = typer.Typer(help="The offline keystore: make keys, rotate root, add and retire keys.", no_args_is_help=True)
@@ -206,6 +206,26 @@ def republish(
     client = _client(ctx)
     signed = _run(lambda: sign_republish(target, ks, client.current(ks), notes))
     _print_published(_run(lambda: client.publish(signed)))
+
+
+@app.command("resign")
+def resign(
+    ctx: typer.Context,
+    keystore: KeystoreOpt,
+    role: Annotated[str, typer.Option(help="targets, face-model or root")] = "targets",
+) -> None:
+    """Sign a role again with a fresh expiry (the server re-signs only snapshot and timestamp)."""
+    ks = _run(lambda: Keystore(keystore))
+    client = _client(ctx)
+    if role == "root":
+        new_root = _run(lambda: ks.change_root(lambda root: []))
+        _publish_root(ctx, ks, new_root, resign=False)
+        return
+    state = _run(lambda: client.current(ks))
+    md = _run(lambda: resign_targets(ks, state, role))
+    signed = SignedRelease(targets=md) if role == "targets" else SignedRelease(delegated={role: md})
+    _print_published(_run(lambda: client.publish(signed)))
+    out.print(f"{role} version {md.signed.version} expires {md.signed.expires:%Y-%m-%d}")
 
 
 @app.command("list")

@@ -254,3 +254,21 @@ def test_config_release_carries_whole_number_settings_only(repo: Repo, tmp_path:
         bundles.build_config(tmp_path / "bad.yaml", tmp_path / "bad", version="c2", profiles=["*"])
     assert "face_threshold" in str(err.value) and "milli" in str(err.value)
     assert [r.kind for r in repo.stack.server.releases.list("config")] == ["config"]
+
+
+def test_keystore_holder_re_signs_targets_face_model_and_root_before_they_expire(repo: Repo) -> None:
+    pub = agent(repo, "1.0.0")
+    tuf = repo.stack.server.releases.repo
+    before = tuf.expiries()
+    versions = tuf.role_versions()
+    ks = str(repo.keystore.folder)
+    for role in ("targets", "face-model", "root"):
+        r = run(repo.url, repo.stack.admin_token, "release", "resign", "--keystore", ks, "--role", role)
+        assert r.exit_code == 0, r.output
+    after = tuf.role_versions()
+    assert after["targets"] == versions["targets"] + 1 and after["face-model"] == versions["face-model"] + 1
+    assert tuf.root().signed.version == 2
+    assert all(tuf.expiries()[r] >= before[r] for r in ("targets", "face-model", "root"))
+    c = repo.client()
+    c.refresh()
+    assert c.release(pub.path).version == "1.0.0"

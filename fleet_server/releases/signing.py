@@ -162,10 +162,14 @@ def sign_republish(target_path: str, keystore: Keystore, state: CurrentState, no
     return out
 
 
-def resign_targets(keystore: Keystore, state: CurrentState) -> Metadata[Targets]:
-    """The same targets, next version, signed with the keystore's current release keys."""
-    md = _next_version(state.targets, keystore)
-    keystore.sign_targets(md, "targets")
+def resign_targets(keystore: Keystore, state: CurrentState, role: str = "targets") -> Metadata[Targets]:
+    """The same targets (or delegated role), next version and a fresh expiry, signed with the
+    keystore's current keys for that role."""
+    current = state.targets if role == "targets" else state.delegated.get(role)
+    if current is None:
+        raise BundleError(f"the server has no {role!r} role")
+    md = _next_version(current, keystore)
+    keystore.sign_targets(md, role)
     return md
 
 
