@@ -95,6 +95,7 @@ class Console:
     secure_cookies: bool
     # the rollout pages, when the server has a rollout service (see fleet_server.console.rollouts)
     extra_nav: list[tuple[str, str, frozenset[Role]]]
+    rollout_summary: Callable[[FleetServer], list[dict[str, Any]]] | None = None
 
 
 def install_console(app: FastAPI, settings: ServerSettings, *, clock: Callable[[], float] = time.time) -> Console:
@@ -145,6 +146,14 @@ def install_console(app: FastAPI, settings: ServerSettings, *, clock: Callable[[
 
     app.add_exception_handler(LoginRequired, login_required)
     app.add_exception_handler(PageRefused, page_refused)
+    fleet = getattr(app.state, "fleet", None)
+    if getattr(fleet, "rollouts", None) is not None:
+        # the rollout pages exist where the server runs a rollout service (routes before the
+        # generic ones below, so /rollouts/… is theirs)
+        from fleet_server.console.rollouts import in_progress, install_rollout_pages
+
+        console.rollout_summary = in_progress
+        app.include_router(install_rollout_pages(console))
     app.include_router(build_console_router(console))
     return console
 
@@ -416,7 +425,7 @@ def build_console_router(console: Console) -> APIRouter:
         if user.role == Role.AUDITOR:
             return RedirectResponse("/audit", status_code=303)
         data = views.overview(fleet, user)
-        rollouts = _rollout_summary(fleet, user)
+        rollouts = console.rollout_summary(fleet) if console.rollout_summary else None
         return render(console, request, "overview.html", user, session, refresh=True, rollouts=rollouts, **data)
 
     @r.get("/offices/{office_id}")
@@ -440,7 +449,7 @@ def build_console_router(console: Console) -> APIRouter:
             raise PageRefused(404, "Not found", "Not found")
         if not user.sees_office(found.office_id):
             raise PageRefused(403, "Not allowed", "You are not assigned to this office.")
-        data = views.terminal_page(fleet, terminal_id)
+        data = views.terminal_page(fleet, terminal_id, rollouts=bool(console.extra_nav))
         assert data is not None
         office_row = fleet.registry.office(found.office_id)
         return render(console, request, "terminal.html", user, session, refresh=True, office=office_row, **data)
@@ -604,16 +613,3 @@ def _utc_until(value: str) -> str | None:
     if len(value) == 10:
         return (date.fromisoformat(value) + timedelta(days=1)).isoformat()
     return _utc_bound(value)
-
-
-def _rollout_summary(fleet: FleetServer, user: User) -> list[dict[str, Any]] | None:
-    """Rollouts in progress with their wave, when the server runs a rollout service (else None)."""
-    hook = getattr(fleet, "console_rollouts_in_progress", None)
-    if hook is None:
-        return None
-    try:
-        result: list[dict[str, Any]] = hook(user)
-    except Exception:
-        log.exception("rollout summary for the overview failed")
-        return []
-    return result

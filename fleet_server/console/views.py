@@ -126,16 +126,34 @@ def _peripherals(h: dict[str, Any] | None) -> list[dict[str, Any]]:
     return out
 
 
-def terminal_page(fleet: FleetServer, terminal_id: str) -> dict[str, Any] | None:
-    """One terminal: health with transitions, the update timeline per rollout, recent rejects."""
+def terminal_page(fleet: FleetServer, terminal_id: str, *, rollouts: bool = False) -> dict[str, Any] | None:
+    """One terminal: health with transitions, the update timeline per rollout, recent rejects.
+
+    The timeline is the rollout service's (each server-side state with its time and reason) when
+    the server runs one; otherwise the terminal's own stored `update.status` reports."""
     t = fleet.registry.terminal(terminal_id)
     if t is None:
         return None
     doc = fleet.health.terminal(terminal_id)
     with fleet.reader() as conn:
-        updates = queries.update_reports(conn, terminal_id)
         rejects = queries.terminal_rejects(conn, terminal_id)
+        updates = [] if rollouts else queries.update_reports(conn, terminal_id)
     timeline: dict[str, list[dict[str, Any]]] = {}
+    if rollouts:
+        doc_updates = fleet.rollouts.terminal_updates(terminal_id)
+        versions = {r["rollout"]: r for r in doc_updates["rollouts"]}
+        for h in doc_updates["timeline"]:
+            r = versions.get(h["rollout"], {})
+            timeline.setdefault(h["rollout"], []).append(
+                {
+                    "at": h["at"],
+                    "kind": "",
+                    "version": r.get("version", ""),
+                    "state": h["to_state"],
+                    "reason": h["reason"],
+                    "detail": str(h.get("detail") or "")[:160],
+                }
+            )
     for u in updates:
         timeline.setdefault(u["rollout"], []).append(u)
     transitions: list[dict[str, Any]] = (doc or {}).get("transitions", [])
