@@ -153,3 +153,24 @@ def _m0004_events_id_per_stream(db: sqlite_utils.Database) -> None:
     # quarantines a reused one. Not UNIQUE: databases from before this check may hold duplicates.
     # Must exist on whatever table `events` is after any layout change (re-create it there).
     db.execute("CREATE INDEX IF NOT EXISTS events_stream_id ON events (terminal, epoch, id)")
+
+
+@migrations(name="0005_events_append_only_indexes")
+def _m0005_events_append_only_indexes(db: sqlite_utils.Database) -> None:
+    # Every index on `events` costs each stored row its own B-tree insert, and an index whose new
+    # entries land in the middle of the tree (one spot per stream or per office in every batch)
+    # splits and rewrites pages there at every commit: (terminal, epoch, id) and (office_id, ts)
+    # together cost more than the table and its exactly-once key (measured: bench/store.py).
+    # New entries of these two land at the end of their index instead, as rows arrive:
+    # - event ids are time-ordered (fleet_wire.envelope.new_event_ids) and globally unique, so one
+    #   index on `id` alone finds an id, and the stream is checked on the row (only a misbehaving
+    #   terminal makes rows of other streams share an id, and those are few);
+    # - the usage rollups read one office-day by event time: (ts, office_id) serves that range and
+    #   rules out other offices' entries inside the index.
+    # The usage catch-up after a restart no longer needs `received_at`: rowids grow with insertion
+    # (UsageStore.received_since searches them). The exactly-once key events_key is unchanged.
+    db.execute("DROP INDEX IF EXISTS events_stream_id")
+    db.execute("DROP INDEX IF EXISTS events_office_ts")
+    db.execute("DROP INDEX IF EXISTS events_received_at")
+    db.execute("CREATE INDEX IF NOT EXISTS events_id ON events (id)")
+    db.execute("CREATE INDEX IF NOT EXISTS events_ts_office ON events (ts, office_id)")

@@ -112,15 +112,19 @@ class IngestStore:
     # -- added for hostile-input checks (issue 8); appended so the events layout work is untouched --
 
     def seqs_for_ids(self, terminal: str, epoch: str, ids: Sequence[str]) -> dict[str, int]:
-        """The stored seq of each of `ids` already present in one stream (needs events_stream_id)."""
+        """The stored seq of each of `ids` already present in one stream.
+
+        Looked up in the index on `id` alone (migration 0005), named so the planner cannot walk the
+        whole stream in events_key instead; the stream is then checked on each row found.
+        """
         out: dict[str, int] = {}
         unique = list(dict.fromkeys(ids))
         for i in range(0, len(unique), 500):  # well under SQLite's bound-parameter limit
             chunk = unique[i : i + 500]
             marks = ",".join("?" * len(chunk))
             for event_id, seq in self._db.execute(
-                f"SELECT id, seq FROM events WHERE terminal=? AND epoch=? AND id IN ({marks})",
-                (terminal, epoch, *chunk),
+                f"SELECT id, seq FROM events INDEXED BY events_id WHERE id IN ({marks}) AND terminal=? AND epoch=?",
+                (*chunk, terminal, epoch),
             ):
                 out.setdefault(event_id, seq)
         return out

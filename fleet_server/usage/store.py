@@ -129,14 +129,48 @@ class UsageStore:
         )
 
     def received_since(self, received_at: str) -> list[tuple[str, str]]:
-        """(office, UTC hour prefix of ts) of service events received at or after `received_at`."""
+        """(office, UTC hour prefix of ts) of service events received at or after `received_at`.
+
+        Read by rowid from the first row received at or after that moment, without an index on
+        received_at that every stored row would pay for (see fleet_server/db.py, 0005).
+        """
+        start = self._first_rowid_received(received_at)
+        if start is None:
+            return []
         return list(
             self._db.execute(
-                "SELECT DISTINCT office_id, substr(ts, 1, 13) FROM events WHERE received_at>=?"
+                "SELECT DISTINCT office_id, substr(ts, 1, 13) FROM events WHERE rowid>=? AND received_at>=?"
                 " AND type IN ('service.started','service.completed','service.abandoned')",
-                (received_at,),
+                (start, received_at),
             )
         )
+
+    def _first_rowid_received(self, received_at: str) -> int | None:
+        """The first rowid of `events` received at or after `received_at` (None for an empty table).
+
+        Rowids grow with insertion and the ingest stamps each batch with the time it stores it, so
+        received_at grows along the rowids and a binary search over them finds the start in about
+        log2(rows) point reads. A rowid past the end means no row qualifies. (A server clock that
+        stepped back makes received_at fall once; the catch-up's own margin covers small steps.)
+        """
+        # two subqueries: SQLite answers a lone min() or max() from the end of the B-tree
+        lo, last = self._db.execute(
+            "SELECT (SELECT min(rowid) FROM events), (SELECT max(rowid) FROM events)"
+        ).fetchone()
+        if lo is None:
+            return None
+        hi = last + 1  # every row before `lo` was received earlier; the answer is at most `hi`
+        while lo < hi:
+            mid = (lo + hi) // 2
+            # the first row at or after `mid` (rowids may have gaps); one exists since mid <= last
+            rowid, at = self._db.execute(
+                "SELECT rowid, received_at FROM events WHERE rowid>=? ORDER BY rowid LIMIT 1", (mid,)
+            ).fetchone()
+            if at >= received_at:
+                hi = mid
+            else:
+                lo = rowid + 1
+        return int(lo)
 
     # -- rebuild -----------------------------------------------------------------------------------
 
