@@ -13,14 +13,16 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from securesystemslib.signer._crypto_signer import CryptoSigner
 
 from fleet_dev import releases as rel
 from fleet_server.auth.models import Role
 from fleet_server.cli import EXIT_USAGE
+from fleet_server.db import connect
 from fleet_server.releases import bundle as bundles
 from fleet_server.releases.client import ReleaseClientError
+from fleet_server.releases.service import ReleaseService
 from fleet_server.releases.signing import SignedRelease, sign_bundle
 from fleet_server.releases.tufmeta import now_utc
 from tests.release_util import Repo, agent, fleetctl, running_repo
@@ -272,3 +274,29 @@ def test_keystore_holder_re_signs_targets_face_model_and_root_before_they_expire
     c = repo.client()
     c.refresh()
     assert c.release(pub.path).version == "1.0.0"
+
+
+def test_releases_the_database_missed_are_recorded_again_at_start(repo: Repo) -> None:
+    """A crash between the repository's commit and the database row: the next start lists it."""
+    pub = agent(repo, "1.0.0")
+    fleet = repo.stack.server
+    with connect(fleet.settings.db_path) as conn:
+        conn.execute("DELETE FROM releases")
+    assert fleet.releases.get(pub.path) is None
+    again = ReleaseService(fleet.releases.repo, fleet.settings.db_path, CollectorRegistry())
+    try:
+        rec = again.get(pub.path)
+        assert rec is not None and rec.counter == 1 and rec.version == "1.0.0"
+    finally:
+        again.close()
+
+
+def test_malformed_metadata_is_refused_with_the_field_named(repo: Repo) -> None:
+    h = {"Authorization": f"Bearer {repo.stack.admin_token}"}
+    r = httpx.post(f"{repo.url}/api/v1/releases/publish", json={"targets": {"signed": {"_type": "targets"}}}, headers=h)
+    assert r.status_code == 422 and "missing field" in r.json()["detail"]
+    r = httpx.post(f"{repo.url}/api/v1/releases/publish", json={"delegated": {"nope": {}}}, headers=h)
+    assert r.status_code == 422 and "delegates no role 'nope'" in r.json()["detail"]
+    r = httpx.put(f"{repo.url}/api/v1/releases/files/{'0' * 64}", content=b"abc", headers=h)
+    assert r.status_code == 422 and "upload it again" in r.json()["detail"]
+    assert not repo.stack.server.releases.repo.has_blob("0" * 64)

@@ -36,7 +36,9 @@ def from_doc(doc: Any, role: str, where: str) -> Metadata[Any]:
         raise ValueError(f"{where}: expected a TUF metadata object")
     try:
         md: Metadata[Any] = Metadata.from_dict(dict(doc))
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
+    except KeyError as err:
+        raise ValueError(f"{where}: not valid TUF metadata (missing field {err})") from err
+    except (TypeError, ValueError, AttributeError) as err:
         raise ValueError(f"{where}: not valid TUF metadata ({err})") from err
     if md.signed.type != ("targets" if role not in TOP_ROLES else role):
         raise ValueError(f"{where}: {md.signed.type} metadata where {role} metadata was expected")
