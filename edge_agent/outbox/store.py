@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import repeat
+from operator import itemgetter
 from typing import Any, NamedTuple, cast
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -127,6 +128,11 @@ class OutboxItem(NamedTuple):
     replayed: bool = False  # the caller's idempotency key was seen before: nothing new was stored
 
 
+# An OutboxItem from a tuple of all six fields, made in C (OutboxItem._make is a Python call each).
+_new_item = cast("Callable[[Iterable[Any]], OutboxItem]", functools.partial(tuple.__new__, OutboxItem))
+_first, _second, _third = itemgetter(0), itemgetter(1), itemgetter(2)
+
+
 @dataclass(slots=True)
 class _Batch:
     """Validated events, ready to be numbered and stored: one list per column, no object per event."""
@@ -169,8 +175,7 @@ class _BodyCodec:
             models = self.many.validate_python(bodies)
         except ValidationError as err:
             raise _first_bad_body(event_type, bodies, err) from err
-        to_json = self.to_json
-        return [to_json(m).decode() for m in models]
+        return list(map(bytes.decode, map(self.to_json, models)))
 
 
 def _first_bad_body(event_type: str, bodies: list[Any], err: ValidationError) -> EnvelopeInvalid:
@@ -368,11 +373,17 @@ class Outbox:
         seq0 = self._next_seq
         seqs = range(seq0, seq0 + n)
         prefix = self._env_prefix
-        ids = "".join(new_event_ids(n, now))  # time-ordered, so the server's id index stays cheap
-        envs = [
-            f'{prefix}{seq},"id":"{ids[32 * i : 32 * i + 32]}","ts":"{stamp}","type":"{t}","body":{body}}}'
-            for i, (seq, stamp, t, body) in enumerate(zip(seqs, batch.stamps, batch.types, batch.bodies))
-        ]
+        ids = new_event_ids(n, now)  # time-ordered, so the server's id index stays cheap
+        types, stamps = batch.types, batch.stamps
+        if types.count(types[0]) == n and stamps.count(stamps[0]) == n:
+            # the usual batch: one type at one time, so everything between id and body is shared
+            mid = f'","ts":"{stamps[0]}","type":"{types[0]}","body":'
+            envs = [f'{prefix}{seq},"id":"{eid}{mid}{body}}}' for seq, eid, body in zip(seqs, ids, batch.bodies)]
+        else:
+            envs = [
+                f'{prefix}{seq},"id":"{eid}","ts":"{stamp}","type":"{t}","body":{body}}}'
+                for seq, eid, stamp, t, body in zip(seqs, ids, stamps, types, batch.bodies)
+            ]
         sizes = list(map(len, envs))
         expires = [None if ttl is None else now + ttl for ttl in batch.ttls]
         try:
@@ -395,17 +406,17 @@ class Outbox:
         self._bytes += sum(sizes)
         self.counters.enqueued += n
         # tuple.__new__ over zip: the items are made in C, not one Python call per event
-        return list(map(OutboxItem._make, zip(seqs, batch.types, batch.classes, envs, sizes, repeat(False))))
+        return list(map(_new_item, zip(seqs, batch.types, batch.classes, envs, sizes, repeat(False))))
 
     def _prepare(self, events: list[tuple[str, Any, datetime | None]]) -> _Batch:
         """Validate every event (bodies of one type in one pydantic call); raise InvalidEvent for the first bad one."""
         n = len(events)
         default_ts = format_ts(datetime.now(UTC))
-        types: list[str] = [e[0] for e in events]
+        types: list[str] = list(map(_first, events))
         first = types[0]
         if types.count(first) == n:  # the usual batch: one type
             groups: dict[str, list[int]] | None = None
-            encoded = {first: self._encode(first, [e[1] for e in events])}
+            encoded = {first: self._encode(first, list(map(_second, events)))}
         else:
             groups = {}
             for i, event_type in enumerate(types):
@@ -422,12 +433,13 @@ class Outbox:
                     bodies[i], classes[i], ttls[i] = body, cls, ttl
         stamps = [default_ts] * n
         explicit = [False] * n
-        for i, event in enumerate(events):
-            ts = event[2]
-            if ts is not None:
-                if not isinstance(ts, datetime) or ts.tzinfo is None:
-                    raise InvalidEvent("event time must carry a time zone", "schema")
-                stamps[i], explicit[i] = format_ts(ts), True
+        times = list(map(_third, events))
+        if times.count(None) != n:  # the caller gave some event times
+            for i, ts in enumerate(times):
+                if ts is not None:
+                    if not isinstance(ts, datetime) or ts.tzinfo is None:
+                        raise InvalidEvent("event time must carry a time zone", "schema")
+                    stamps[i], explicit[i] = format_ts(ts), True
         return _Batch(types, classes, stamps, bodies, ttls, explicit)
 
     def _encode(self, event_type: Any, bodies: list[Any]) -> tuple[list[str], int, float | None]:
