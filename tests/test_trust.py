@@ -282,3 +282,16 @@ def test_the_real_agent_wheel_and_its_locked_wheels_arrive_verified(repo: Repo, 
     lock = dist.agent_lock.read_text()
     assert all(f"sha256:{w.sha256}" in lock for w in info.wheels)
     assert sorted(p.name for p in house.iterdir()) == sorted(w.path.removeprefix("wheels/") for w in info.wheels)
+
+
+def test_a_download_below_the_minimum_speed_is_given_up_and_resumable(repo: Repo) -> None:
+    pub = agent(repo, "1.0.0", size=300_000)
+    c = repo.client()
+    c.refresh()
+    c._fetcher.min_speed, c._fetcher.grace_s = 10**15, 0.0  # no link is this fast: every read is "slow"
+    with pytest.raises(TrustError) as err:
+        c.fetch(pub.path)
+    assert err.value.reason == "download_failed" and "slower than" in str(err.value)
+    assert (c.downloads_dir / (pub.path + ".part")).exists()
+    c._fetcher.min_speed = trust_mod.MIN_SPEED_BYTES_PER_S
+    assert c.fetch(pub.path).length == 300_000

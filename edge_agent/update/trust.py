@@ -82,9 +82,12 @@ class VerifiedTarget:
 class _RangeFetcher(FetcherInterface):
     """urllib fetcher with timeouts, a minimum speed and (for targets) HTTP Range resume."""
 
-    def __init__(self, timeout_s: float, min_speed: int = MIN_SPEED_BYTES_PER_S) -> None:
+    def __init__(
+        self, timeout_s: float, min_speed: int = MIN_SPEED_BYTES_PER_S, grace_s: float = MIN_SPEED_GRACE_S
+    ) -> None:
         self.timeout_s = timeout_s
         self.min_speed = min_speed
+        self.grace_s = grace_s
 
     def _open(self, url: str, start: int = 0) -> http.client.HTTPResponse:
         headers = {"User-Agent": "kiosk-fleet-agent"}
@@ -114,7 +117,7 @@ class _RangeFetcher(FetcherInterface):
                     return
                 received += len(chunk)
                 elapsed = time.monotonic() - started
-                if elapsed > MIN_SPEED_GRACE_S and received / elapsed < self.min_speed:
+                if elapsed > self.grace_s and received / elapsed < self.min_speed:
                     raise tuf_errors.SlowRetrievalError(f"{url}: download slower than {self.min_speed} bytes/s")
                 yield chunk
         finally:
