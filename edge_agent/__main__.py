@@ -65,16 +65,21 @@ def main(argv: list[str] | None = None) -> int:
     stop = agent.exit_requested
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    api_thread = None
     if server is not None:
-        threading.Thread(target=server.run, name="local-api", daemon=True).start()
+        api_thread = threading.Thread(target=server.run, name="local-api", daemon=True)
+        api_thread.start()
     from edge_agent import systemd
 
     systemd.notify("READY=1")
     systemd.start_watchdog(agent.alive, stop)
     stop.wait()
     systemd.notify("STOPPING=1")
-    if server:
+    if server and api_thread:
+        # requests in flight finish before the outbox closes (a restart after an install must not
+        # answer the kiosk app 500 for an event it posted during the switch)
         server.should_exit = True
+        api_thread.join(10)
     agent.stop(graceful=True)
     note_clean_stop(settings.install_root)
     return agent.exit_code

@@ -19,7 +19,7 @@ from tests.update_util import UPDATE_TIMEOUT_S, Rig, post_event
 
 pytestmark = pytest.mark.timeout(900)
 
-TERMINALS = {"t-good": "generic", "t-gate": "generic", "t-crash": "generic", "t-rej": "generic"}
+TERMINALS = {"t-good": "generic", "t-gate": "generic", "t-crash": "generic", "t-rej": "generic", "t-key": "generic"}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,9 @@ def test_good_release_commits_and_citizen_events_around_the_switch_are_stored_on
     for i in range(5):
         post_event(t, "service.completed", _completed(f"before-{i}"), key=f"good-before-{i}")
         posted += 1
+    older = rig.publish_agent("1.0.9")  # a lower counter, for the downgrade check at the end
     pub = rig.publish_agent("1.1.0")
+    assert older.counter < pub.counter
 
     stop = threading.Event()
     during: list[int] = []
@@ -112,11 +114,98 @@ def test_good_release_commits_and_citizen_events_around_the_switch_are_stored_on
     rig.wait_state("t-good", again, "committed")
     assert rig.states("t-good", again) == ["notified", "committed"]
     assert set(t.releases()) == {first, new}
+    # a release below the committed counter: refused, nothing installed
+    down = rig.desire("t-good", older, version="1.0.9")
+    rig.wait_state("t-good", down, "rejected")
+    assert rig.reports("t-good", down)[-1]["reason"] == "counter_downgrade"
+    assert set(t.releases()) == {first, new} and t.current() == new
+
+
+def test_release_that_fails_its_gate_rolls_back_and_is_refused_afterwards(rig: Rig) -> None:
+    t = rig.terminal("t-gate")
+    first = t.current()
+    t.start()
+    rig.wait_version("t-gate", "1.0.0")
+    pub = rig.publish_agent("1.2.0", defect="gate_fails")
+    cmd = rig.desire("t-gate", pub, version="1.2.0", gate_s=3.0)
+    assert _final(rig, "t-gate", cmd) == "rolled_back", t.log()[-4000:]
+    reports = rig.reports("t-gate", cmd)
+    _reports_are_numbered(reports)
+    assert [r["state"] for r in reports][-2:] == ["on_trial", "rolled_back"]
+    assert reports[-1]["reason"] == "gate_failed"
+    assert "pump" in reports[-1]["detail"]
+    rig.wait_version("t-gate", "1.0.0")
+    assert t.current() == first
+    assert t.launcher_state()["trial"] is None
+    bad = [n for n in t.releases() if n.startswith("1.2.0-")]
+    assert bad and bad[0] in t.launcher_state()["failed"]
+    again = rig.desire("t-gate", pub, version="1.2.0")
+    rig.wait_state("t-gate", again, "rejected")
+    assert rig.reports("t-gate", again)[-1]["reason"] == "refused_before"
+    assert t.current() == first
+
+
+def test_release_that_crash_loops_is_rolled_back_by_the_launcher_and_refused_afterwards(rig: Rig) -> None:
+    t = rig.terminal("t-crash")
+    first = t.current()
+    t.start()
+    rig.wait_version("t-crash", "1.0.0")
+    pub = rig.publish_agent("1.3.0", defect="crash_at_start")
+    cmd = rig.desire("t-crash", pub, version="1.3.0", gate_s=3.0)
+    assert _final(rig, "t-crash", cmd) == "rolled_back", t.log()[-4000:]
+    reports = rig.reports("t-crash", cmd)
+    _reports_are_numbered(reports)
+    assert reports[-1]["reason"] == "crash_loop"
+    assert reports[-1]["running"] == "1.0.0"  # reported by the old version, after the rollback
+    assert "on_trial" not in [r["state"] for r in reports]  # the broken one never got that far
+    assert t.log().count("launcher: starting 1.3.0-") == 3  # the trial start and two restarts
+    rig.wait_version("t-crash", "1.0.0")
+    assert t.current() == first
+    again = rig.desire("t-crash", pub, version="1.3.0")
+    rig.wait_state("t-crash", again, "rejected")
+    assert rig.reports("t-crash", again)[-1]["reason"] == "refused_before"
+
+
+def test_untrusted_or_unfit_releases_are_rejected_with_nothing_installed(rig: Rig, tmp_path: Path) -> None:
+    t = rig.terminal("t-rej")
+    first = t.current()
+    t.start()
+    rig.wait_version("t-rej", "1.0.0")
+
+    def rejected(pub: Any, version: str, reason: str, tid: str = "t-rej", term: Any = t) -> None:
+        cmd = rig.desire(tid, pub, version=version)
+        assert _final(rig, tid, cmd) == "rejected", term.log()[-3000:]
+        last = rig.reports(tid, cmd)[-1]
+        assert last["reason"] == reason, last
+        assert term.releases() == [term_first[tid]] and term.current() == term_first[tid]
+
+    term_first = {"t-rej": first}
+    wall = rig.publish_agent("1.4.0", profiles=["wall-21"])
+    rejected(wall, "1.4.0", "incompatible_profile")
+
+    tampered = rig.publish_agent("1.5.0")
+    rig.tamper(rig.agent_dist("1.5.0"))
+    rejected(tampered, "1.5.0", "tampered")
+
+    fine = rig.publish_agent("1.6.0")
+    rig.expire_timestamp()
+    try:
+        rejected(fine, "1.6.0", "expired")
+    finally:
+        rig.fresh_timestamp()
+
+    # a terminal that trusts other root keys than the repository's
+    from fleet_dev import releases
+
+    other = releases.make_keystore(tmp_path / "other-keystore")
+    k = rig.terminal("t-key", update_root_file=str(other.folder / "metadata" / "1.root.json"))
+    term_first["t-key"] = k.current()
+    k.start()
+    rig.wait_version("t-key", "1.0.0")
+    rejected(fine, "1.6.0", "bad_signature", "t-key", k)
+    # the command's own claims count for nothing: the target says kind, version, counter
+    assert rig.reports("t-rej")[-1]["running"] == "1.0.0"
 
 
 def _completed(session: str) -> dict[str, Any]:
     return {"session": session, "service_code": "TQ02", "duration_s": 100.0, "face_login": False}
-
-
-def _unused(_: Path) -> None:  # keep Path imported for the tests below
-    pass

@@ -5,6 +5,7 @@ built from the real wheel. Tests send DesiredRelease on the cmd topic themselves
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sqlite3
@@ -86,8 +87,8 @@ class Rig:
             update_repo_url=f"{self.url}/tuf",
             update_root_file=str(self.root_json),
             update_tick_s=0.2,
-            **settings,
         )
+        base.update(settings)
         t = Terminal(self.work / f"term-{tid}", base)
         folder = self.agent_dist(first_version)
         t.install(next(folder.glob("kiosk_fleet_agent-*.whl")), self.dist.agent_lock, self.dist.wheelhouse)
@@ -112,6 +113,30 @@ class Rig:
         return releases.publish_agent(
             self.rc, self.keystore, self.agent_dist(version, defect), self.work / "bundles", profiles=profiles
         )
+
+    # -- faults ---------------------------------------------------------------------------------
+
+    def tamper(self, dist_folder: Path) -> None:
+        """Flip bytes of a published agent wheel on the server's disk (same length, wrong hash)."""
+        wheel = next(dist_folder.glob("kiosk_fleet_agent-*.whl"))
+        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        blob = self.stack.settings.tuf_paths()[0] / "blobs" / digest
+        data = bytearray(blob.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        blob.write_bytes(bytes(data))  # in place: the served hard link changes with it
+
+    def _repo(self) -> Any:
+        from fleet_server.releases.repository import TufRepository
+
+        tuf_dir, key = self.stack.settings.tuf_paths()
+        return TufRepository(tuf_dir, key)
+
+    def expire_timestamp(self) -> None:
+        """Sign a timestamp (with the server's online key) whose life ended an hour ago."""
+        self._repo().resign_timestamp(datetime.now(UTC) - timedelta(days=1, hours=1))
+
+    def fresh_timestamp(self) -> None:
+        self._repo().resign_timestamp(datetime.now(UTC))
 
     # -- commands and what came back ------------------------------------------------------------
 
