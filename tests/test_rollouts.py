@@ -563,11 +563,15 @@ def test_manager_and_auditor_read_but_every_control_is_refused(
             assert http.get("/api/v1/rollouts", headers=h).status_code == 200
             assert http.get("/api/v1/rollouts/roles", headers=h).json()["id"] == "roles"
             assert http.get("/api/v1/terminals/t-m-1/updates", headers=h).status_code == 200
+            seen = {t["terminal"] for t in http.get("/api/v1/rollouts/roles/terminals", headers=h).json()}
+            assert seen == ({"t-m-1"} if token == _token(manager) else {"t-m-1", "t-m-2"})
             assert http.post("/api/v1/rollouts", json=body, headers=h).status_code == 403
             for control in ("approve", "pause", "resume", "abort", "retry", "rollback"):
                 r = http.post(f"/api/v1/rollouts/roles/{control}", headers=h)
                 assert r.status_code == 403, (control, r.text)
                 assert "needs admin" in r.json()["detail"]
+        r = http.get("/api/v1/terminals/t-m-2/updates", headers=_auth(_token(manager)))
+        assert r.status_code == 403 and "may not see terminal 't-m-2'" in r.json()["detail"]
         admin = _auth(stack.admin_token)
         assert http.post("/api/v1/rollouts/roles/pause", json={"note": "x"}, headers=admin).json()["state"] == "paused"
         assert http.get("/api/v1/rollouts/nope", headers=admin).status_code == 404

@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -139,6 +139,28 @@ class _Payloads:
         return parts[0] + cmd.encode() + parts[1]
 
 
+class _Lazy(Mapping[str, TerminalCondition]):
+    """The health snapshot, fetched on first use: a tick that only waits never builds it."""
+
+    def __init__(self, source: Callable[[], Mapping[str, TerminalCondition]]) -> None:
+        self._source = source
+        self._data: Mapping[str, TerminalCondition] | None = None
+
+    def _get(self) -> Mapping[str, TerminalCondition]:
+        if self._data is None:
+            self._data = self._source()
+        return self._data
+
+    def __getitem__(self, key: str) -> TerminalCondition:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
 class RolloutEngine:
     def __init__(
         self,
@@ -232,8 +254,7 @@ class RolloutEngine:
 
         waves = st.waves(list(by_id))
         offices = self._offices() if by_id else {}
-        need_health = any(r["state"] == "running" for r in live)
-        health = self._health() if need_health else {}
+        health = _Lazy(self._health)  # asked once per tick, and only when a decision needs it
         wave_changes: list[dict[str, Any]] = []
         members: dict[tuple[str, int], list[list[Any]]] = {}
         for row in rows.values():
@@ -269,14 +290,17 @@ class RolloutEngine:
                             continue
                     # 3. (re-)send until the terminal reports on its current command
                     if running and state == "pending" and row[T_REPORT] == 0:
-                        cond = health.get(row[T_TERMINAL])
-                        back = (
-                            cond is not None
-                            and cond.online_since is not None
-                            and row[T_LAST_SENT] is not None
-                            and cond.online_since > row[T_LAST_SENT]
-                        )
-                        if row[T_SENDS] == 0 or now >= (row[T_NEXT_SEND] or 0) or back:
+                        due = row[T_SENDS] == 0 or now >= (row[T_NEXT_SEND] or 0)
+                        if not due:
+                            # back online since the last send: at once, not after the back-off
+                            cond = health.get(row[T_TERMINAL])
+                            due = (
+                                cond is not None
+                                and cond.online_since is not None
+                                and row[T_LAST_SENT] is not None
+                                and cond.online_since > row[T_LAST_SENT]
+                            )
+                        if due:
                             outbox.append(
                                 (
                                     topic_of(row[T_TERMINAL], Channel.CMD),

@@ -9,7 +9,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Path, Query
 
 from fleet_server.auth.deps import AdminUser, FleetDep, require_role
+from fleet_server.auth.errors import NotAllowed
 from fleet_server.auth.models import Role, User
+from fleet_server.registry.store import UnknownTerminal
 from fleet_server.rollouts.schemas import SERVER_STATES, ControlNote, RetryRequest, RollbackRequest, RolloutPlan
 from fleet_server.rollouts.service import RolloutService
 from fleet_wire.release import ROLLOUT_ID_PATTERN
@@ -52,7 +54,14 @@ def build_rollouts_router() -> APIRouter:
 
     @router.get("/rollouts/{rollout_id}")
     def get(user: ReadUser, rollouts: RolloutsDep, rollout_id: RolloutId) -> dict[str, Any]:
-        return rollouts.get(rollout_id)
+        """A rollout: its waves, counts per state per wave and office, and why it stands as it does.
+        A manager sees the office breakdowns of their own offices only."""
+        doc = rollouts.get(rollout_id)
+        if user.offices is not None:
+            doc["offices"] = [o for o in doc["offices"] if user.sees_office(o["office"])]
+            for w in doc["waves"]:
+                w["offices"] = [o for o in w["offices"] if user.sees_office(o["office"])]
+        return doc
 
     @router.get("/rollouts/{rollout_id}/terminals")
     def terminals(
@@ -62,8 +71,8 @@ def build_rollouts_router() -> APIRouter:
         wave: Annotated[int | None, Query(ge=1, le=20)] = None,
         state: Annotated[str | None, Query(pattern="^(" + "|".join(SERVER_STATES) + ")$")] = None,
     ) -> list[dict[str, Any]]:
-        """Each terminal's state in the rollout with its history."""
-        return rollouts.terminals(rollout_id, wave, state)
+        """Each terminal's state in the rollout with its history (a manager: their offices' only)."""
+        return [t for t in rollouts.terminals(rollout_id, wave, state) if user.sees_office(t["office"])]
 
     @router.post("/rollouts/{rollout_id}/approve")
     def approve(user: AdminUser, rollouts: RolloutsDep, rollout_id: RolloutId, body: NoteBody = None) -> dict[str, Any]:
@@ -104,8 +113,17 @@ def build_rollouts_router() -> APIRouter:
         return rollouts.rollback(rollout_id, user, body or RollbackRequest())
 
     @router.get("/terminals/{terminal_id}/updates")
-    def terminal_updates(user: ReadUser, rollouts: RolloutsDep, terminal_id: TerminalId) -> dict[str, Any]:
+    def terminal_updates(
+        user: ReadUser, fleet: FleetDep, rollouts: RolloutsDep, terminal_id: TerminalId
+    ) -> dict[str, Any]:
         """That terminal's update timeline over every rollout."""
+        terminal = fleet.registry.terminal(terminal_id)
+        if terminal is None:
+            raise UnknownTerminal(f"no terminal {terminal_id!r} is enrolled")
+        if not user.sees_office(terminal.office_id):
+            raise NotAllowed(
+                f"user {user.name!r} may not see terminal {terminal_id!r} of office {terminal.office_id!r}"
+            )
         return rollouts.terminal_updates(terminal_id)
 
     return router
