@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ class Rig:
         self.events = IngestStore(self.conn)
         self.seq: dict[str, int] = {}
 
-    def report(self, tid: str, cmd: DesiredRelease, state: str, report: int, reason: str = "ok") -> None:
+    def report(self, tid: str, cmd: DesiredRelease, state: str, report: int, reason: str = "ok", **extra: Any) -> None:
         seq = self.seq[tid] = self.seq.get(tid, 0) + 1
         body = {
             "rollout": cmd.rollout,
@@ -81,6 +82,7 @@ class Rig:
             "state": state,
             "report": report,
             "reason": reason,
+            **extra,
         }
         ts = "2027-01-15T08:00:00.000Z"
         self.events.write(
@@ -205,4 +207,31 @@ def test_a_terminal_enrolled_later_reopens_a_completed_rollout(tmp_path: Path) -
     rig.svc.tick()
     doc = rig.svc.get("late")
     assert doc["state"] == "completed" and doc["states"] == {"committed": 2}
+    rig.close()
+
+
+def test_office_window_in_the_command_and_stale_metadata_in_the_preview(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, {"t-e-1": "dongcheng", "t-e-2": "haidian"})
+    rig.svc.create(
+        RolloutPlan.model_validate(
+            {"id": "windowed", "release": RELEASE.path, "waves": [{}], "deadline": "2027-02-01T00:00:00Z", "gate_s": 30}
+        ),
+        ADMIN,
+    )
+    rig.svc.tick()
+    cmd = rig.sends_to("t-e-1")[0]
+    assert cmd.window is not None and (cmd.window.tz, cmd.window.start, cmd.window.end) == (
+        "Asia/Shanghai",
+        "01:00",
+        "05:00",
+    )
+    assert cmd.deadline == "2027-02-01T00:00:00.000Z" and cmd.gate_s == 30 and cmd.counter == RELEASE.counter
+    # the terminal says its trusted metadata expires within the hour: the next preview flags it
+    soon = datetime.fromtimestamp(rig.clock.now + 3600, UTC).isoformat().replace("+00:00", "Z")
+    body_extra = {"metadata_expires": soon}
+    rig.report("t-e-1", cmd, "notified", 1, **body_extra)
+    rig.svc.tick()
+    pv = rig.svc.preview(_plan())
+    flags = {t["terminal"]: t["flags"] for t in pv["waves"][0]["terminals"]}
+    assert flags == {"t-e-1": ["stale_metadata"], "t-e-2": []}
     rig.close()
