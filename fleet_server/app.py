@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import math
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -180,6 +181,8 @@ class FleetServer:
             coalesce=True,
         )
         # Rollouts: desired state in their tables, a level-triggered tick sends and judges.
+        self._health_sweep_s = health_sweep_s
+        self._rollout_health_cache: tuple[float, dict[str, TerminalCondition]] | None = None
         self.rollouts = RolloutService(
             str(settings.db_path),
             releases=lambda: getattr(self, "releases", None),
@@ -312,7 +315,11 @@ class FleetServer:
         return {o.id: OfficeRef(o.id, o.name, o.pilot, o.timezone, o.maintenance) for o in self.registry.offices()}
 
     def _rollout_health(self) -> dict[str, TerminalCondition]:
-        """Each terminal as a rollout's gate sees it: online with no failing peripheral is healthy."""
+        """Each terminal as a rollout's gate sees it: online with no failing peripheral is healthy.
+        Rebuilt at most once per health sweep, where states change (~0.1 s at 10,000 terminals)."""
+        cached = self._rollout_health_cache
+        if cached is not None and time.monotonic() - cached[0] < self._health_sweep_s:
+            return cached[1]
         out = {}
         for h in self.health.terminals():
             failing = [
@@ -330,6 +337,7 @@ class FleetServer:
                 state=h["state"],
                 disk_pct=h.get("disk_pct") if h.get("last_seen") else None,
             )
+        self._rollout_health_cache = (time.monotonic(), out)
         return out
 
     def _office_infos(self) -> list[OfficeInfo]:
