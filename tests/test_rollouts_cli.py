@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -49,6 +50,24 @@ def _with_groups() -> None:
 def run(url: str, token: str, *args: str) -> Any:
     _with_groups()
     return CliRunner().invoke(app, ["--url", url, "--token", token, "rollout", *args])
+
+
+def test_plan_file(http: tuple[DevStack, ScriptedTerminals, str], tmp_path: Path) -> None:
+    stack, _, url = http
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "release: agent/agent-2.0.0.whl\n"
+        "targets: {offices: [dongcheng, xicheng]}\n"
+        "waves:\n  - {name: canary, size: {count: 1}, pilot_only: true}\n  - {name: rest}\n",
+        encoding="utf-8",
+    )
+    r = run(url, stack.admin_token, "preview", "--plan", str(plan))
+    assert r.exit_code == 0, r.output
+    assert "wave 1 canary — 1 terminals" in r.output and "wave 2 rest — 1 terminals" in r.output
+    assert "t-k-2" not in r.output  # haidian is not targeted
+    plan.write_text("- not a mapping\n", encoding="utf-8")
+    r = run(url, stack.admin_token, "preview", "--plan", str(plan))
+    assert r.exit_code == EXIT_USAGE and "a plan is a mapping" in " ".join(r.output.split())
 
 
 def test_preview_create_watch_status_and_controls(http: tuple[DevStack, ScriptedTerminals, str]) -> None:

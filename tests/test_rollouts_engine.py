@@ -235,3 +235,20 @@ def test_office_window_in_the_command_and_stale_metadata_in_the_preview(tmp_path
     flags = {t["terminal"]: t["flags"] for t in pv["waves"][0]["terminals"]}
     assert flags == {"t-e-1": ["stale_metadata"], "t-e-2": []}
     rig.close()
+
+
+def test_a_revoked_terminal_ends_revoked_and_is_nobodys_failure(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, {"t-e-1": "dongcheng", "t-e-2": "haidian"})
+    rig.svc.create(_plan(id="revoked"), ADMIN)
+    rig.svc.tick()
+    for n, state in enumerate(["notified", "committed"], start=1):
+        rig.report("t-e-1", rig.sends_to("t-e-1")[0], state, n)
+    rig.terminals[1] = TerminalInfo("t-e-2", "haidian", "generic", enabled=False)
+    rig.svc.registry_changed()
+    rig.svc.tick()
+    t2 = rig.state("revoked", "t-e-2")
+    assert (t2["state"], t2["reason"]) == ("failed", "revoked")
+    doc = rig.svc.get("revoked")
+    assert doc["state"] == "completed"  # within a failure limit of 0: a revoked terminal is no failure
+    assert rig.svc.retry("revoked", ADMIN)["retried"] == []  # and is not retried
+    rig.close()

@@ -30,7 +30,15 @@ from typing import Any
 from fleet_server.rollouts.metrics import RolloutMetrics
 from fleet_server.rollouts.planner import OfficeRef, TerminalInfo, matches
 from fleet_server.rollouts.releases import fits
-from fleet_server.rollouts.schemas import DEFAULT_TIMEOUTS, FAILED, FINAL, LIVE, TRANSIENT_REASONS, RolloutPlan
+from fleet_server.rollouts.schemas import (
+    DEFAULT_TIMEOUTS,
+    FAILED,
+    FINAL,
+    LIVE,
+    NOT_COUNTED,
+    TRANSIENT_REASONS,
+    RolloutPlan,
+)
 from fleet_server.rollouts.store import (
     T_ATTEMPTS,
     T_CMD,
@@ -465,7 +473,9 @@ class RolloutEngine:
             wplan = plan.waves[idx - 1]
             rows = members.get((rid, idx), [])
             size = len(rows)
-            failed = [x for x in rows if x[T_STATE] in FAILED and x[T_RETRY_AT] is None and x[T_REASON] != "superseded"]
+            failed = [
+                x for x in rows if x[T_STATE] in FAILED and x[T_RETRY_AT] is None and x[T_REASON] not in NOT_COUNTED
+            ]
             finished = [x for x in rows if x[T_STATE] in FINAL and x[T_RETRY_AT] is None]
             n_failed = max(0, len(failed) - wave["forgiven"])
             limit = self._limit_exceeded(wplan, n_failed, len(finished), size)
@@ -594,8 +604,12 @@ class RolloutEngine:
         candidates = [r for r in live if r["state"] != "awaiting_approval"]
         candidates += [r for r in completed if newest.get(r["kind"]) is r]
         if not candidates:
+            if live:
+                self._drop_revoked(now, live, {t.id for t in self._terminals() if t.enabled})
             return 0
-        terminals = [t for t in self._terminals() if t.enabled]
+        everyone = self._terminals()
+        terminals = [t for t in everyone if t.enabled]
+        self._drop_revoked(now, live, {t.id for t in terminals})
         have = st.members([r["id"] for r in candidates])
         joined = 0
         for r in candidates:
@@ -625,6 +639,25 @@ class RolloutEngine:
                 wave.update(state="running", soak_since=None, passed_at=None, note="terminals enrolled later joined")
                 st.update_waves([wave])
         return joined
+
+    def _drop_revoked(self, now: float, live: list[dict[str, Any]], enabled: set[str]) -> None:
+        """A revoked terminal's unfinished update ends as failed/revoked, counted as nobody's failure."""
+        rows = [
+            r
+            for r in self.store.terminal_rows([x["id"] for x in live])
+            if r[T_TERMINAL] not in enabled and r[T_STATE] not in FINAL
+        ]
+        if not rows:
+            return
+        history = []
+        for r in rows:
+            history.append(
+                (r[T_ROLLOUT], r[T_TERMINAL], now, r[T_STATE], "failed", "revoked", "", r[T_CMD], r[T_REPORT], "server")
+            )
+            r[T_STATE], r[T_REASON], r[T_DETAIL] = "failed", "revoked", "the terminal was revoked"
+            r[T_STATE_SINCE], r[T_RETRY_AT] = now, None
+        self.store.save_terminals(rows)
+        self.store.add_history(history)
 
     # -- metrics -------------------------------------------------------------------------------------
 

@@ -32,6 +32,8 @@ FINAL = frozenset({"committed", "failed", "rolled_back", "rejected", "timed_out"
 FAILED = frozenset({"failed", "rolled_back", "rejected", "timed_out"})
 # failures worth another try without anyone asking (a network blip, a terminal that went quiet)
 TRANSIENT_REASONS = frozenset({"download_failed", "timed_out"})
+# ends that are nobody's failure: a newer release replaced it, or the terminal was revoked
+NOT_COUNTED = frozenset({"superseded", "revoked"})
 
 # Rollout states. live ones are ticked by the engine.
 ROLLOUT_STATES = (

@@ -24,6 +24,7 @@ from fleet_server.rollouts.releases import ReleaseLike, ReleaseSource
 from fleet_server.rollouts.schemas import (
     FAILED,
     LIVE,
+    NOT_COUNTED,
     SERVER_STATES,
     FailureLimit,
     RollbackRequest,
@@ -324,7 +325,7 @@ class RolloutService:
                 failed = sum(
                     1
                     for t in self.store.terminals_of(rollout_id, r["current_wave"])
-                    if t["state"] in FAILED and t["retry_at"] is None and t["reason"] != "superseded"
+                    if t["state"] in FAILED and t["retry_at"] is None and t["reason"] not in NOT_COUNTED
                 )
                 wave.update(
                     state="running", forgiven=failed, note=f"resumed by {user.name}; {failed} failure(s) accepted"
@@ -371,7 +372,7 @@ class RolloutService:
             keys = [
                 (rollout_id, t["terminal"])
                 for t in self.store.terminals_of(rollout_id, wave)
-                if t["state"] in FAILED and t["wave"] <= r["current_wave"]
+                if t["state"] in FAILED and t["wave"] <= r["current_wave"] and t["reason"] != "revoked"
             ]
             rows = self.store.rows_for(keys)
             now = self.clock()
