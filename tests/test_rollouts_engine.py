@@ -252,3 +252,27 @@ def test_a_revoked_terminal_ends_revoked_and_is_nobodys_failure(tmp_path: Path) 
     assert doc["state"] == "completed"  # within a failure limit of 0: a revoked terminal is no failure
     assert rig.svc.retry("revoked", ADMIN)["retried"] == []  # and is not retried
     rig.close()
+
+
+def test_an_unreadable_report_row_is_skipped_and_the_loop_goes_on(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, {"t-e-1": "dongcheng"})
+    rig.svc.create(_plan(id="garbled"), ADMIN)
+    rig.svc.tick()
+    ts = "2027-01-15T08:00:00.000Z"
+    bad = [
+        "{",
+        '{"rollout": "garbled", "report": "x"}',
+        '{"rollout": "garbled", "report": 1, "state": "exploded"}',
+        "[]",
+    ]
+    rig.events.write(
+        [("t-e-1", "e0", i, uuid.uuid4().hex, "update.status", ts, ts, "dongcheng", b) for i, b in enumerate(bad, 1)],
+        (),
+        (),
+        (),
+    )
+    for n, state in enumerate(["notified", "committed"], start=1):
+        rig.report("t-e-1", rig.sends_to("t-e-1")[0], state, n)
+    rig.svc.tick()
+    assert rig.svc.get("garbled")["state"] == "completed"
+    rig.close()

@@ -59,7 +59,7 @@ from fleet_server.rollouts.store import (
 )
 from fleet_wire import topics
 from fleet_wire.envelope import format_ts
-from fleet_wire.release import REASONS, DesiredRelease, MaintenanceWindow
+from fleet_wire.release import REASONS, UPDATE_STATES, DesiredRelease, MaintenanceWindow
 from fleet_wire.topics import Channel
 
 log = logging.getLogger(__name__)
@@ -349,8 +349,11 @@ class RolloutEngine:
             try:
                 doc = json.loads(body)
                 key = (str(doc["rollout"]), terminal)
-                int(doc["report"])
-            except (ValueError, KeyError, TypeError):
+                doc["report"] = int(doc["report"])
+                if doc.get("state") not in UPDATE_STATES or not isinstance(doc.get("cmd"), str):
+                    raise ValueError(f"state {doc.get('state')!r}")
+            except (ValueError, KeyError, TypeError, AttributeError):
+                # the ingest validated it; a row that still does not read must not stop the loop
                 log.warning("update.status from %s is unreadable; ignored", terminal)
                 continue
             parsed.setdefault(key, []).append(doc)
