@@ -76,7 +76,6 @@ from fleet_server.usage.store import migrations as usage_migrations
 log = logging.getLogger(__name__)
 
 HEALTH_SWEEP_S = 5.0
-ROLLOUT_TICK_S = 1.0
 
 
 class FleetServer:
@@ -92,7 +91,7 @@ class FleetServer:
         health_sweep_s: float = HEALTH_SWEEP_S,
         playbook_options: dict[str, Any] | None = None,
         broker_accounts: BrokerAccounts | None = None,
-        rollout_tick_s: float = ROLLOUT_TICK_S,
+        rollout_tick_s: float | None = None,
         rollout_settings: EngineSettings | None = None,
     ) -> None:
         self.settings = settings
@@ -193,11 +192,12 @@ class FleetServer:
             audit=self.auth.audit,
             registry=self.metrics_registry,
             settings=rollout_settings,
+            low_disk_pct=settings.rollout_low_disk_pct,
         )
         self.scheduler.add_job(
             self._safe(self.rollouts.tick),
             "interval",
-            seconds=rollout_tick_s,
+            seconds=rollout_tick_s or settings.rollout_tick_s,
             id="rollout-tick",
             max_instances=1,
             coalesce=True,

@@ -82,6 +82,9 @@ class ServerSettings(BaseSettings):
     broker_passwd_file: Path = Path("/etc/mosquitto/kiosk-fleet/passwd")
     broker_acl_file: Path = Path("/etc/mosquitto/kiosk-fleet/acl")
     broker_pid_file: Path = Path("/run/mosquitto/mosquitto.pid")
+    # Rollouts: how often the engine ticks (seconds), and the disk use (percent) a preview flags.
+    rollout_tick_s: float = Field(default=1.0, ge=0.05, le=60)
+    rollout_low_disk_pct: float = Field(default=90.0, ge=0, le=100)
     # TUF-signed releases (fleet_server/releases/): the repository served under /tuf (unset: a
     # "tuf" folder next to the database), the online key that signs snapshot + timestamp (copied
     # from the keystore; unset: "tuf-online-key.pem" next to the database; mode 0600), how long

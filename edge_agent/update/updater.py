@@ -119,6 +119,8 @@ class Updater:
         return {
             "running": {"version": __version__, "release": self.running},
             "enabled": self.enabled,
+            "bad_commands": self.bad_cmds,
+            "open_sessions": len(self.agent.sessions.open_sessions()),
             "committed": doc["committed"],
             "failed": doc["failed"],
             "job": None
