@@ -96,6 +96,13 @@ class Console:
     # the rollout pages, when the server has a rollout service (see fleet_server.console.rollouts)
     extra_nav: list[tuple[str, str, frozenset[Role]]]
     rollout_summary: Callable[[FleetServer], list[dict[str, Any]]] | None = None
+    usage_figures: views.UsageFigures | None = None
+
+    def figures(self, fleet: FleetServer) -> views.UsageFigures:
+        """The usage answers of this server (made on first use: the app may get its server late)."""
+        if self.usage_figures is None or self.usage_figures.usage is not fleet.usage:
+            self.usage_figures = views.UsageFigures(fleet.usage, fleet.metrics_registry)
+        return self.usage_figures
 
 
 def install_console(app: FastAPI, settings: ServerSettings, *, clock: Callable[[], float] = time.time) -> Console:
@@ -504,7 +511,7 @@ def build_console_router(console: Console) -> APIRouter:
         if q.errors:
             status = 403 if q.errors.get("office") == "You are not assigned to this office." else 422
         else:
-            data = views.usage_page(fleet, user, q, language(request))
+            data = views.usage_page(console.figures(fleet), user, q, language(request))
         return render(
             console,
             request,
@@ -538,7 +545,7 @@ def build_console_router(console: Console) -> APIRouter:
         if q.errors:
             raise PageRefused(422, "Something went wrong", next(iter(q.errors.values())))
         offices = user.office_filter([q.office] if q.office else None)
-        table = fleet.usage.item_table(offices, q.date_from, q.date_to)
+        table = console.figures(fleet).item_table(offices, q.date_from, q.date_to)
         items = views.rank_items(table.rows, q.office is not None)
         return csv_response(views.item_csv_rows(items), f"items-{q.office or 'all'}-{q.date_from}-{q.date_to}.csv")
 
@@ -550,7 +557,7 @@ def build_console_router(console: Console) -> APIRouter:
         if q.errors:
             raise PageRefused(422, "Something went wrong", next(iter(q.errors.values())))
         offices = user.office_filter([q.office] if q.office else None)
-        comparison = fleet.usage.compare_offices(offices, q.date_from, q.date_to)
+        comparison = console.figures(fleet).compare_offices(offices, q.date_from, q.date_to)
         return csv_response(views.office_csv_rows(comparison), f"offices-{q.date_from}-{q.date_to}.csv")
 
     # -- audit ------------------------------------------------------------------------------------

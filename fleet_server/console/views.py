@@ -7,17 +7,21 @@ its rejects), kept in `fleet_server.console.queries`.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
 
 from fleet_server.auth.models import Role, User
 from fleet_server.console import queries
 from fleet_server.console.charts import WeekPoint, heatmap_svg, trend_svg
 from fleet_server.health.service import PeripheralReport
 from fleet_server.usage import charts as usage_charts
-from fleet_server.usage.schemas import ItemRow, OfficeComparison, PeriodComparison
+from fleet_server.usage.schemas import BusyHours, ItemRow, ItemTable, OfficeComparison, PeriodComparison
+from fleet_server.usage.service import UsageService
 
 if TYPE_CHECKING:
     from fleet_server.app import FleetServer
@@ -246,10 +250,69 @@ def rank_items(rows: list[ItemRow], one_office: bool) -> list[ItemRank]:
     return sorted(merged.values(), key=lambda m: (-m.started, m.service_code))
 
 
-def usage_page(fleet: FleetServer, user: User, q: UsageQuery, lang: str) -> dict[str, Any]:
+class UsageFigures:
+    """The usage service's answers, kept until it next rebuilds an office-day.
+
+    Rollups change only when the usage service rebuilds them (every 30 s while events arrive), and
+    it counts each rebuild in `fleet_usage_rebuilt_buckets_total`: an answer is reused while that
+    count is unchanged, so a page never shows figures older than the rollups themselves. Bounded;
+    the answers are frozen models, safe to share between requests."""
+
+    MAX_ENTRIES = 512
+
+    def __init__(self, usage: UsageService, registry: CollectorRegistry) -> None:
+        self.usage = usage
+        self.registry = registry
+        self._seen: float | None = None
+        self._answers: dict[tuple[Any, ...], Any] = {}
+        self._lock = threading.Lock()
+
+    def _version(self) -> float:
+        return self.registry.get_sample_value("fleet_usage_rebuilt_buckets_total") or 0.0
+
+    def _call(self, name: str, *args: Any) -> Any:
+        key = (name, *(tuple(a) if isinstance(a, list) else a for a in args))
+        version = self._version()
+        with self._lock:
+            if version != self._seen:
+                self._answers.clear()
+                self._seen = version
+            if key in self._answers:
+                return self._answers[key]
+        answer = getattr(self.usage, name)(*args)
+        with self._lock:
+            if version == self._seen:
+                if len(self._answers) >= self.MAX_ENTRIES:
+                    self._answers.pop(next(iter(self._answers)))
+                self._answers[key] = answer
+        return answer
+
+    def clear(self) -> None:
+        with self._lock:
+            self._answers.clear()
+
+    def compare_offices(self, offices: list[str] | None, first: date, last: date) -> OfficeComparison:
+        result: OfficeComparison = self._call("compare_offices", offices, first, last)
+        return result
+
+    def item_table(self, offices: list[str] | None, first: date, last: date) -> ItemTable:
+        result: ItemTable = self._call("item_table", offices, first, last)
+        return result
+
+    def busy_hours(self, offices: list[str] | None, first: date, last: date) -> BusyHours:
+        result: BusyHours = self._call("busy_hours", offices, first, last)
+        return result
+
+    def compare_periods(
+        self, offices: list[str] | None, base_from: date, base_to: date, first: date, last: date
+    ) -> PeriodComparison:
+        result: PeriodComparison = self._call("compare_periods", offices, base_from, base_to, first, last)
+        return result
+
+
+def usage_page(usage: UsageFigures, user: User, q: UsageQuery, lang: str) -> dict[str, Any]:
     """The usage figures of the chosen offices and range, each from the service the API uses."""
     offices = user.office_filter([q.office] if q.office else None)
-    usage = fleet.usage
     comparison: OfficeComparison = usage.compare_offices(offices, q.date_from, q.date_to)
     table = usage.item_table(offices, q.date_from, q.date_to)
     items = rank_items(table.rows, q.office is not None)
