@@ -17,7 +17,7 @@ from fleet_dev.proc import free_port
 from fleet_server.app import create_app
 from fleet_server.auth.models import Role
 from fleet_server.cli import EXIT_AUTH, EXIT_SERVER, EXIT_USAGE, app
-from tests.test_rollouts import ScriptedTerminals, fails, fleet, server  # noqa: F401 (fixture)
+from tests.test_rollouts import ScriptedTerminals, fails, fleet, good, server  # noqa: F401 (fixture)
 
 
 @pytest.fixture
@@ -99,3 +99,9 @@ def test_preview_create_watch_status_and_controls(http: tuple[DevStack, Scripted
     assert "halted" in r.output and "not enough disk space" in r.output
     r = run(url, tok, "abort", "cli-bad", "--note", "disk")
     assert r.exit_code == 0 and "aborted by admin: disk" in r.output
+    # roll the first rollout's terminals back to a named release, and follow it
+    scripted.default = good
+    r = run(url, tok, "rollback", "cli-one", "--to", "agent/agent-1.0.0-r21.whl", "--note", "back", "--watch")
+    assert r.exit_code == 0, r.output
+    assert "completed" in r.output
+    assert server(stack).rollouts.get("cli-one")["state"] == "rolled_back"
