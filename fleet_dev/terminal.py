@@ -172,11 +172,24 @@ class Terminal:
     def log(self) -> str:
         return self.log_path.read_text("utf-8", errors="replace") if self.log_path.exists() else ""
 
+    def wait_api(self, timeout_s: float = 60.0) -> None:
+        """Until the agent's local API answers (after a start or restart)."""
+
+        def up() -> bool:
+            try:
+                self.api_get("/v1/live")
+                return True
+            except (OSError, ValueError):
+                return False
+
+        wait_for(up, timeout_s, 0.1, what="the agent's local API")
+
     def api_get(self, path: str) -> Any:
         import urllib.request
 
         with urllib.request.urlopen(f"http://127.0.0.1:{self.settings['api_port']}{path}", timeout=10) as resp:
-            return json.loads(resp.read())
+            body = resp.read()
+        return json.loads(body) if body else None
 
 
 def _alive(pid: int) -> bool:

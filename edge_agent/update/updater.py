@@ -332,6 +332,11 @@ class Updater:
             )
         if kind == "face_model":
             return ("not_a_release", "rejected", "face-model releases are not installed by this agent version yet")
+        if kind == "config":
+            try:
+                overlay.validate(info.settings)
+            except overlay.OverlayRefused as err:
+                return ("not_a_release", "rejected", str(err))
         committed = self.store.committed(kind)
         if committed is not None:
             if committed["counter"] == info.counter and committed["target"] == cmd["target"]:
