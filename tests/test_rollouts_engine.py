@@ -276,3 +276,18 @@ def test_an_unreadable_report_row_is_skipped_and_the_loop_goes_on(tmp_path: Path
     rig.svc.tick()
     assert rig.svc.get("garbled")["state"] == "completed"
     rig.close()
+
+
+def test_an_emptied_event_table_is_read_again_from_the_start(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, {"t-e-1": "dongcheng"})
+    rig.svc.create(_plan(id="emptied"), ADMIN)
+    rig.svc.tick()
+    cmd = rig.sends_to("t-e-1")[0]
+    for n in range(1, 4):
+        rig.report("t-e-1", cmd, "downloading", n)
+    rig.svc.tick()
+    rig.conn.execute("DELETE FROM events")  # e.g. retention removed everything, rowids start over
+    rig.report("t-e-1", cmd, "committed", 4)
+    rig.svc.tick()
+    assert rig.state("emptied", "t-e-1")["state"] == "committed"
+    rig.close()

@@ -254,7 +254,13 @@ class RolloutEngine:
         history: list[tuple[str, str, float, str, str, str, str, str, int, str]] = []
 
         # 1. reports
-        upto, reports = st.reports_after(st.cursor(), REPORTS_PER_TICK)
+        cursor = st.cursor()
+        if cursor and cursor > st.last_event_rowid():
+            # the event table was emptied below the mark (rowids start again): read it from the start;
+            # applying a report twice changes nothing
+            log.warning("event table shrank below the rollout engine's mark %d; reading it again", cursor)
+            cursor = 0
+        upto, reports = st.reports_after(cursor, REPORTS_PER_TICK)
         stats.reports = len(reports)
         if reports:
             self._apply_reports(now, reports, rows, plans, changed, history, stats)
