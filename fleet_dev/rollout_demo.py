@@ -93,6 +93,8 @@ class CitizenTraffic:
         self._terminals: dict[str, Terminal] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._stop = threading.Event()
+        self._running = threading.Event()
+        self._running.set()
         self._thread: threading.Thread | None = None
         self._run_id = uuid.uuid4().hex[:8]
         self._n = itertools.count(1)
@@ -112,7 +114,17 @@ class CitizenTraffic:
             with lock:
                 pass
 
-    def post(self, t: Terminal, deadline_s: float = STALL_S) -> None:
+    def pause(self) -> None:
+        """Stop posting; returns once no request is in flight (e.g. to compare counts)."""
+        self._running.clear()
+        for lock in list(self._locks.values()):
+            with lock:
+                pass
+
+    def resume(self) -> None:
+        self._running.set()
+
+    def post(self, t: Terminal, deadline_s: float = STALL_S, *, unless_paused: bool = False) -> None:
         """Post one citizen event to `t` and wait until the terminal has accepted it."""
         tid = str(t.settings["terminal_id"])
         self._locks.setdefault(tid, threading.Lock())
@@ -132,6 +144,8 @@ class CitizenTraffic:
         url = f"http://127.0.0.1:{t.settings['api_port']}/v1/events"
         end = time.monotonic() + deadline_s
         with self._locks[tid]:
+            if unless_paused and not self._running.is_set():
+                return
             while True:
                 try:
                     r = self._http.post(url, json=body)
@@ -158,10 +172,10 @@ class CitizenTraffic:
         while not self._stop.is_set():
             for tid in list(self._terminals):
                 t = self._terminals.get(tid)
-                if t is None or self._stop.is_set():
+                if t is None or self._stop.is_set() or not self._running.is_set():
                     continue
                 try:
-                    self.post(t, deadline_s=120.0)
+                    self.post(t, deadline_s=120.0, unless_paused=True)
                 except httpx.TransportError as err:
                     self.refused.append(f"{tid}: unreachable for 120 s ({err})")
                 self._stop.wait(self.interval_s)
@@ -169,6 +183,7 @@ class CitizenTraffic:
 
     def stop(self) -> None:
         self._stop.set()
+        self._running.set()
         if self._thread is not None:
             self._thread.join(180)
         self._http.close()
