@@ -38,7 +38,14 @@ HOSTILE_STRINGS = [
     "%00%2e%2e",
 ]
 HOSTILE_DATES = ["0001-01-01", "9999-12-31", "2026-02-30", "-1"]
-SANE_PATH = {"terminal_id": "t-hd-1", "office_id": "haidian", "name": "x", "run_id": "1", "rollout_id": "r-1"}
+SANE_PATH = {
+    "terminal_id": "t-hd-1",
+    "office_id": "haidian",
+    "name": "x",
+    "run_id": "1",
+    "rollout_id": "r-1",
+    "sha256": "0" * 64,
+}
 
 
 class FakeClock:
