@@ -441,7 +441,11 @@ class Outbox:
                 for seq, eid, stamp, t, body in zip(seqs, ids, stamps, types, batch.bodies)
             ]
         sizes = list(map(len, envs))
-        expires = [None if ttl is None else now + ttl for ttl in batch.ttls]
+        ttls = batch.ttls
+        if ttls.count(ttls[0]) == n:
+            expires = [None if ttls[0] is None else now + ttls[0]] * n
+        else:
+            expires = [None if ttl is None else now + ttl for ttl in ttls]
         try:
             with transaction(self._db):
                 self._db.executemany(
