@@ -270,6 +270,8 @@ ZH: dict[str, str] = {
     "done": "已通过",
     "low_disk": "磁盘不足",
     "stale_metadata": "元数据将过期",
+    "unknown": "未知",
+    "until": "至",
     "Enter a number.": "请输入数字。",
     "Enter a number of 0 or more.": "请输入不小于 0 的数字。",
     "Choose the release to roll out.": "请选择要发布的版本包。",
