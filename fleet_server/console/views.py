@@ -49,9 +49,12 @@ class OfficeLine:
 def overview(fleet: FleetServer, user: User) -> dict[str, Any]:
     """Every visible office with its terminals by state, open alerts and agent versions in use."""
     allowed = user.office_filter()
-    health = {o["office"]: o for o in fleet.health.offices(allowed)}
+    # one snapshot of every terminal's health gives both the counts by state (what
+    # /api/v1/health/offices counts) and the versions in use, so the two always agree
+    states: dict[str, Counter[str]] = {}
     versions: dict[str, Counter[str]] = {}
     for t in fleet.health.terminals(allowed):
+        states.setdefault(t["office"], Counter())[t["state"]] += 1
         versions.setdefault(t["office"], Counter())[t["agent_version"] or "?"] += 1
     alerts = fleet.health.alerts(True, allowed, 200)
     alerts_by_office = Counter(a["office"] for a in alerts)
@@ -59,7 +62,7 @@ def overview(fleet: FleetServer, user: User) -> dict[str, Any]:
     for o in fleet.registry.offices():
         if allowed is not None and o.id not in allowed:
             continue
-        h = health.get(o.id, {})
+        counts = states.get(o.id, Counter())
         lines.append(
             OfficeLine(
                 o.id,
@@ -67,8 +70,8 @@ def overview(fleet: FleetServer, user: User) -> dict[str, Any]:
                 o.name_en,
                 o.district,
                 o.pilot,
-                {s: int(h.get(s, 0)) for s in STATES},
-                int(h.get("terminals", 0)),
+                {s: counts.get(s, 0) for s in STATES},
+                sum(counts.values()),
                 alerts_by_office.get(o.id, 0),
                 sorted(versions.get(o.id, Counter()).items(), key=lambda kv: (-kv[1], kv[0])),
             )
