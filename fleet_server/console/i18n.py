@@ -286,6 +286,25 @@ ZH: dict[str, str] = {
         "只能用小写字母、数字和“-”，并以字母或数字开头。"
     ),
     "Use a time like 2026-12-03T02:00.": "时间格式示例：2026-12-03T02:00。",
+    # the terminals' update reasons (fleet_wire.release.REASONS)
+    "no problem": "无问题",
+    "the signed metadata lists no such release": "签名元数据中没有此版本包",
+    "the download does not match its signed hash or length": "下载内容与签名的哈希或长度不符",
+    "metadata not signed by the keys the terminal trusts": "元数据不是由终端信任的密钥签名",
+    "signed metadata has expired (or the terminal's clock is wrong)": "签名元数据已过期（或终端时钟有误）",
+    "the repository offered older metadata than the terminal already has": "仓库提供的元数据比终端已有的更旧",
+    "release counter below the one this terminal committed": "版本序号低于该终端已生效的序号",
+    "the release does not list this terminal's device profile": "该版本包不适用于此终端型号",
+    "the target carries no valid release description": "目标文件没有有效的版本说明",
+    "this release already failed on this terminal and is not tried again": "该版本包曾在此终端失败，不再重试",
+    "could not download the release (network or repository)": "无法下载版本包（网络或仓库问题）",
+    "not enough disk space to stage or install the release": "磁盘空间不足，无法准备或安装版本包",
+    "installing the release failed; the running version was not touched": "安装失败；正在运行的版本未受影响",
+    "the new version did not pass its health gate": "新版本未通过健康检查",
+    "the server never acknowledged the new version's report": "服务器未确认新版本的上报",
+    "the new version kept crashing on start": "新版本启动后反复崩溃",
+    "the face model failed its self-test on golden images": "人脸模型在标准图片自检中失败",
+    "a newer desired release replaced this one": "已被更新的目标版本取代",
 }
 
 

@@ -25,10 +25,9 @@ from fleet_server.auth.deps import get_fleet
 from fleet_server.auth.errors import AuthError, NotAllowed
 from fleet_server.auth.models import Role, User
 from fleet_server.console.routes import Console, PageRefused, check_csrf, render, who
-from fleet_server.rollouts.engine import describe_reason
 from fleet_server.rollouts.errors import RolloutError, UnknownRollout
 from fleet_server.rollouts.schemas import FAILED, FINAL, LIVE, RollbackRequest, RolloutPlan
-from fleet_wire.release import ROLLOUT_ID_PATTERN
+from fleet_wire.release import REASONS, ROLLOUT_ID_PATTERN
 
 if TYPE_CHECKING:
     from fleet_server.app import FleetServer
@@ -280,7 +279,7 @@ def trust(fleet: FleetServer) -> dict[str, Any]:
                     {"terminal": t["terminal"], "office": t["office"], "rollout": r["id"], "detail": t["detail"]}
                 )
     groups = [
-        {"reason": k, "words": describe_reason(k), "terminals": v}
+        {"reason": k, "words": REASONS.get(k, k), "terminals": v}
         for k, v in sorted(errors.items(), key=lambda kv: -len(kv[1]))
     ]
     return {"chain": chain, "groups": groups}
@@ -381,7 +380,9 @@ def build_rollout_router(console: Console, clock: Callable[[], float] = time.tim
         terminals = fleet.rollouts.terminals(rollout_id)
         not_done = [t for t in terminals if t["state"] != "committed"]
         for t in not_done:
-            t["words"] = describe_reason(t["reason"], t["detail"]) if t["reason"] not in ("", "ok") else ""
+            t["words"] = (
+                REASONS.get(t["reason"], t["reason"].replace("_", " ")) if t["reason"] not in ("", "ok") else ""
+            )
         return render(
             console,
             request,

@@ -204,8 +204,10 @@ def test_a_bad_release_halts_and_the_page_says_why(fleet: tuple[Console, Scripte
         assert "wave 1" in reason and "not signed by the keys the terminal trusts" in reason
         assert page.get_by_test_id("wave-1").locator("[data-gate=failed]").inner_text() == "1"
         shot(page, "rollout-halted")
+        assert "元数据不是由终端信任的密钥签名" in page.get_by_test_id("not-done").inner_text()
         page.goto(console.url + "/rollouts/trust")
-        assert "not signed by the keys the terminal trusts" in page.inner_text("body")
+        body = page.inner_text("body")
+        assert "元数据不是由终端信任的密钥签名" in body and "bad_signature" in body and "bad-signature" in body
         shot(page, "rollout-trust")
         page.goto(console.url + "/rollouts/calendar")
         assert page.get_by_test_id("calendar").locator("tr[data-office]").count() >= 18
