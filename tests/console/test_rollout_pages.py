@@ -19,7 +19,7 @@ import uvicorn
 from fleet_dev.devstack import DevStack
 from fleet_dev.proc import free_port, wait_for
 from fleet_server.app import create_app
-from fleet_server.auth.models import Role
+from fleet_server.auth.models import Role, User
 from fleet_server.rollouts.schemas import RolloutPlan
 from tests.console.conftest import PASSWORD, Console, login, shot
 from tests.test_rollouts import SERVER_OPTIONS, ScriptedTerminals, fails, good, online, releases, start_agent
@@ -258,17 +258,30 @@ def test_a_manager_reads_rollouts_but_the_server_refuses_every_action(
     fleet: tuple[Console, ScriptedTerminals], context: Any
 ) -> None:
     console, _ = fleet
+    # a rollout that waits for approval: any action a manager managed would show in its state
+    plan = RolloutPlan.model_validate(
+        {"id": "waits-for-approval", "release": RELEASE, "targets": {"offices": ["haidian"]}, "waves": [{}],
+         "approval_required": True, "window": "now"}
+    )  # fmt: skip
+    console.fleet.rollouts.create(plan, User("admin", Role.ADMIN))
     page = context.new_page()
     login(page, console, "wang", next_path="/rollouts")
     page.wait_for_url(console.url + "/rollouts")
     assert page.get_by_test_id("new-rollout").count() == 0
-    page.goto(console.url + "/rollouts/agent-2-0-0")
+    assert page.locator("tr[data-rollout=waits-for-approval]").count() == 1
+    shot(page, "rollouts")
+    page.goto(console.url + "/rollouts/waits-for-approval")
     assert page.get_by_test_id("actions").count() == 0
     csrf = page.locator("input[name=csrf]").first.get_attribute("value") or ""
     for action in ("approve", "pause", "resume", "abort", "retry", "rollback"):
-        r = page.request.post(f"{console.url}/rollouts/agent-2-0-0/{action}", form={"csrf": csrf})
+        r = page.request.post(f"{console.url}/rollouts/waits-for-approval/{action}", form={"csrf": csrf})
         assert r.status == 403, action
     r = page.request.post(f"{console.url}/rollouts/new", form={"csrf": csrf, "release": RELEASE, "targets_all": "on"})
     assert r.status == 403
     assert page.request.get(console.url + "/rollouts/new").status == 403
-    assert console.fleet.rollouts.get("agent-2-0-0")["state"] == "completed"
+    page.goto(console.url + "/rollouts/new")
+    assert "您的角色无权打开此页面" in page.get_by_test_id("error").inner_text()
+    shot(page, "refused")
+    doc = console.fleet.rollouts.get("waits-for-approval")
+    assert doc["state"] == "awaiting_approval" and doc["approved_by"] is None
+    console.fleet.rollouts.abort("waits-for-approval", User("admin", Role.ADMIN))
