@@ -106,10 +106,18 @@ class AuthService:
             return self.store.users()
 
     def user(self, name: str) -> User | None:
-        """An enabled user by name (a console session is re-checked with this on every request)."""
+        """An enabled user by name."""
+        found = self.login_stamp(name)
+        return found[0] if found else None
+
+    def login_stamp(self, name: str) -> tuple[User, str] | None:
+        """An enabled user and a digest of their current password hash: a console session made with
+        another stamp (the password changed since) is no longer valid. Never the hash itself."""
         with self.lock:
             found = self.store.password_hash(name)
-        return found[0] if found else None
+        if found is None:
+            return None
+        return found[0], hashlib.sha256((found[1] or "").encode()).hexdigest()[:32]
 
     # -- console passwords ---------------------------------------------------------------------------
 

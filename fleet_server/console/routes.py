@@ -275,12 +275,14 @@ def who(request: Request, console: Console, *roles: Role) -> tuple[User, Session
     """The logged-in user of this request, or LoginRequired; PageRefused when their role may not."""
     token = request.cookies.get(SESSION_COOKIE)
     session = console.sessions.get(token)
+    back = _here(request) if request.method == "GET" else "/"
     if session is None:
-        raise LoginRequired(_here(request), expired=bool(token))
-    user = get_fleet(request).auth.user(session.user)
-    if user is None:  # disabled or removed since the login
+        raise LoginRequired(back, expired=bool(token))
+    found = get_fleet(request).auth.login_stamp(session.user)
+    if found is None or found[1] != session.stamp:  # disabled, removed or a new password since
         console.sessions.drop(token)
-        raise LoginRequired(_here(request), expired=True)
+        raise LoginRequired(back, expired=True)
+    user = found[0]
     if roles and user.role not in roles:
         raise PageRefused(403, "Not allowed", "Your role may not open this page.")
     return user, session
@@ -385,7 +387,9 @@ def build_console_router(console: Console) -> APIRouter:
                 "failed console login from %s: %d recent from there, %d for that name", address, a.recent, u.recent
             )
             return login_page(request, status=401, error="Wrong user name or password.", name=name)
-        token, _session = console.sessions.create(user.name)
+        stamp = fleet.auth.login_stamp(user.name)
+        console.sessions.drop(request.cookies.get(SESSION_COOKIE))  # a fresh session, never the old one
+        token, _session = console.sessions.create(user.name, stamp[1] if stamp else "")
         fleet.auth.audit(user, "console.login", user.name, None, {"from": address})
         target = safe_next(next_path)
         if user.role == Role.AUDITOR and target == "/":

@@ -3,7 +3,8 @@
 The session cookie carries a random token; the server keeps only its SHA-256, the user's name, a
 CSRF token and two times. A session ends when it is idle for `idle_s`, `max_s` after the login, on
 logout, or when the server restarts (everyone logs in again; nothing to steal from the disk).
-The user's role is read again on every request, so a changed or disabled user takes effect at once.
+The user's role is read again on every request, so a changed or disabled user takes effect at once,
+and a session made before the user's password changed ends.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class Session:
     csrf: str
     created: float
     last_seen: float
+    stamp: str = ""  # of the password it was made with (AuthService.login_stamp)
 
 
 def _key(token: str) -> str:
@@ -48,11 +50,11 @@ class SessionStore:
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._lock = threading.Lock()
 
-    def create(self, user: str) -> tuple[str, Session]:
+    def create(self, user: str, stamp: str = "") -> tuple[str, Session]:
         """A new session for `user`: its cookie token (shown once) and the session."""
         token = secrets.token_urlsafe(32)
         now = self.clock()
-        session = Session(user, secrets.token_urlsafe(32), now, now)
+        session = Session(user, secrets.token_urlsafe(32), now, now, stamp)
         with self._lock:
             self._sessions[_key(token)] = session
             while len(self._sessions) > self.max_sessions:

@@ -226,6 +226,15 @@ def test_an_expired_session_returns_to_the_login_page(console: Console, context:
         sessions.clock = real
     login(page, console, "wang", next_path="/usage")
     page.wait_for_url(f"{console.url}/usage")
+    # a new password (set by an admin through the API) ends the sessions made with the old one
+    r = httpx.post(
+        console.url + "/api/v1/users/wang/password",
+        json={"password": PASSWORD},
+        headers={"Authorization": f"Bearer {console.tokens['admin']}"},
+    )
+    assert r.status_code == 204
+    page.reload()
+    assert "/login" in page.url and "expired=1" in page.url
 
 
 def test_repeated_failed_logins_lock_the_login_for_a_while(console: Console, context: Any) -> None:
