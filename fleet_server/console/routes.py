@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 from urllib.parse import quote, urlsplit
 from zoneinfo import ZoneInfo
 
@@ -204,7 +204,11 @@ def language(request: Request) -> str:
     return lang if lang in LANGUAGES else DEFAULT_LANGUAGE
 
 
-def security_headers(response: Response) -> Response:
+_R = TypeVar("_R", bound=Response)
+
+
+def security_headers(response: _R) -> _R:
+    """The headers every console answer carries: no scripts, no framing, no caching, no sniffing."""
     response.headers["Content-Security-Policy"] = CSP
     response.headers["X-Frame-Options"] = "DENY"
     response.headers["X-Content-Type-Options"] = "nosniff"
@@ -250,7 +254,7 @@ def render(
         rollout_pages=bool(console.extra_nav),
         **ctx,
     )
-    return security_headers(HTMLResponse(html, status_code=status))  # type: ignore[return-value]
+    return security_headers(HTMLResponse(html, status_code=status))
 
 
 def _here(request: Request) -> str:
