@@ -354,17 +354,23 @@ def run_supervise(root: Path, config: str | None, extra: list[str], backoff_s: f
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="launcher", description="start the kiosk agent of the current release")
-    parser.add_argument("mode", choices=["exec", "supervise"])
+    parser.add_argument("mode", choices=["exec", "supervise", "switch"], help="switch: point current at release EXTRA")
     parser.add_argument("--root", required=True, help="install root (holds releases/ and current)")
     parser.add_argument("--config", help="agent settings file, passed on to `edge-agent run`")
     parser.add_argument("--backoff-s", type=float, default=1.0, help="supervise: first restart delay")
     parser.add_argument("--max-backoff-s", type=float, default=30.0, help="supervise: longest restart delay")
     parser.add_argument("extra", nargs="*", help="further arguments for `edge-agent run` (after --)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # `switch --root R NAME` as well as `switch NAME --root R`
     root = Path(args.root).absolute()
     if not (root / RELEASES).is_dir():
         _say(f"{root} has no {RELEASES}/ directory")
         return EXIT_CONFIG
+    if args.mode == "switch":  # provisioning: the first release, atomically
+        if len(args.extra) != 1 or not is_complete(release_dir(root, args.extra[0])):
+            _say(f"switch needs the name of one complete release under {root / RELEASES}")
+            return EXIT_CONFIG
+        switch_current(root, args.extra[0])
+        return 0
     if args.mode == "exec":
         return run_exec(root, args.config, args.extra)
     return run_supervise(root, args.config, args.extra, args.backoff_s, args.max_backoff_s)

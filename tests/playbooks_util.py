@@ -24,7 +24,8 @@ def agent_install_vars(dist: Any) -> dict[str, Any]:
         "agent_wheelhouse": str(dist.wheelhouse),
         "agent_python": sys.executable,
         "agent_venv_args": ["--without-pip"],
-        "agent_pip": [sys.executable, "-m", "pip", "--python", "{{ agent_venv }}/bin/python"],
+        "agent_pip": [sys.executable, "-m", "pip", "--python", "{{ agent_release_dir }}/bin/python"],
+        "agent_launcher_python": sys.executable,
     }
 
 

@@ -36,6 +36,7 @@ RUN_TIMEOUT_S = 480
 REAL_PATHS = [
     Path("/etc/kiosk-agent"),
     Path("/opt/kiosk-agent"),
+    Path("/opt/kiosk-fleet"),
     Path("/var/lib/kiosk-agent"),
     Path("/etc/systemd/system/kiosk-agent.service"),
 ]
@@ -160,7 +161,14 @@ def test_provision_installs_agent_config_unit_and_profile(
     assert provisioned["first"].status == "successful", provisioned["first"].error
     assert provisioned["first"].changed > 0
 
-    venv_python = root / "opt/kiosk-agent/venv/bin/python"
+    # A/B layout: the release venv in releases/<version>-<sha8>, `current` pointing at it, its
+    # completion marker, the launcher outside every release
+    home = root / "opt/kiosk-fleet"
+    release = os.readlink(home / "current")
+    assert release.startswith("releases/0.1.0-") and len(release) == len("releases/0.1.0-") + 8
+    assert (home / release / ".complete").is_file()
+    assert (home / "launcher.py").read_bytes() == (REPO / "edge_agent/launcher.py").read_bytes()
+    venv_python = root / "opt/kiosk-fleet/current/bin/python"
     done = subprocess.run(
         [str(venv_python), "-c", "import edge_agent; print(edge_agent.__file__)"],
         capture_output=True,
@@ -169,8 +177,8 @@ def test_provision_installs_agent_config_unit_and_profile(
         timeout=30,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().startswith(str(root / "opt/kiosk-agent/venv")), "imported from elsewhere"
-    assert (root / "opt/kiosk-agent/venv/bin/edge-agent").is_file()
+    assert done.stdout.strip().startswith(str(root / "opt/kiosk-fleet/current")), "imported from elsewhere"
+    assert (root / "opt/kiosk-fleet/current/bin/edge-agent").is_file()
 
     config = root / "etc/kiosk-agent/agent.yaml"
     assert stat.S_IMODE(config.stat().st_mode) == 0o600
@@ -189,8 +197,8 @@ def test_provision_installs_agent_config_unit_and_profile(
         [e.model_dump() for r in (provisioned["first"], provisioned["second"]) for e in r.events]
     )
     # a clean venv: the agent's dependencies came from the wheelhouse, pinned by hash
-    assert not (root / "opt/kiosk-agent/venv/lib/python3.11/site-packages/fleet_server").exists()
-    assert (root / "opt/kiosk-agent/venv/pyvenv.cfg").read_text().count("include-system-site-packages = false") == 1
+    assert not (root / "opt/kiosk-fleet/current/lib/python3.11/site-packages/fleet_server").exists()
+    assert (root / "opt/kiosk-fleet/current/pyvenv.cfg").read_text().count("include-system-site-packages = false") == 1
 
     unit = (root / "etc/systemd/system/kiosk-agent.service").read_text()
     assert "Restart=always" in unit
@@ -198,7 +206,8 @@ def test_provision_installs_agent_config_unit_and_profile(
     assert "WatchdogSec=60" in unit
     assert "User=kiosk-agent" in unit
     assert "SupplementaryGroups=kiosk-api" in unit
-    assert f"ExecStart={root}/opt/kiosk-agent/venv/bin/edge-agent run --config {config}" in unit
+    assert f"ExecStart={sys.executable} {home}/launcher.py exec --root {home} --config {config}" in unit
+    assert f"ReadWritePaths={root}/var/lib/kiosk-agent {root}/var/log/kiosk-agent {home}" in unit
 
     profile = root / "etc/kiosk-agent/device-profile.yaml"
     source = REPO / "device_profiles/generic.yaml"
@@ -360,7 +369,7 @@ def test_onboard_office_provisions_each_terminal_with_its_own_credentials(
             t["password"],
         )
         assert (root / "etc/systemd/system/kiosk-agent.service").is_file()
-        assert (root / "opt/kiosk-agent/venv/bin/edge-agent").is_file()
+        assert (root / "opt/kiosk-fleet/current/bin/edge-agent").is_file()
     assert not (work / "root-cy-03/etc/kiosk-agent/device-profile.yaml").exists()
     skipped = [e.message for e in result.events if e.host == "cy-03" and e.task == "Report a missing device profile"]
     assert skipped and "no-such-model" in skipped[0]
@@ -455,8 +464,9 @@ def test_playbook_routes_need_an_admin_and_record_the_run(tmp_path: Path) -> Non
         st.close()
 
 
-def test_provisioned_agent_runs_from_its_venv_and_config_with_the_token(provisioned: dict[str, Any]) -> None:
-    """The unit's ExecStart, run by hand: the real wheel's agent, the config and token the playbook wrote."""
+def test_provisioned_agent_runs_under_its_launcher_with_config_and_token(provisioned: dict[str, Any]) -> None:
+    """The unit's ExecStart, run by hand: the launcher execs the real wheel's agent from the release
+    `current` points to, with the config and token the playbook wrote."""
     import httpx
 
     root: Path = provisioned["root"]
@@ -466,8 +476,11 @@ def test_provisioned_agent_runs_from_its_venv_and_config_with_the_token(provisio
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [
-                str(root / "opt/kiosk-agent/venv/bin/edge-agent"),
-                "run",
+                sys.executable,
+                str(root / "opt/kiosk-fleet/launcher.py"),
+                "exec",
+                "--root",
+                str(root / "opt/kiosk-fleet"),
                 "--config",
                 str(root / "etc/kiosk-agent/agent.yaml"),
             ],
@@ -495,6 +508,19 @@ def test_provisioned_agent_runs_from_its_venv_and_config_with_the_token(provisio
         event = {"type": "service.started", "body": {"session": "pb-1", "service_code": "TQ02"}}
         r = httpx.post(base + "/v1/events", json=event, headers={"Authorization": f"Bearer {token}"}, timeout=5)
         assert r.status_code == 201, r.text
+        # exec, not a child: the launcher's PID is now the agent of the real release path
+        exe = os.readlink(f"/proc/{proc.pid}/exe")
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert "launcher" not in exe
+        real = (root / "opt/kiosk-fleet/current").resolve()
+        assert any(part.decode().startswith(str(real) + "/bin/") for part in cmdline), cmdline
+        assert (
+            httpx.get(base + "/v1/update", headers={"Authorization": f"Bearer {token}"}, timeout=5).json()["running"][
+                "release"
+            ]
+            == real.name
+        )
     finally:
         stop(proc)
+    assert (root / "opt/kiosk-fleet/clean-stop").is_file()  # SIGTERM: a clean stop, no crash
     assert stat.S_IMODE((root / "var/lib/kiosk-agent/outbox.db").stat().st_mode) == 0o600
