@@ -63,6 +63,16 @@ class Rig:
         self.root_json = self.keystore.folder / "metadata" / "1.root.json"
         self.mqtt = RawClient(self.stack.port, self.stack.settings.broker_username, self.stack.server_password)
 
+    def stop_server(self) -> None:
+        """Stop the fleet server process (broker and terminals stay up)."""
+        assert self.server is not None
+        stop(self.server)
+        self.server = None
+
+    def start_server(self) -> None:
+        self.server = self.stack.server_process(self.http_port)
+        wait_for(self._healthy, 60, what="fleet server process")
+
     def _healthy(self) -> bool:
         try:
             return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
