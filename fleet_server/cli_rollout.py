@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -52,6 +53,35 @@ Waves = Annotated[
 ]
 Offices = Annotated[list[str] | None, typer.Option("--office", help="target this office (repeat); default: all")]
 Now = Annotated[bool, typer.Option("--now", help="install at once, not in each office's maintenance window")]
+WindowStart = Annotated[
+    str | None,
+    typer.Option(
+        "--window-start",
+        help="the rollout's install period starts then (ISO 8601 with zone, e.g. 2026-12-03T00:00+08:00):"
+        " nothing is sent before",
+    ),
+]
+WindowEnd = Annotated[
+    str | None,
+    typer.Option(
+        "--window-end",
+        help="the install period ends then (after --window-start); it acts as the deadline: after it the"
+        " terminals install when idle",
+    ),
+]
+
+
+def _moment(option: str, value: str | None) -> str | None:
+    """An option's time as given, once it reads as an ISO 8601 time with its zone."""
+    if value is None:
+        return None
+    try:
+        at = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        fail(f"{option} {value!r}: not a time; write it like 2026-12-03T00:00+08:00", EXIT_USAGE)
+    if at.tzinfo is None:
+        fail(f"{option} {value!r}: give the time zone too, e.g. 2026-12-03T00:00+08:00", EXIT_USAGE)
+    return at.isoformat()
 
 
 def _wave(spec: str) -> dict[str, Any]:
@@ -147,6 +177,8 @@ def create(
     rollout_id: Annotated[str | None, typer.Option("--id", help="rollout id (default: from the release)")] = None,
     approval: Annotated[bool, typer.Option("--approval", help="a second admin approves before it starts")] = False,
     rollback_on_halt: Annotated[bool, typer.Option("--rollback-on-halt", help="roll back instead of pausing")] = False,
+    window_start: WindowStart = None,
+    window_end: WindowEnd = None,
     watch: Annotated[bool, typer.Option("--watch", help="follow it live")] = False,
 ) -> None:
     """Create a rollout (its waves are fixed now, as the preview shows)."""
@@ -159,6 +191,8 @@ def create(
         id=rollout_id,
         approval_required=approval,
         on_halt="rollback" if rollback_on_halt else None,
+        window_start=_moment("--window-start", window_start),
+        window_end=_moment("--window-end", window_end),
     )
     created = api(ctx).call("POST", "/api/v1/rollouts", json=doc)
     _show_preview(created["preview"])
@@ -257,6 +291,8 @@ def _summary(doc: dict[str, Any]) -> None:
     out.print(f"rollout [bold]{doc['id']}[/] → {doc['release']}: [{colour or 'default'}]{doc['state']}[/]")
     if doc.get("reason"):
         out.print(f"  {doc['reason']}")
+    if doc.get("window_start") or doc.get("window_end"):
+        out.print(f"  install period: {doc.get('window_start') or '…'} – {doc.get('window_end') or '…'}")
 
 
 def _line(states: dict[str, int], size: int) -> str:

@@ -345,6 +345,41 @@ def test_percent_wave_never_rounds_to_zero_and_sizes_that_cannot_add_up(
         assert r.status_code == 422 and "wave 1: asks for 9" in r.json()["detail"]
 
 
+def test_an_install_period_that_ends_before_it_starts_is_refused_naming_the_field(
+    fleet: Callable[..., tuple[DevStack, ScriptedTerminals]],
+) -> None:
+    stack, _ = fleet({"t-p-1": "dongcheng", "t-p-2": "haidian"}, start_agents=False)
+    body: dict[str, Any] = {"release": "agent/agent-2.0.0.whl", "waves": [{}], "window": "now"}
+    with TestClient(_app(stack)) as http:
+        for start, end in (("2026-12-03T06:00:00+08:00", "2026-12-03T02:00:00+08:00"), ("2026-12-03T06:00:00Z",) * 2):
+            for path in ("/api/v1/rollouts/preview", "/api/v1/rollouts"):
+                r = http.post(
+                    path, json={**body, "window_start": start, "window_end": end}, headers=_auth(stack.admin_token)
+                )
+                assert r.status_code == 422, r.text
+                assert r.json()["detail"].startswith("body.window_end:"), r.text
+                assert "the install period must end after it starts" in r.json()["detail"]
+        # a time without its zone is refused too, naming the field
+        r = http.post(
+            "/api/v1/rollouts", json={**body, "window_start": "2026-12-03T06:00:00"}, headers=_auth(stack.admin_token)
+        )
+        assert r.status_code == 422 and r.json()["detail"].startswith("body.window_start:"), r.text
+        assert "needs a time zone" in r.json()["detail"]
+        assert server(stack).rollouts.list_rollouts() == []  # nothing was created
+        # a period the right way round is taken and shown with the rollout
+        r = http.post(
+            "/api/v1/rollouts",
+            json={**body, "id": "with-period", "window_start": "2099-01-01T02:00:00+08:00",
+                  "window_end": "2099-01-03T06:00:00+08:00"},
+            headers=_auth(stack.admin_token),
+        )  # fmt: skip
+        assert r.status_code == 201, r.text
+        got = http.get("/api/v1/rollouts/with-period", headers=_auth(stack.admin_token)).json()
+        assert got["window_start"] == "2099-01-01T02:00:00+08:00" and got["window_end"] == "2099-01-03T06:00:00+08:00"
+        wait_for(lambda: server(stack).rollouts.engine.last.terminals == 2, 10, what="an engine tick over it")
+        assert [t["sends"] for t in server(stack).rollouts.terminals("with-period")] == [0, 0]  # not before the start
+
+
 def _app(stack: DevStack) -> Any:
     from fleet_server.app import create_app
 

@@ -24,6 +24,7 @@ from fleet_server.rollouts.releases import Release, ReleaseCatalog
 from fleet_server.rollouts.schemas import RolloutPlan
 from fleet_server.rollouts.service import RolloutService
 from fleet_wire import topics
+from fleet_wire.envelope import format_ts
 from fleet_wire.release import DesiredRelease, decode_desired
 
 ADMIN = User("admin", Role.ADMIN)
@@ -291,3 +292,45 @@ def test_an_emptied_event_table_is_read_again_from_the_start(tmp_path: Path) -> 
     rig.svc.tick()
     assert rig.state("emptied", "t-e-1")["state"] == "committed"
     rig.close()
+
+
+def test_nothing_is_sent_before_the_install_period_and_its_end_is_the_deadline(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, {"t-e-1": "dongcheng", "t-e-2": "haidian"})
+    start = datetime.fromtimestamp(rig.clock.now + 3 * 3600, UTC)
+    end = datetime.fromtimestamp(rig.clock.now + 2 * 86400, UTC)
+    plan = RolloutPlan.model_validate(
+        {
+            "id": "period",
+            "release": RELEASE.path,
+            "waves": [{"size": {"count": 1}}, {}],
+            "window_start": start.isoformat(),
+            "window_end": end.isoformat(),
+            "deadline": "2099-01-01T00:00:00Z",  # later than the period's end: the end applies
+        }
+    )
+    rig.svc.create(plan, ADMIN)
+    # hours before the start: ticks send nothing, time nothing out, and the wave says why it waits
+    for _ in range(3):
+        rig.svc.tick()
+        rig.clock.now += 3600 - 1
+    assert rig.sent == []
+    doc = rig.svc.get("period")
+    assert doc["state"] == "running" and datetime.fromisoformat(doc["window_start"]) == start
+    assert "install period starts" in doc["waves"][0]["note"] and "nothing is sent before" in doc["waves"][0]["note"]
+    assert {t["state"] for t in rig.svc.terminals("period")} == {"pending"}
+    # the start passes: the first wave's terminal gets its command, with the period's end as the deadline
+    rig.clock.now += 10
+    rig.svc.tick()
+    assert len(rig.sent) == 1
+    _, cmd = rig.sent[0]
+    assert cmd.deadline == format_ts(end) and cmd.window is not None  # still the office's maintenance window
+    # the earlier of the two applies: a deadline before the period's end is sent as it is
+    (tmp_path / "second").mkdir()
+    rig2 = Rig(tmp_path / "second", {"t-e-3": "dongcheng"})
+    rig2.svc.create(
+        _plan(id="early-deadline", window_end="2099-01-01T00:00:00Z", deadline="2098-06-01T00:00:00+08:00"), ADMIN
+    )
+    rig2.svc.tick()
+    assert rig2.sends_to("t-e-3")[0].deadline == "2098-05-31T16:00:00.000Z"
+    rig.close()
+    rig2.close()

@@ -286,6 +286,23 @@ ZH: dict[str, str] = {
         "只能用小写字母、数字和“-”，并以字母或数字开头。"
     ),
     "Use a time like 2026-12-03T02:00.": "时间格式示例：2026-12-03T02:00。",
+    # a rollout's own install period
+    "The install period must end after it starts.": "安装时段的结束时间必须晚于开始时间。",
+    "Install period from (Beijing time, optional)": "安装时段开始（北京时间，可选）",
+    "Install period until (Beijing time, optional)": "安装时段结束（北京时间，可选）",
+    "Install period": "安装时段",
+    "Beijing time; nothing is sent before its start, its end acts as the deadline": (
+        "北京时间；开始前不下发安装指令，结束时间即截止时间"
+    ),
+    "Deadline": "截止时间",
+    "Install periods of rollouts": "各发布的安装时段",
+    "Beijing time. Within its period a rollout installs in the office windows above, unless at once.": (
+        "北京时间。在安装时段内，终端仍按上表各网点的维护时段安装（立即安装的发布除外）。"
+    ),
+    "Until": "至",
+    "not started": "未开始",
+    "open": "进行中",
+    "ended": "已结束",
     # the terminals' update reasons (fleet_wire.release.REASONS)
     "no problem": "无问题",
     "the signed metadata lists no such release": "签名元数据中没有此版本包",

@@ -42,6 +42,7 @@ METADATA_REASONS = frozenset({"bad_signature", "expired", "metadata_rollback", "
 _ROLLOUT_RE = re.compile(ROLLOUT_ID_PATTERN)
 _WAVE_MSG = re.compile(r"^wave (\d+)\b")
 MAX_TERMINALS_SHOWN = 300
+PERIOD_ENDS_BEFORE_START = "The install period must end after it starts."
 
 DEFAULT_WAVES: list[dict[str, str]] = [
     {"name": "canary", "size_kind": "count", "size": "1", "pilot_only": "on", "soak_s": "60", "fail_kind": "count",
@@ -154,13 +155,21 @@ def form_to_plan(form: dict[str, Any], offices: list[str]) -> tuple[dict[str, An
         if not _ROLLOUT_RE.match(rid):
             errors["id"] = "Lower-case letters, digits and '-' only, starting with a letter or digit."
         plan["id"] = rid
-    deadline = str(form.get("deadline") or "").strip()
-    if deadline:
+    moments: dict[str, datetime] = {}
+    for key in ("deadline", "window_start", "window_end"):
+        text = str(form.get(key) or "").strip()
+        if not text:
+            continue
         try:
-            at = datetime.fromisoformat(deadline)
-            plan["deadline"] = (at if at.tzinfo else at.replace(tzinfo=ZoneInfo("Asia/Shanghai"))).isoformat()
+            at = datetime.fromisoformat(text)
         except ValueError:
-            errors["deadline"] = "Use a time like 2026-12-03T02:00."
+            errors[key] = "Use a time like 2026-12-03T02:00."
+            continue
+        moments[key] = at if at.tzinfo else at.replace(tzinfo=ZoneInfo("Asia/Shanghai"))
+        plan[key] = moments[key].isoformat()
+    start, end = moments.get("window_start"), moments.get("window_end")
+    if start is not None and end is not None and end <= start:
+        errors["window_end"] = PERIOD_ENDS_BEFORE_START
     return plan, errors
 
 
@@ -183,11 +192,14 @@ def validation_errors(err: ValidationError) -> dict[str, str]:
             key = f"w{int(loc[1]) + 1}_size"
         elif loc[:1] == ["targets"]:
             key = "targets"
-        elif loc[:1] in (["release"], ["id"], ["deadline"], ["gate_s"]):
+        elif loc[:1] in (["release"], ["id"], ["deadline"], ["gate_s"], ["window_start"], ["window_end"]):
             key = loc[0]
         else:
             key = "form"
-        out.setdefault(key, str(e.get("msg", "invalid")).removeprefix("Value error, "))
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        if key == "window_end" and msg.startswith("the install period must end after it starts"):
+            msg = PERIOD_ENDS_BEFORE_START  # the same refusal as the form's own check, in the console's words
+        out.setdefault(key, msg)
     return out
 
 
@@ -262,6 +274,33 @@ def calendar(fleet: FleetServer, user: User, now: datetime) -> list[dict[str, An
                 "open_now": open_now,
                 "next_open": upcoming.strftime("%Y-%m-%d %H:%M"),
                 "waiting": waiting.get(o.id, []),
+            }
+        )
+    return out
+
+
+def install_periods(fleet: FleetServer, now: datetime) -> list[dict[str, Any]]:
+    """Live rollouts whose plan has its own install period: its start and end, and whether it is
+    still to come, open or over (the office windows above apply inside it)."""
+    out = []
+    for r in fleet.rollouts.list_rollouts():
+        if r["state"] not in LIVE or not (r.get("window_start") or r.get("window_end")):
+            continue
+        start = datetime.fromisoformat(r["window_start"]) if r.get("window_start") else None
+        end = datetime.fromisoformat(r["window_end"]) if r.get("window_end") else None
+        if start is not None and now < start:
+            phase = "not started"
+        elif end is not None and now >= end:
+            phase = "ended"
+        else:
+            phase = "open"
+        out.append(
+            {
+                "rollout": r["id"],
+                "release": f"{r['kind']} {r['version']}",
+                "start": r.get("window_start"),
+                "end": r.get("window_end"),
+                "phase": phase,
             }
         )
     return out
@@ -401,8 +440,12 @@ def build_rollout_router(console: Console, clock: Callable[[], float] = time.tim
     @r.get("/rollouts/calendar")
     def calendar_page(request: Request) -> Response:
         user, session = who(request, console, *READERS)
-        rows = calendar(get_fleet(request), user, datetime.fromtimestamp(clock(), UTC))
-        return render(console, request, "rollout_calendar.html", user, session, refresh=True, rows=rows)
+        fleet, now = get_fleet(request), datetime.fromtimestamp(clock(), UTC)
+        rows = calendar(fleet, user, now)
+        periods = install_periods(fleet, now)
+        return render(
+            console, request, "rollout_calendar.html", user, session, refresh=True, rows=rows, periods=periods
+        )
 
     @r.get("/rollouts/trust")
     def trust_page(request: Request) -> Response:

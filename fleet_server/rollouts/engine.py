@@ -7,7 +7,9 @@ Desired state lives in the rollout tables. Each tick
 2. times out states that lasted too long (server-side `timed_out`) and retries transient failures
    with back-off, up to the plan's limit;
 3. (re-)sends `DesiredRelease` to each terminal of an active wave that has not reported on its
-   current command, with back-off, and at once when the terminal comes back online;
+   current command, with back-off, and at once when the terminal comes back online — never before
+   the start of the plan's install period (`window_start`); its end (`window_end`) goes out as the
+   command's deadline (the earlier of it and the plan's deadline);
 4. judges the current wave's gate: too many failures halt the rollout (the reason in words); every
    terminal finished, the committed ones healthy through the soak, passes it (advance, or wait for
    an admin's approval);
@@ -111,6 +113,18 @@ def _window(office: OfficeRef | None) -> MaintenanceWindow | None:
     return MaintenanceWindow(tz=office.timezone, start=start.strip(), end=end.strip())
 
 
+def effective_deadline(plan: RolloutPlan) -> datetime | None:
+    """What the command carries as its deadline: the end of the plan's install period acts as one,
+    and the earlier of the two applies."""
+    ends = [d for d in (plan.deadline, plan.window_end) if d is not None]
+    return min(ends) if ends else None
+
+
+def not_started(plan: RolloutPlan, now: float) -> bool:
+    """Whether the plan's install period is still to come: nothing is sent before its start."""
+    return plan.window_start is not None and now < plan.window_start.timestamp()
+
+
 def _ts(at: float) -> str:
     return format_ts(datetime.fromtimestamp(at, UTC))
 
@@ -138,7 +152,7 @@ class _Payloads:
                 version=r["version"],
                 counter=r["counter"],
                 window=window,
-                deadline=format_ts(plan.deadline) if plan.deadline is not None else None,
+                deadline=format_ts(until) if (until := effective_deadline(plan)) is not None else None,
                 gate_s=plan.gate_s,
                 issued=_ts(now),
             )
@@ -281,6 +295,7 @@ class RolloutEngine:
             timeouts["on_trial"] = timeouts["on_trial"] + plan.gate_s
             payloads = _Payloads(r, plan, offices)
             topic_of = topics.topic
+            early = not_started(plan, now)
             for w in range(1, r["current_wave"] + 1):
                 for row in members.get((rid, w), ()):
                     state = row[T_STATE]
@@ -303,7 +318,7 @@ class RolloutEngine:
                             self.metrics.failures.labels(reason="timed_out").inc()
                             continue
                     # 3. (re-)send until the terminal reports on its current command
-                    if running and state == "pending" and row[T_REPORT] == 0:
+                    if running and not early and state == "pending" and row[T_REPORT] == 0:
                         due = row[T_SENDS] == 0 or now >= (row[T_NEXT_SEND] or 0)
                         if not due:
                             # back online since the last send: at once, not after the back-off
@@ -508,6 +523,9 @@ class RolloutEngine:
                 note = f"{committed} of {size} committed, {in_progress} in progress" + (
                     f", {n_failed} failed" if n_failed else ""
                 )
+                if not_started(plan, now) and plan.window_start is not None:
+                    note = f"install period starts {format_ts(plan.window_start)}, nothing is sent before: {note}"
+
                 if wave["note"] != note or wave["soak_since"] is not None:
                     wave["note"], wave["soak_since"] = note, None
                     wave_changes.append(wave)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from fleet_server.registry.schemas import OFFICE_ID_PATTERN
 from fleet_wire.release import PROFILE_ID_PATTERN, ROLLOUT_ID_PATTERN, TARGET_PATH_PATTERN
@@ -182,6 +182,15 @@ class RolloutPlan(BaseModel):
     # "office": each office's maintenance window from the registry; "now": install at once
     window: Literal["office", "now"] = "office"
     deadline: datetime | None = Field(default=None, description="after this the terminals install when idle")
+    # the rollout's own install period, inside which the office windows (or "now") still apply
+    window_start: datetime | None = Field(
+        default=None, description="no install command is sent before this (an aware time); default: at once"
+    )
+    window_end: datetime | None = Field(
+        default=None,
+        description="the end of the install period, after window_start; it acts as the deadline (the earlier of"
+        " the two applies): after it the terminals install when idle, even outside their office's window",
+    )
     gate_s: float = Field(default=120.0, ge=0, le=7 * 24 * 3600)
     approval_required: bool = Field(default=False, description="a second admin approves before it starts")
     on_halt: Literal["pause", "rollback"] = "pause"
@@ -199,11 +208,22 @@ class RolloutPlan(BaseModel):
                 raise ValueError(f"timeout of {state!r} must be between 0 and 30 days, in seconds")
         return value
 
-    @field_validator("deadline")
+    @field_validator("deadline", "window_start", "window_end")
     @classmethod
-    def _aware(cls, value: datetime | None) -> datetime | None:
+    def _aware(cls, value: datetime | None, info: ValidationInfo) -> datetime | None:
         if value is not None and value.tzinfo is None:
-            raise ValueError("deadline needs a time zone (e.g. 2026-12-01T02:00:00Z)")
+            raise ValueError(f"{info.field_name} needs a time zone (e.g. 2026-12-01T02:00:00Z)")
+        return value
+
+    @field_validator("window_end")
+    @classmethod
+    def _end_after_start(cls, value: datetime | None, info: ValidationInfo) -> datetime | None:
+        start = info.data.get("window_start")
+        if value is not None and isinstance(start, datetime) and value <= start:
+            raise ValueError(
+                f"the install period must end after it starts: window_end {value.isoformat()}"
+                f" is not after window_start {start.isoformat()}"
+            )
         return value
 
 

@@ -514,6 +514,10 @@ class RolloutService:
             "superseded_by": r["superseded_by"],
             "on_halt": r["plan"].get("on_halt"),
             "window": r["plan"].get("window"),
+            # the plan's own install period and deadline, as planned (ISO 8601 with its zone) or None
+            "window_start": r["plan"].get("window_start"),
+            "window_end": r["plan"].get("window_end"),
+            "deadline": r["plan"].get("deadline"),
         }
 
     def get(self, rollout_id: str) -> dict[str, Any]:
