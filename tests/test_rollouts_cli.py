@@ -105,3 +105,28 @@ def test_preview_create_watch_status_and_controls(http: tuple[DevStack, Scripted
     assert r.exit_code == 0, r.output
     assert "completed" in r.output
     assert server(stack).rollouts.get("cli-one")["state"] == "rolled_back"
+
+
+def test_create_with_an_install_period(http: tuple[DevStack, ScriptedTerminals, str]) -> None:
+    stack, _, url = http
+    tok = stack.admin_token
+    base = ["create", "--release", "agent/agent-2.0.0.whl", "--now"]
+    # an end before the start: the server's refusal names the field
+    r = run(url, tok, *base, "--window-start", "2099-01-03T06:00+08:00", "--window-end", "2099-01-03T02:00+08:00")
+    assert r.exit_code == EXIT_USAGE, r.output
+    assert "window_end" in r.output and "must end after it starts" in " ".join(r.output.split())
+    # not a time, or one without its zone: said before anything is sent
+    r = run(url, tok, *base, "--window-start", "tomorrow")
+    assert r.exit_code == EXIT_USAGE and "--window-start 'tomorrow': not a time" in " ".join(r.output.split())
+    r = run(url, tok, *base, "--window-end", "2099-01-03T06:00")
+    assert r.exit_code == EXIT_USAGE and "give the time zone too" in " ".join(r.output.split())
+    assert server(stack).rollouts.list_rollouts() == []
+    r = run(
+        url, tok, *base, "--id", "cli-period",
+        "--window-start", "2099-01-01T02:00+08:00", "--window-end", "2099-01-03T06:00+08:00",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    doc = server(stack).rollouts.get("cli-period")
+    assert (doc["window_start"], doc["window_end"]) == ("2099-01-01T02:00:00+08:00", "2099-01-03T06:00:00+08:00")
+    r = run(url, tok, "status", "cli-period")
+    assert r.exit_code == 0 and "install period: 2099-01-01T02:00:00+08:00 – 2099-01-03T06:00:00+08:00" in r.output

@@ -249,6 +249,43 @@ def test_plan_errors_are_shown_next_to_their_fields(fleet: tuple[Console, Script
     assert page.locator("#err-w1_size").inner_text() == "请输入数字。"
     assert "2026-12-03T02:00" in page.locator("#err-deadline").inner_text()
     shot(page, "rollout-form-errors")
+    # an install period that ends before it starts: said next to its end, the times kept as typed
+    _fill_plan(page, offices=["haidian"], waves=[("a", "rest", "", False)])
+    page.fill("#deadline", "")
+    page.fill("#window_start", "2026-12-03T06:00")
+    page.fill("#window_end", "2026-12-03T02:00")
+    page.click("#preview-button")
+    assert page.locator("#err-window_end").inner_text() == "安装时段的结束时间必须晚于开始时间。"
+    assert page.locator("#err-window_start").count() == 0 and page.locator("#err-deadline").count() == 0
+    assert page.input_value("#window_start") == "2026-12-03T06:00"
+    assert page.locator("[data-testid=preview-summary]").count() == 0  # refused: no preview
+    # an end equal to the start is no period either; and in English
+    page.click("text=English")
+    _fill_plan(page, offices=["haidian"], waves=[("a", "rest", "", False)])
+    page.fill("#window_start", "2026-12-03T06:00")
+    page.fill("#window_end", "2026-12-03T06:00")
+    page.click("#preview-button")
+    assert page.locator("#err-window_end").inner_text() == "The install period must end after it starts."
+    shot(page, "rollout-form-period-error-en")
+    page.click("text=中文")
+    # the right way round it is planned, and shown on the rollout's page and the maintenance calendar
+    _fill_plan(page, offices=["haidian"], waves=[("a", "rest", "", False)])
+    page.fill("#id", "with-period")
+    page.fill("#window_start", "2099-01-01T02:00")
+    page.fill("#window_end", "2099-01-03T06:00")
+    page.click("#preview-button")
+    page.click("#create-button")
+    page.wait_for_url(console.url + "/rollouts/with-period")
+    assert page.get_by_test_id("install-period").inner_text().startswith("2099-01-01 02:00 – 2099-01-03 06:00")
+    _reload_until(page, "nothing is sent before", "the wave to say it waits for the period")
+    doc = console.fleet.rollouts.get("with-period")
+    assert doc["window_start"] == "2099-01-01T02:00:00+08:00" and doc["window_end"] == "2099-01-03T06:00:00+08:00"
+    page.goto(console.url + "/rollouts/calendar")
+    row = page.get_by_test_id("install-periods").locator("tr[data-rollout=with-period]")
+    assert "2099-01-01 02:00" in row.inner_text() and "2099-01-03 06:00" in row.inner_text()
+    assert "未开始" in row.inner_text()
+    shot(page, "rollout-calendar-period")
+    console.fleet.rollouts.abort("with-period", User("admin", Role.ADMIN), "test done")
     # a form without its CSRF token
     r = page.request.post(console.url + "/rollouts/new", form={"release": RELEASE, "targets_all": "on"})
     assert r.status == 403
