@@ -113,7 +113,10 @@ class Updater:
 
     def status(self) -> dict[str, Any]:
         """What the local API shows (`GET /v1/update`): nothing secret, nothing writable."""
-        doc = self.store.snapshot()
+        try:
+            doc = self.store.snapshot()
+        except RuntimeError:  # the updater thread changed the document mid-copy: take it again
+            doc = self.store.snapshot()
         job = doc["job"]
         trial = launcher.read_state(self.root)["trial"] if self.root is not None else None
         return {
