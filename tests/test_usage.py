@@ -16,6 +16,7 @@ import sqlite3
 import statistics
 import time
 import uuid
+from array import array
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import closing
@@ -26,6 +27,7 @@ from xml.etree import ElementTree
 from zoneinfo import ZoneInfo
 
 import pytest
+import sqlite_utils
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 
@@ -231,6 +233,74 @@ def test_figure_definitions() -> None:
     assert figures.p90([float(v) for v in range(1, 11)]) == 9.0
     assert figures.p90([float(v) for v in range(1, 12)]) == 10.0  # ceil(9.9) = 10th of 11
     assert figures.median([]) is None and figures.p90([]) is None and figures.ratio(1, 0) is None
+
+
+def _runs(rng: random.Random, kind: str, count: int) -> list[array[float]]:
+    out = []
+    for i in range(count):
+        size = rng.choice([0, 1, 2, 7, 30, 240])
+        if kind == "tenths":  # what terminals send: 0.1 s steps, many equal values across days
+            values = [round(rng.uniform(40, 400), 1) for _ in range(size)]
+        elif kind == "few_values":
+            values = [float(rng.randint(1, 3)) for _ in range(size)]
+        elif kind == "skewed":  # a long tail and a lump at the 24 h limit
+            values = [86400.0 if rng.random() < 0.12 else rng.expovariate(0.01) for _ in range(size)]
+        else:  # "disjoint": each run in its own range, so a run's sample share is all or nothing
+            values = [i * 10 + rng.random() for _ in range(size)]
+        out.append(array("d", sorted(values)))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["tenths", "few_values", "skewed", "disjoint"])
+def test_range_median_and_p90_select_exactly_what_a_full_merge_gives(kind: str) -> None:
+    rng = random.Random(kind)
+    for count in (1, 2, 40, 900, 3000):
+        runs = _runs(rng, kind, count)
+        merged = sorted(v for r in runs for v in r)
+        assert figures.merged_median_p90(runs) == (figures.median(merged), figures.p90(merged)), (kind, count)
+        n = len(merged)
+        if n <= figures.SMALL_MERGE:
+            continue
+        spans = [(0, 0), (n // 3, n // 3 + 5), (n - 2, n - 1)]
+        # margin 0: every guess is too narrow at first, so the widening is what finds the ranks
+        for margin in (None, 0):
+            got = figures.select_ranks(runs, spans, margin=margin)
+            assert got == [merged[a : b + 1] for a, b in spans], (kind, count, margin)
+    with pytest.raises(IndexError, match="outside"):
+        figures.select_ranks([array("d", [1.0]), array("d", [2.0])], [(0, 2)])
+
+
+def test_packed_durations_keep_every_double_exactly() -> None:
+    values = sorted([0.0, 0.1, 1 / 3, 95.5, 86400.0, 5e-324, 12345.678901234567])
+    assert list(figures.unpack_durations(figures.pack_durations(values))) == values
+    assert figures.pack_durations([1.0]) == b"\x00\x00\x00\x00\x00\x00\xf0\x3f"  # little-endian on any host
+    assert len(figures.unpack_durations(figures.pack_durations([]))) == 0
+
+
+def test_migration_packs_the_json_durations_of_existing_day_rollups(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.db"
+    migrate(path)
+    with closing(connect(path)) as conn:  # a database made before 0002: durations as JSON text
+        usage_migrations.apply(sqlite_utils.Database(conn), stop_before="0002_usage_durations_binary")
+        RegistryService(conn).seed_offices(SEED_DIR / "offices.yaml")
+        conn.execute(
+            "INSERT INTO usage_day VALUES ('haidian','2026-11-23','TQ02',0,4,3,1,2,600.0,200.0,300.0,?)",
+            (json.dumps([100.0, 200.0, 300.0]),),
+        )
+        conn.execute(
+            "INSERT INTO usage_day VALUES ('haidian','2026-11-24','TQ02',1,2,2,0,0,95.5,47.75,55.5,?)",
+            (json.dumps([40.0, 55.5]),),
+        )
+    migrate(path, usage_migrations)
+    with closing(connect(path)) as conn:
+        (blob,) = conn.execute("SELECT durations FROM usage_day WHERE day='2026-11-23'").fetchone()
+        assert isinstance(blob, bytes) and list(figures.unpack_durations(blob)) == [100.0, 200.0, 300.0]
+    usage = UsageService(path, CollectorRegistry())
+    try:
+        (row,) = usage.item_table(["haidian"], MONDAY, MONDAY + timedelta(days=1)).rows
+        assert (row.started, row.completed, row.median_duration_s, row.p90_duration_s) == (6, 5, 100.0, 300.0)
+    finally:
+        usage.close()
 
 
 # -- (b) the real pipeline: agents -> broker -> ingest -> rollups -------------------------------------

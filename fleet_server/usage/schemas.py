@@ -21,8 +21,12 @@ class Figures(_Public):
     completion_rate: float | None = Field(None, description="completed / (completed + abandoned)")
     abandon_rate: float | None = Field(None, description="abandoned / (completed + abandoned)")
     face_login_share: float | None = Field(None, description="started with face login / started")
-    median_duration_s: float | None = Field(None, description="median of completed durations")
-    p90_duration_s: float | None = Field(None, description="nearest-rank p90 of completed durations")
+    median_duration_s: float | None = Field(
+        None, description="median of completed durations (exact over any range: every stored duration counts)"
+    )
+    p90_duration_s: float | None = Field(
+        None, description="nearest-rank p90 of completed durations (exact, always an observed duration)"
+    )
 
 
 class ItemRow(Figures):

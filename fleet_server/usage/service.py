@@ -9,7 +9,6 @@ re-sent events can therefore never be counted twice or missed: the ingest stores
 from __future__ import annotations
 
 import csv
-import heapq
 import io
 import json
 import logging
@@ -327,8 +326,8 @@ class UsageService:
 
     def item_table(self, offices: list[str] | None, date_from: date, date_to: date) -> ItemTable:
         """Per office x service item figures over a range of office-local days."""
-        chosen = self._check(offices, date_from, date_to)
         with self._reader() as store:
+            chosen = self._check(offices, date_from, date_to, store)
             rows = store.day_rows(offices, date_from.isoformat(), date_to.isoformat())
         acc: dict[tuple[str, str], _Acc] = {}
         for r in rows:
@@ -342,13 +341,13 @@ class UsageService:
 
     def hour_table(self, offices: list[str] | None, date_from: date, date_to: date) -> HourTable:
         """Per office x day x hour x service item buckets, as stored."""
-        chosen = self._check(offices, date_from, date_to)
-        if (date_to - date_from).days + 1 > MAX_HOURLY_DAYS:
-            raise BadQuery(
-                f"hourly figures cover at most {MAX_HOURLY_DAYS} days; "
-                f"{date_from}..{date_to} is longer (ask for day figures instead)"
-            )
         with self._reader() as store:
+            chosen = self._check(offices, date_from, date_to, store)
+            if (date_to - date_from).days + 1 > MAX_HOURLY_DAYS:
+                raise BadQuery(
+                    f"hourly figures cover at most {MAX_HOURLY_DAYS} days; "
+                    f"{date_from}..{date_to} is longer (ask for day figures instead)"
+                )
             rows = store.hour_rows(offices, date_from.isoformat(), date_to.isoformat())
         out = [
             HourRow(
@@ -365,13 +364,9 @@ class UsageService:
 
     def busy_hours(self, offices: list[str] | None, date_from: date, date_to: date) -> BusyHours:
         """Share of started sessions by office-local weekday x hour and by hour of day."""
-        chosen = self._check(offices, date_from, date_to)
         with self._reader() as store:
-            rows = store.hour_rows(offices, date_from.isoformat(), date_to.isoformat())
-        cells: dict[tuple[int, int], int] = {}
-        for r in rows:
-            key = (int(r[4]), int(r[2]))
-            cells[key] = cells.get(key, 0) + int(r[5])
+            chosen = self._check(offices, date_from, date_to, store)
+            cells = store.started_by_weekday_hour(offices, date_from.isoformat(), date_to.isoformat())
         total = sum(cells.values())
         by_hour = [sum(n for (_, h), n in cells.items() if h == hour) for hour in range(24)]
         return BusyHours(
@@ -385,16 +380,17 @@ class UsageService:
 
     def compare_offices(self, offices: list[str] | None, date_from: date, date_to: date) -> OfficeComparison:
         """Per-office rates over a range: completion, abandon, durations, sessions per terminal-day."""
-        chosen = self._check(offices, date_from, date_to)
         with self._reader() as store:
+            chosen = self._check(offices, date_from, date_to, store)
             rows = store.day_rows(chosen, date_from.isoformat(), date_to.isoformat())
             terminal_days = store.terminal_days(chosen, date_from.isoformat(), date_to.isoformat())
             meta = {o.id: o for o in store.offices()}
         per: dict[str, _Acc] = {o: _Acc() for o in chosen}
         total = _Acc()
         for r in rows:
-            per[str(r[0])].add_day_row(r)
-            total.add_day_row(r)
+            durations = fig.unpack_durations(r[11])
+            per[str(r[0])].add_day_row(r, durations)
+            total.add_day_row(r, durations)
         out = []
         for office in chosen:
             a, m, td = per[office], meta[office], terminal_days.get(office, 0)
@@ -458,8 +454,8 @@ class UsageService:
                     ]
                 )
         elif granularity == "day":
-            self._check(offices, date_from, date_to)
             with self._reader() as store:
+                self._check(offices, date_from, date_to, store)
                 rows = store.day_rows(offices, date_from.isoformat(), date_to.isoformat())
             for r in rows:
                 a = _Acc()
@@ -477,13 +473,13 @@ class UsageService:
         item = self.items.get(code)
         return {"name": item.name if item else code, "name_en": item.name_en if item else code}
 
-    def _check(self, offices: list[str] | None, date_from: date, date_to: date) -> list[str]:
+    def _check(self, offices: list[str] | None, date_from: date, date_to: date, store: UsageStore) -> list[str]:
         """Validate a query; returns the offices it covers (every office for None)."""
         if date_from > date_to:
             raise BadQuery(f"date_from {date_from} is after date_to {date_to}")
         if (date_to - date_from).days + 1 > MAX_RANGE_DAYS:
             raise BadQuery(f"the range {date_from}..{date_to} is longer than {MAX_RANGE_DAYS} days")
-        known = [o.id for o in self.offices()]
+        known = [o.id for o in store.offices()]
         if offices is None:
             return known
         unknown = [o for o in offices if o not in known]
@@ -536,24 +532,30 @@ def _csv_values(row: ItemRow | HourRow) -> list[Any]:
 
 
 class _Acc:
-    """Sums day rows and merges their sorted durations, so range medians are exact."""
+    """Sums day rows and keeps their sorted durations, so range medians are exact.
+
+    The durations of each day row stay one sorted run; `figures` selects the median and p90
+    ranks out of the runs (fleet_server.usage.figures.select_ranks) instead of merging them.
+    """
 
     def __init__(self) -> None:
         self.started = self.completed = self.abandoned = self.face = 0
-        self._durations: list[list[float]] = []
+        self._durations: list[Sequence[float]] = []
 
-    def add_day_row(self, r: tuple[Any, ...]) -> None:
+    def add_day_row(self, r: tuple[Any, ...], durations: Sequence[float] | None = None) -> None:
+        """Add one `UsageStore.day_rows` row; `durations` when already unpacked from it."""
         self.started += int(r[4])
         self.completed += int(r[5])
         self.abandoned += int(r[6])
         self.face += int(r[7])
-        durations = json.loads(str(r[11]))
+        if durations is None:
+            durations = fig.unpack_durations(r[11])
         if durations:
             self._durations.append(durations)
 
     def figures(self) -> Figures:
-        merged = list(heapq.merge(*self._durations))
-        return _figures(self.started, self.completed, self.abandoned, self.face, fig.median(merged), fig.p90(merged))
+        med, p90 = fig.merged_median_p90(self._durations)
+        return _figures(self.started, self.completed, self.abandoned, self.face, med, p90)
 
 
 def _figures(started: int, completed: int, abandoned: int, face: int, med: float | None, p90: float | None) -> Figures:

@@ -11,6 +11,7 @@ from typing import Any
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
+from fleet_server.usage.figures import pack_durations
 from fleet_wire.storage import transaction
 
 migrations = Migrations("fleet_server.usage")
@@ -27,7 +28,8 @@ def _m0001(db: sqlite_utils.Database) -> None:
         abandoned INTEGER NOT NULL, face_login_sessions INTEGER NOT NULL,
         duration_sum_s REAL NOT NULL, duration_median_s REAL, duration_p90_s REAL,
         PRIMARY KEY (office_id, day, hour, service_code)) WITHOUT ROWID""")
-    # durations: the day's sorted completed durations, so a median over any range of days is exact.
+    # durations: the day's sorted completed durations, so a median over any range of days is exact
+    # (JSON here; packed doubles since 0002).
     db.execute("""CREATE TABLE usage_day (
         office_id TEXT NOT NULL, day TEXT NOT NULL, service_code TEXT NOT NULL,
         weekday INTEGER NOT NULL, started INTEGER NOT NULL, completed INTEGER NOT NULL,
@@ -42,6 +44,30 @@ def _m0001(db: sqlite_utils.Database) -> None:
         office_id TEXT NOT NULL, day TEXT NOT NULL, version INTEGER NOT NULL, marked_at TEXT NOT NULL,
         PRIMARY KEY (office_id, day)) WITHOUT ROWID""")
     db.execute("CREATE TABLE usage_state (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
+@migrations(name="0002_usage_durations_binary")
+def _m0002(db: sqlite_utils.Database) -> None:
+    # durations: JSON text -> packed doubles (figures.pack_durations), read without parsing, so a
+    # range's exact median needs no JSON decoding and no full merge (figures.select_ranks).
+    db.execute("""CREATE TABLE usage_day_new (
+        office_id TEXT NOT NULL, day TEXT NOT NULL, service_code TEXT NOT NULL,
+        weekday INTEGER NOT NULL, started INTEGER NOT NULL, completed INTEGER NOT NULL,
+        abandoned INTEGER NOT NULL, face_login_sessions INTEGER NOT NULL,
+        duration_sum_s REAL NOT NULL, duration_median_s REAL, duration_p90_s REAL,
+        durations BLOB NOT NULL, PRIMARY KEY (office_id, day, service_code)) WITHOUT ROWID""")
+    cols = (
+        "office_id, day, service_code, weekday, started, completed, abandoned, face_login_sessions,"
+        " duration_sum_s, duration_median_s, duration_p90_s"
+    )
+    cur = db.execute(f"SELECT {cols}, durations FROM usage_day")
+    while batch := cur.fetchmany(1000):
+        db.conn.executemany(
+            f"INSERT INTO usage_day_new ({cols}, durations) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            [(*r[:11], pack_durations(sorted(float(v) for v in json.loads(r[11])))) for r in batch],
+        )
+    db.execute("DROP TABLE usage_day")
+    db.execute("ALTER TABLE usage_day_new RENAME TO usage_day")
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +253,7 @@ class UsageStore:
                         b.duration_sum_s,
                         b.duration_median_s,
                         b.duration_p90_s,
-                        json.dumps(list(b.durations)),
+                        pack_durations(b.durations),
                     )
                     for b in days
                 ],
@@ -252,7 +278,10 @@ class UsageStore:
     # -- rollup reads ------------------------------------------------------------------------------
 
     def day_rows(self, offices: Sequence[str] | None, day_from: str, day_to: str) -> list[tuple[Any, ...]]:
-        """(office, day, code, weekday, started, completed, abandoned, face, sum, median, p90, durations)."""
+        """(office, day, code, weekday, started, completed, abandoned, face, sum, median, p90, durations).
+
+        durations: the day's sorted completed durations, packed (figures.unpack_durations).
+        """
         where, params = _in("office_id", offices)
         return list(
             self._db.execute(
@@ -274,6 +303,20 @@ class UsageStore:
                 (*params, day_from, day_to),
             )
         )
+
+    def started_by_weekday_hour(
+        self, offices: Sequence[str] | None, day_from: str, day_to: str
+    ) -> dict[tuple[int, int], int]:
+        """Started sessions summed per (weekday, hour) over the hour buckets of a range."""
+        where, params = _in("office_id", offices)
+        return {
+            (int(r[0]), int(r[1])): int(r[2])
+            for r in self._db.execute(
+                f"SELECT weekday, hour, sum(started) FROM usage_hour WHERE {where} AND day>=? AND day<=?"
+                " GROUP BY weekday, hour",
+                (*params, day_from, day_to),
+            )
+        }
 
     def terminal_days(self, offices: Sequence[str] | None, day_from: str, day_to: str) -> dict[str, int]:
         """Per office: the sum over days of terminals that had any service event that day."""
