@@ -161,9 +161,20 @@ def preview(
     wave: Waves = None,
     office: Offices = None,
     now: Now = False,
+    window_start: WindowStart = None,
+    window_end: WindowEnd = None,
 ) -> None:
     """Show exactly which terminals each wave would hit, flagged; nothing is created."""
-    _show_preview(api(ctx).call("POST", "/api/v1/rollouts/preview", json=_plan(plan_file, release, wave, office, now)))
+    doc = _plan(
+        plan_file,
+        release,
+        wave,
+        office,
+        now,
+        window_start=_moment("--window-start", window_start),
+        window_end=_moment("--window-end", window_end),
+    )
+    _show_preview(api(ctx).call("POST", "/api/v1/rollouts/preview", json=doc))
 
 
 @app.command()

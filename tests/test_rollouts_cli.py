@@ -112,9 +112,12 @@ def test_create_with_an_install_period(http: tuple[DevStack, ScriptedTerminals, 
     tok = stack.admin_token
     base = ["create", "--release", "agent/agent-2.0.0.whl", "--now"]
     # an end before the start: the server's refusal names the field
-    r = run(url, tok, *base, "--window-start", "2099-01-03T06:00+08:00", "--window-end", "2099-01-03T02:00+08:00")
-    assert r.exit_code == EXIT_USAGE, r.output
-    assert "window_end" in r.output and "must end after it starts" in " ".join(r.output.split())
+    for command in (base, ["preview", *base[1:]]):
+        r = run(
+            url, tok, *command, "--window-start", "2099-01-03T06:00+08:00", "--window-end", "2099-01-03T02:00+08:00"
+        )
+        assert r.exit_code == EXIT_USAGE, r.output
+        assert "window_end" in r.output and "must end after it starts" in " ".join(r.output.split())
     # not a time, or one without its zone: said before anything is sent
     r = run(url, tok, *base, "--window-start", "tomorrow")
     assert r.exit_code == EXIT_USAGE and "--window-start 'tomorrow': not a time" in " ".join(r.output.split())
