@@ -36,7 +36,7 @@ def run(quick: bool) -> dict[str, Any]:
         work = Path(tmp)
         built = build(work / "dist")
         fleet = RolloutFleet(work / "fleet", built)
-        traffic = CitizenTraffic(interval_s=0.1)
+        traffic = CitizenTraffic()
         try:
             fleet.start(layout)
             installs = []

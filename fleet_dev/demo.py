@@ -41,7 +41,18 @@ def _next_opening(now_local: datetime) -> datetime:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--rollout" in argv:  # its own options (fleet-demo --rollout --help)
+        from fleet_dev.rollout_demo import main as rollout_demo
+
+        return rollout_demo([a for a in argv if a != "--rollout"])
     p = argparse.ArgumentParser(prog="fleet-demo", description=__doc__)
+    p.add_argument(
+        "--rollout",
+        action="store_true",
+        help="instead: roll a new agent release out in waves to real terminals under their launchers in the"
+        " pilot offices while citizens are served (see fleet-demo --rollout --help)",
+    )
     p.add_argument("--state-dir", default=".demo", help="where the demo keeps its files (wiped at start)")
     p.add_argument("--terminals-per-office", type=int, default=3)
     p.add_argument("--speed", type=float, default=60.0, help="simulated seconds per real second")
@@ -118,6 +129,8 @@ kiosk-fleet demo is running
   try            FLEETCTL_URL={url} FLEETCTL_TOKEN={stack.admin_token} .venv/bin/fleetctl terminals
                  curl -H 'Authorization: Bearer {stack.admin_token}' {url}/api/v1/usage/charts/busy-hours.svg
   metrics        {url}/metrics  (loopback only, or with FLEET_METRICS_TOKEN)
+  rollouts       ./run.sh demo --rollout  rolls a new agent release through the pilot offices in waves
+                 (real terminals under their launchers; the progress is printed until it is done)
   state          {root}
   simulated days from {start:%Y-%m-%d %H:%M} Beijing time ({HISTORY_WEEKDAYS} weekdays back, replayed once
                  they reach today), {args.speed:g}x real time

@@ -81,12 +81,12 @@ def three_waves(
 
 
 class CitizenTraffic:
-    """Simulated kiosk apps: a thread posting `service.completed` events round-robin to the local
-    API of each terminal it serves, each with its own idempotency key, retried with the same key
+    """Simulated kiosk apps: one thread per terminal served, posting `service.completed` events to
+    its local API, each with its own idempotency key, retried with the same key
     while the agent restarts (so a request that timed out after the outbox stored it is still one
     event). `accepted[tid]` counts distinct events each terminal confirmed (200/201)."""
 
-    def __init__(self, interval_s: float = 0.05) -> None:
+    def __init__(self, interval_s: float = 0.25) -> None:
         self.interval_s = interval_s
         self.accepted: dict[str, int] = {}
         self.refused: list[str] = []
@@ -95,7 +95,8 @@ class CitizenTraffic:
         self._stop = threading.Event()
         self._running = threading.Event()
         self._running.set()
-        self._thread: threading.Thread | None = None
+        self._started = False
+        self._threads: dict[str, tuple[threading.Thread, threading.Event]] = {}
         self._run_id = uuid.uuid4().hex[:8]
         self._n = itertools.count(1)
         self._http = httpx.Client(timeout=10)
@@ -105,14 +106,16 @@ class CitizenTraffic:
         self._locks.setdefault(tid, threading.Lock())
         self.accepted.setdefault(tid, 0)
         self._terminals[tid] = t
+        if self._started and tid not in self._threads:
+            self._spawn(tid)
 
     def leave(self, tid: str) -> None:
         """Stop serving a terminal; returns once no request to it is in flight."""
         self._terminals.pop(tid, None)
-        lock = self._locks.get(tid)
-        if lock is not None:
-            with lock:
-                pass
+        thread, gone = self._threads.pop(tid, (None, None))
+        if thread is not None and gone is not None:
+            gone.set()
+            thread.join(180)
 
     def pause(self) -> None:
         """Stop posting; returns once no request is in flight (e.g. to compare counts)."""
@@ -164,28 +167,33 @@ class CitizenTraffic:
                 return
 
     def start(self) -> CitizenTraffic:
-        self._thread = threading.Thread(target=self._run, name="citizen-traffic", daemon=True)
-        self._thread.start()
+        self._started = True
+        for tid in list(self._terminals):
+            self._spawn(tid)
         return self
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for tid in list(self._terminals):
-                t = self._terminals.get(tid)
-                if t is None or self._stop.is_set() or not self._running.is_set():
-                    continue
+    def _spawn(self, tid: str) -> None:
+        gone = threading.Event()
+        thread = threading.Thread(target=self._run, args=(tid, gone), name=f"citizen-{tid}", daemon=True)
+        self._threads[tid] = (thread, gone)
+        thread.start()
+
+    def _run(self, tid: str, gone: threading.Event) -> None:
+        while not (self._stop.is_set() or gone.is_set()):
+            t = self._terminals.get(tid)
+            if t is not None and self._running.is_set():
                 try:
                     self.post(t, deadline_s=120.0, unless_paused=True)
                 except httpx.TransportError as err:
                     self.refused.append(f"{tid}: unreachable for 120 s ({err})")
-                self._stop.wait(self.interval_s)
             self._stop.wait(self.interval_s)
 
     def stop(self) -> None:
         self._stop.set()
         self._running.set()
-        if self._thread is not None:
-            self._thread.join(180)
+        for thread, _ in list(self._threads.values()):
+            thread.join(180)
+        self._threads.clear()
         self._http.close()
 
     @property
@@ -458,11 +466,14 @@ def main(argv: list[str] | None = None) -> int:
     """`fleet-demo --rollout`: a new agent release through the pilot offices in waves while the
     simulated kiosk apps keep serving citizens on every terminal."""
     p = argparse.ArgumentParser(prog="fleet-demo --rollout", description=main.__doc__)
-    p.add_argument("--state-dir", default=".demo-rollout", help="where the demo keeps its files (wiped at start)")
+    p.add_argument("--state-dir", default=".demo/rollout", help="where the demo keeps its files (wiped at start)")
+    p.add_argument("--offices", type=int, default=6, choices=range(1, 7), help="how many of the 6 pilot offices")
     p.add_argument("--terminals-per-office", type=int, default=1, help="real terminals per pilot office")
     p.add_argument("--soak-s", type=float, default=5.0, help="soak time of each wave")
     p.add_argument("--version", default="1.1.0", help="the agent version rolled out")
     args = p.parse_args(argv)
+    if args.offices * args.terminals_per_office < 2:
+        p.error("a canary and at least one more terminal: raise --offices or --terminals-per-office")
 
     from fleet_dev.dist import build
 
@@ -473,9 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     print("building the agent wheel, its wheelhouse and lock (as ./run.sh dist does) …", flush=True)
     built = build(root / "dist")
     fleet = RolloutFleet(root / "fleet", built)
-    pilots = ["dongcheng", "haidian", "chaoyang", "mentougou", "miyun", "loan-centre"]
+    pilots = ["dongcheng", "haidian", "chaoyang", "mentougou", "miyun", "loan-centre"][: args.offices]
     layout = {f"{o}-{i:02d}": o for o in pilots for i in range(1, args.terminals_per_office + 1)}
-    traffic = CitizenTraffic(interval_s=0.2)
+    traffic = CitizenTraffic(interval_s=0.5)
     try:
         fleet.start(layout)
         print(f"fleet server {fleet.url} (admin token {fleet.stack.admin_token}); broker port {fleet.stack.port}")
@@ -492,7 +503,12 @@ def main(argv: list[str] | None = None) -> int:
         plan = three_waves(pub.path, soak_s=args.soak_s, rollout_id="demo-" + args.version.replace(".", "-"))
         plan["waves"] = plan["waves"][:2]  # canary, then the rest of the pilot offices
         rid = fleet.create_rollout(plan)
-        print(f"rollout {rid}: {pub.path}, waves: canary (1 terminal) → the pilot offices", flush=True)
+        print(
+            f"rollout {rid}: {pub.path}, waves: canary (1 terminal) → the pilot offices\n"
+            f"  watch it     FLEETCTL_URL={fleet.url} FLEETCTL_TOKEN={fleet.stack.admin_token}"
+            f" .venv/bin/fleetctl rollout status {rid} --watch",
+            flush=True,
+        )
 
         def show(doc: dict[str, Any]) -> None:
             print(
