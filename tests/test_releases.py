@@ -94,6 +94,8 @@ def test_agent_release_signs_a_rollback_twin_of_the_one_it_replaces(repo: Repo) 
     # the next release goes above the twin
     third = agent(repo, "1.2.0")
     assert third.counter == 4
+    # its twin restores 1.1.0, the release it replaces (not 1.0.0 again through 1.1.0's twin)
+    assert third.twin == "agent/5/kiosk_fleet_agent-1.1.0-py3-none-any.whl"
     assert [r.counter for r in svc.list("agent")] == [5, 4, 3, 2, 1]
     c = repo.client()
     c.refresh()

@@ -206,7 +206,11 @@ def _add_twin(
     earlier = {p: i for p, i in releases_in(state.targets).items() if i.kind == "agent"}
     if not earlier:
         return
-    prev_path, prev = max(earlier.items(), key=lambda kv: kv[1].counter)
+    # the release it replaces is the newest one that is not itself a twin (else every twin would
+    # restore the first release ever published: 1.0 -> 1.1 (+twin 1.0) -> 1.2 would roll back to 1.0)
+    twins = _twins(state.targets, earlier)
+    candidates = {p: i for p, i in earlier.items() if p not in twins} or earlier
+    prev_path, prev = max(candidates.items(), key=lambda kv: kv[1].counter)
     twin_counter = info.counter + 1
     twin_path = f"{TARGET_PREFIX['agent']}{twin_counter}/{prev_path.rpartition('/')[2]}"
     notes = (
@@ -218,6 +222,23 @@ def _add_twin(
     tf.unrecognized_fields["custom"] = twin_info.custom()
     md.signed.targets[twin_path] = tf
     out.new_targets.append(twin_path)
+
+
+def _twins(md: Metadata[Targets], releases: dict[str, ReleaseInfo]) -> set[str]:
+    """The automatic rollback twins among `releases`: a copy of an earlier target signed one counter
+    above a release that was new (a republish follows a twin, so it is not one)."""
+    sha = {p: md.signed.targets[p].hashes.get("sha256") for p in releases}
+    by_counter = {i.counter: p for p, i in releases.items()}
+
+    def copy(p: str) -> bool:
+        return any(sha[q] == sha[p] and releases[q].counter < releases[p].counter for q in releases)
+
+    out = set()
+    for p, i in releases.items():
+        partner = by_counter.get(i.counter - 1)
+        if partner is not None and copy(p) and not copy(partner):
+            out.add(p)
+    return out
 
 
 def _copy(tf: TargetFile, path: str) -> TargetFile:
