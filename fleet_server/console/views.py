@@ -1,7 +1,7 @@
 """What each console page shows, gathered from the same service calls the JSON API makes.
 
-No SQL of its own except two reads the API has no route for yet (a terminal's update reports and
-its rejects), kept in `fleet_server.console.queries`.
+No SQL of its own except reads no service offers yet (one office's terminals, a terminal's update
+reports and its rejects), kept in `fleet_server.console.queries`.
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def office_page(fleet: FleetServer, user: User, office_id: str) -> dict[str, Any
     office = fleet.registry.office(office_id)
     if office is None:
         return None
-    enrolled = [t for t in fleet.registry.terminals() if t.office_id == office_id]
+    with fleet.reader() as conn:
+        enrolled = queries.office_terminals(conn, office_id)
     health = {h["terminal"]: h for h in fleet.health.terminals([office_id])}
     rows = []
     counts: Counter[str] = Counter()

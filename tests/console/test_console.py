@@ -60,6 +60,9 @@ def test_admin_sees_every_office_by_state_with_versions_and_alerts(console: Cons
     page.wait_for_url(f"{console.url}/offices/haidian")
     row = page.locator("tr[data-terminal=hd-01]")
     assert "在线" in row.inner_text()
+    # the office's terminals as the API lists them, no more and no fewer
+    shown = page.locator("tr[data-terminal]").evaluate_all("rows => rows.map(r => r.dataset.terminal)")
+    assert sorted(shown) == sorted(t["id"] for t in console.api("admin", "/api/v1/terminals", office="haidian"))
     assert page.get_by_test_id("maintenance").inner_text() == "01:00-05:00"
     shot(page, "office")
 
