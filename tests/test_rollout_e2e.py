@@ -291,6 +291,31 @@ def test_offline_late_enrolled_and_server_sigkill_all_converge(fleet: RolloutFle
     _stored_exactly_once(fleet, citizens)
 
 
+def test_halted_rollout_with_on_halt_rollback_returns_the_canary_to_the_release_it_replaced(
+    fleet: RolloutFleet, citizens: CitizenTraffic
+) -> None:
+    """`on_halt: rollback`: the engine rolls the terminals the bad release reached back by itself,
+    to the release's signed rollback twin: the release the fleet ran before it (1.4.0 here)."""
+    tids = [*LAYOUT, "xc-03"]
+    assert {fleet.heartbeat_version(t) for t in tids} == {"1.4.0"}
+    pub = fleet.publish("1.5.0", "gate_fails")
+    rid = fleet.create_rollout(three_waves(pub.path, rollout_id="bad-1-5-0", on_halt="rollback"))
+    canary = next(t for t, w in fleet.wave_of(rid).items() if w == 1)
+    doc = fleet.wait_rollout(rid, lambda d: d["superseded_by"] is not None, what="rolled back by the engine")
+    assert doc["state"] == "rolled_back", doc
+    assert "gate_failed" in doc["reason"] or "rollout-engine" in doc["reason"], doc["reason"]
+    back = fleet.rollout(doc["superseded_by"])
+    assert back["release"] == pub.twin and back["created_by"] == "rollout-engine", back
+    assert [t["terminal"] for t in fleet.rollout_terminals(back["id"])] == [canary]
+    assert back["version"] == "1.4.0", back  # the release 1.5.0 replaced, not an older one
+    back = fleet.wait_rollout(back["id"], what="the automatic rollback completed")
+    assert back["state"] == "completed", back
+    _committed_everywhere(fleet, back["id"], "1.4.0", [canary])
+    for tid in tids:
+        assert fleet.heartbeat_version(tid) == "1.4.0", tid
+    _stored_exactly_once(fleet, citizens)
+
+
 def test_demo_rollout_option_rolls_a_release_through_the_pilot_offices(tmp_path: Path) -> None:
     """`./run.sh demo --rollout` (fleet-demo --rollout), cut down to two pilot offices."""
     proc = subprocess.run(
