@@ -215,8 +215,8 @@ class Updater:
             return  # the server re-sends until it hears from us; our reports are in the outbox
         if job is not None and job["phase"] != "done":
             if job["cmd"]["kind"] == desired.kind and job["phase"] in EARLY_PHASES:
+                job["phase"] = "done"  # saved with the report
                 self._report(job, "failed", "superseded", f"replaced by {desired.target}")
-                job["phase"] = "done"
             else:
                 self.store.doc["pending"] = desired.model_dump(mode="json")
                 self.store.save()
