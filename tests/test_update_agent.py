@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from fleet_dev.proc import wait_for
 from tests.update_util import UPDATE_TIMEOUT_S, Rig, post_event
 
 pytestmark = pytest.mark.timeout(900)
@@ -33,8 +34,6 @@ def rig(tmp_path_factory: pytest.TempPathFactory, dist: Any) -> Iterator[Rig]:
 
 
 def _final(rig: Rig, tid: str, cmd: Any) -> str:
-    from fleet_dev.proc import wait_for
-
     final = {"committed", "rolled_back", "rejected", "failed"}
     wait_for(
         lambda: bool(final & set(rig.states(tid, cmd))), UPDATE_TIMEOUT_S, 0.2, what=f"{tid}: a final update state"
@@ -97,7 +96,6 @@ def test_good_release_commits_and_citizen_events_around_the_switch_are_stored_on
     assert [r["running"] for r in reports][-2:] == ["1.1.0", "1.1.0"]
     assert reports[0]["running"] == "1.0.0"
     assert all(r["metadata_expires"] for r in reports[1:])
-    from fleet_dev.proc import wait_for
 
     wait_for(lambda: rig.count("t-good", "service.completed") >= posted, 60, what="citizen events stored")
     assert rig.count("t-good", "service.completed") == posted  # each exactly once
@@ -137,8 +135,9 @@ def test_release_that_fails_its_gate_rolls_back_and_is_refused_afterwards(rig: R
     rig.wait_version("t-gate", "1.0.0")
     assert t.current() == first
     assert t.launcher_state()["trial"] is None
-    bad = [n for n in t.releases() if n.startswith("1.2.0-")]
-    assert bad and bad[0] in t.launcher_state()["failed"]
+    failed = t.launcher_state()["failed"]
+    assert len(failed) == 1 and failed[0].startswith("1.2.0-")
+    wait_for(lambda: t.releases() == [first], 30, what="the failed release's directory removed")
     again = rig.desire("t-gate", pub, version="1.2.0")
     rig.wait_state("t-gate", again, "rejected")
     assert rig.reports("t-gate", again)[-1]["reason"] == "refused_before"
@@ -161,6 +160,8 @@ def test_release_that_crash_loops_is_rolled_back_by_the_launcher_and_refused_aft
     assert t.log().count("launcher: starting 1.3.0-") == 3  # the trial start and two restarts
     rig.wait_version("t-crash", "1.0.0")
     assert t.current() == first
+    assert t.launcher_state()["failed"][0].startswith("1.3.0-")
+    wait_for(lambda: t.releases() == [first], 30, what="the failed release's directory removed")
     again = rig.desire("t-crash", pub, version="1.3.0")
     rig.wait_state("t-crash", again, "rejected")
     assert rig.reports("t-crash", again)[-1]["reason"] == "refused_before"
@@ -184,10 +185,11 @@ def test_untrusted_or_unfit_releases_are_rejected_with_nothing_installed(rig: Ri
     rejected(wall, "1.4.0", "incompatible_profile")
 
     tampered = rig.publish_agent("1.5.0")
+    # published before the tampering: it carries the rollback twin of 1.5.0, checked at upload
+    fine = rig.publish_agent("1.6.0")
     rig.tamper(rig.agent_dist("1.5.0"))
     rejected(tampered, "1.5.0", "tampered")
 
-    fine = rig.publish_agent("1.6.0")
     rig.expire_timestamp()
     try:
         rejected(fine, "1.6.0", "expired")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import shutil
 import sys
 import threading
 import time
@@ -171,6 +172,21 @@ class Updater:
         self._flush()
         if self.root is None:
             return
+        self._prune_failed()
+        self._resume_job()
+
+    def _prune_failed(self) -> None:
+        """Remove the directories of releases that failed here (they are never started again)."""
+        assert self.root is not None
+        current = launcher.current_release(self.root)
+        for name in launcher.read_state(self.root)["failed"]:
+            path = launcher.release_dir(self.root, name)
+            if "/" not in name and name != current and name != self.running and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+                log.info("removed failed release %s", name)
+
+    def _resume_job(self) -> None:
+        assert self.root is not None
         job = self.store.job
         state = launcher.read_state(self.root)
         trial = state["trial"]
