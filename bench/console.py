@@ -228,7 +228,7 @@ def main() -> None:
                 lambda: admin.get("/"),
                 [
                     lambda: api.get("/api/v1/offices"),
-                    lambda: api.get("/api/v1/health/terminals"),
+                    lambda: api.get("/api/v1/health/offices"),
                     lambda: api.get("/api/v1/health/alerts"),
                 ],
             ),

@@ -51,11 +51,9 @@ def overview(fleet: FleetServer, user: User) -> dict[str, Any]:
     allowed = user.office_filter()
     # one snapshot of every terminal's health gives both the counts by state (what
     # /api/v1/health/offices counts) and the versions in use, so the two always agree
-    states: dict[str, Counter[str]] = {}
-    versions: dict[str, Counter[str]] = {}
-    for t in fleet.health.terminals(allowed):
-        states.setdefault(t["office"], Counter())[t["state"]] += 1
-        versions.setdefault(t["office"], Counter())[t["agent_version"] or "?"] += 1
+    tallies = fleet.health.office_tallies(allowed)
+    states: dict[str, Counter[str]] = {office: t[0] for office, t in tallies.items()}
+    versions: dict[str, Counter[str]] = {office: t[1] for office, t in tallies.items()}
     alerts = fleet.health.alerts(True, allowed, 200)
     alerts_by_office = Counter(a["office"] for a in alerts)
     lines = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -27,6 +28,9 @@ from fleet_server.health.rules import (
 from fleet_server.health.store import HealthStore, migrations
 
 log = logging.getLogger(__name__)
+
+# one office: its terminals counted by state, and by agent version
+Tally = tuple[collections.Counter[str], collections.Counter[str]]
 
 __all__ = ["HealthLimits", "HealthService", "OfficeInfo", "PeripheralReport", "TerminalHealth", "migrations"]
 
@@ -494,6 +498,23 @@ class HealthService:
         with connect(self._db_path, readonly=True) as conn:
             doc["transitions"] = HealthStore(conn).transitions(terminal_id)
         return doc
+
+    def office_tallies(
+        self, offices: list[str] | None = None
+    ) -> dict[str, tuple[collections.Counter[str], collections.Counter[str]]]:
+        """Per office, its terminals counted by state and by agent version ("?" unknown), from one
+        snapshot (so the two always agree): what an overview needs without a record per terminal."""
+        out: dict[str, Tally] = {}
+        with self._lock:
+            for h in self._health.values():
+                if offices is not None and h.office not in offices:
+                    continue
+                tally = out.get(h.office)
+                if tally is None:
+                    tally = out[h.office] = (collections.Counter(), collections.Counter())
+                tally[0][h.state.value] += 1
+                tally[1][h.version or "?"] += 1
+        return out
 
     def offices(self, offices: list[str] | None = None) -> list[dict[str, Any]]:
         summary: dict[str, dict[str, Any]] = {}
