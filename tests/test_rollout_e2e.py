@@ -92,7 +92,10 @@ def _committed_everywhere(fleet: RolloutFleet, rid: str, version: str, tids: lis
         wait_for(lambda tid=tid: fleet.heartbeat_version(tid) == version, 60, 0.2, what=f"{tid} heartbeat of {version}")
         current = fleet.terminals[tid].current()
         assert current is not None and current.startswith(f"{version}-"), (tid, current)
-        assert fleet.reports(tid, rid)[-1]["state"] == "committed"
+        reports = fleet.reports(tid, rid)
+        assert reports[-1]["state"] == "committed"
+        # the health gate ran in the new version, not in the old one on its way out
+        assert all(r["running"] == version for r in reports if r["state"] == "on_trial"), (tid, reports)
     for tid in tids:  # reporting healthy, on the new version, as the health service sees it
         wait_for(lambda tid=tid: _healthy_on(fleet.health()[tid], version), 60, 0.2, what=f"{tid} healthy on {version}")
 
