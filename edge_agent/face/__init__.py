@@ -29,6 +29,15 @@ def build_face_service(
     except ImportError as err:
         raise FaceUnavailable(f"face packages are not installed ({err.name}); pip install '.[face]'") from err
     cfg = (settings or FaceSettings()).resolved(agent.settings.data_dir)
+    if engine is None:
+        # a face-model release installed by the updater, checked against its signed hashes
+        from edge_agent.update.face_model import model_files
+        from edge_agent.update.updater import startup_face_model
+
+        active = startup_face_model(agent.settings.data_dir, agent.settings.install_root)
+        if active is not None:
+            engine = FaceEngine(model_files(active))
+            cfg = cfg.model_copy(update={"model_version": active.version, "threshold": active.threshold})
     assert cfg.gallery_dir is not None and cfg.key_file is not None
     store = TemplateStore(cfg.gallery_dir, cfg.key_file)
     service = FaceService(

@@ -318,6 +318,8 @@ class TrustClient:
 def _info_of(target_path: str, ti: TargetFile) -> ReleaseInfo | None:
     if target_path.startswith(WHEELS_PREFIX):
         return None
+    if target_path.startswith(TARGET_PREFIX["face_model"]) and not ti.custom:
+        return None  # one of a face-model release's other files (its hash is signed all the same)
     try:
         info = release_info(ti.custom)
     except ReleaseContractError as err:

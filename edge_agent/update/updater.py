@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edge_agent import __version__, launcher
-from edge_agent.update import overlay
+from edge_agent.update import face_model, overlay
 from edge_agent.update.install import (
     Artifact,
     InstallFailed,
@@ -350,7 +350,11 @@ class Updater:
                 f"the signed release is a {kind} release, the command said {cmd['kind']}",
             )
         if kind == "face_model":
-            return ("not_a_release", "rejected", "face-model releases are not installed by this agent version yet")
+            folder = cmd["target"].rsplit("/", 1)[0] + "/"
+            if info.threshold_milli is None or not info.files:
+                return ("not_a_release", "rejected", "the face-model release names no threshold or no model files")
+            if any(f.rsplit("/", 1)[0] + "/" != folder for f in info.files):
+                return ("not_a_release", "rejected", f"the face-model release names files outside {folder}")
         if kind == "config":
             try:
                 overlay.validate(info.settings)
@@ -388,6 +392,11 @@ class Updater:
             client = self._trust or self._refreshed()
             target = client.fetch(cmd["target"])
             files = [{"file": str(target.file), "sha256": target.sha256}]
+            if info.kind == "face_model":
+                files = []
+                for path in sorted(set(info.files) | {cmd["target"]}):
+                    got = client.fetch(path)
+                    files.append({"file": str(got.file), "sha256": got.sha256})
             for wheel in info.wheels:
                 got = client.fetch(wheel.path)
                 if got.sha256 != wheel.sha256:
@@ -446,6 +455,10 @@ class Updater:
                 self._fail_job(job, "install_failed", "failed", str(err))
                 return
             job["trial_release"] = previous
+        elif info.kind == "face_model":
+            if not self._install_face_model(job, info):
+                return
+            job["trial_release"] = previous
         else:
             try:
                 pip_wheel = find_pip_wheel(self.root, self.settings.update_pip_wheel)
@@ -469,6 +482,25 @@ class Updater:
             launcher.switch_current(self.root, job["release"])
         log.info("update %s installed; restarting into it", cmd["target"])
         self.agent.request_restart()
+
+    def _install_face_model(self, job: dict[str, Any], info: ReleaseInfo) -> bool:
+        """Stage the model files and self-test them on the golden images; write the trial pointer."""
+        assert info.threshold_milli is not None
+        data_dir = self.settings.data_dir
+        try:
+            model = face_model.stage(data_dir, job["release"], info.version, info.threshold_milli, job["files"])
+        except OSError as err:
+            self._fail_job(job, "install_failed", "failed", f"the model files could not be staged: {err}")
+            return False
+        try:
+            result = face_model.self_test(model)
+        except face_model.SelfTestFailed as err:
+            shutil.rmtree(model.directory, ignore_errors=True)
+            self._fail_job(job, "self_test_failed", "rejected", str(err))
+            return False
+        log.info("update %s: self-test passed (%s)", job["cmd"]["target"], result)
+        face_model.write_trial(data_dir, model)
+        return True
 
     def _gate(self, job: dict[str, Any]) -> None:
         if not self._on_trial:
@@ -514,6 +546,9 @@ class Updater:
         info = _info(job)
         if info.kind == "config":
             overlay.commit_trial(self.dir)
+        elif info.kind == "face_model":
+            face_model.commit_trial(self.settings.data_dir)
+            face_model.prune(self.settings.data_dir)
         self.store.doc["committed"][info.kind] = {
             "counter": info.counter,
             "target": cmd["target"],
@@ -546,8 +581,9 @@ class Updater:
         assert self.root is not None
         info = _info(job)
         reason = str(job.get("rollback_reason", "gate_failed"))
-        if info.kind == "config":
+        if info.kind in ("config", "face_model"):
             overlay.drop_trial(self.dir)
+            face_model.drop_trial(self.settings.data_dir)
             launcher.mark_failed(self.root, self._release_key(job["cmd"]["target"], info), reason)
         else:
             launcher.mark_failed(self.root, job["release"], reason, switch_to=job.get("previous"))
@@ -563,6 +599,8 @@ class Updater:
                 self.store.doc["failed"].append(key)
             if info.kind == "config":
                 overlay.drop_trial(self.dir)
+            elif info.kind == "face_model":
+                face_model.drop_trial(self.settings.data_dir)
         job["phase"] = "done"
         log.warning("update %s: %s (%s)", cmd["target"], state, detail)
         self._report(job, state, reason, detail)
@@ -630,6 +668,23 @@ def startup_overlay(data_dir: Path, root: Path | None) -> dict[str, Any]:
             and trial.get("job") == job["cmd"]["id"]
         )
     return overlay.load(update_dir, on_trial)
+
+
+def startup_face_model(data_dir: Path, root: Path | None) -> face_model.ActiveModel | None:
+    """The face model to load at start: the trial one while a face-model release is on trial and
+    this start belongs to that trial, else the committed one; None for the packaged model."""
+    on_trial = False
+    if root is not None:
+        trial = launcher.read_state(root)["trial"]
+        job = UpdateStore(data_dir / "update" / "state.json").job
+        on_trial = (
+            trial is not None
+            and job is not None
+            and job["cmd"]["kind"] == "face_model"
+            and job["phase"] == "trial"
+            and trial.get("job") == job["cmd"]["id"]
+        )
+    return face_model.load(data_dir, on_trial)
 
 
 def note_clean_stop(root: Path | None) -> None:

@@ -433,8 +433,10 @@ class TufRepository:
                 try:
                     info = release_info(tf.custom)
                 except ReleaseContractError as err:
-                    raise PublishRefused(f"{where}: {err}") from err
-                if not path.startswith(TARGET_PREFIX[info.kind]):
+                    # a face-model release's other files carry no description (checked to be named below)
+                    if not (path.startswith(TARGET_PREFIX["face_model"]) and not tf.custom):
+                        raise PublishRefused(f"{where}: {err}") from err
+                if info is not None and not path.startswith(TARGET_PREFIX[info.kind]):
                     raise PublishRefused(f"{where}: a {info.kind} release belongs under {TARGET_PREFIX[info.kind]}")
             new.append(NewTarget(role, path, sha, tf.length, info))
         return new
@@ -475,6 +477,11 @@ class TufRepository:
                 for f in t.info.files:
                     if f not in per_role.get(role, {}):
                         raise PublishRefused(f"{t.path}: model file {f} is not a target of the {role} role")
+        named = {f for _, _, new in checked for t in new if t.info is not None for f in t.info.files}
+        for _, _, new in checked:
+            for t in new:
+                if t.info is None and t.path.startswith(TARGET_PREFIX["face_model"]) and t.path not in named:
+                    raise PublishRefused(f"{t.path}: a model file that no face-model release in this publish names")
 
     def _online_signer(self, root: Root) -> CryptoSigner:
         try:
