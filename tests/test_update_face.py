@@ -108,7 +108,7 @@ def _decision_versions(rig: Rig, tid: str) -> list[str]:
     return [json.loads(r[0])["model_version"] for r in rows]
 
 
-def test_good_model_self_tests_commits_and_serves_verify(rig: Rig, golden: dict[str, bytes]) -> None:
+def test_good_model_commits_serves_verify_and_rolls_back_on_gate_failure(rig: Rig, golden: dict[str, bytes]) -> None:
     t = rig.terminal("f-1")
     t.start()
     rig.wait_version("f-1", "1.0.0")
@@ -153,8 +153,29 @@ def test_good_model_self_tests_commits_and_serves_verify(rig: Rig, golden: dict[
     assert t.update_state()["committed"]["face_model"]["version"] == "fm-2"
     assert not (t.data_dir / "models" / "trial.json").exists()
 
+    # face login switched off on the terminal: the self-test passes (the packages are there), the
+    # new process never loads the model, the gate fails and fm-2 stays the active model
+    t.stop()
+    t.write_config(face={"enabled": False})
+    t.start()
+    t.wait_api()
+    off = _publish(rig, golden, "fm-6", 0.6)
+    gated = rig.desire("f-1", off, version="fm-6", kind="face_model", gate_s=3.0)
+    rig.wait_state("f-1", gated, "rolled_back")
+    last = rig.reports("f-1", gated)[-1]
+    assert last["reason"] == "gate_failed" and "fm-6" in last["detail"]
+    assert "on_trial" in rig.states("f-1", gated)
+    assert t.update_state()["committed"]["face_model"]["version"] == "fm-2"
+    assert json.loads((t.data_dir / "models" / "active.json").read_text("utf-8"))["version"] == "fm-2"
+    assert not (t.data_dir / "models" / "trial.json").exists()
+    t.stop()
+    t.write_config(face={"enabled": True})
+    t.start()
+    wait_for(lambda: (_face_status(t) or {}).get("model_version") == "fm-2", 120, what="back on fm-2")
+
 
 def test_terminal_without_face_packages_refuses_plainly(rig: Rig, golden: dict[str, bytes], face_dist: Any) -> None:
+    """Runs after the test above (the rig's dist is swapped for the plain one here)."""
     rig.dist = face_dist[1]  # the plain lock: this terminal's venv has no face extra
     t = rig.terminal("f-2")
     t.start()

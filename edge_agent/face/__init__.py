@@ -49,4 +49,5 @@ def build_face_service(
         camera=open_frame_source(cfg.camera_source),
     )
     service.load_gallery()
+    agent.face_model_version = cfg.model_version  # the updater's gate checks a new model is in use
     return service

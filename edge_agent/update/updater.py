@@ -530,6 +530,12 @@ class Updater:
             return
         if now - self._gate_started < float(cmd.get("gate_s", 120.0)):
             return
+        info = _info(job)
+        loaded = getattr(agent, "face_model_version", None)
+        if info.kind == "face_model" and loaded != info.version:
+            why = "face login did not start" if loaded is None else f"face login runs model {loaded}"
+            self._rollback(job, "gate_failed", f"{why}, not the new model {info.version}")
+            return
         if job.get("reachable_before"):
             if not self._gate_link_seen:
                 self._rollback(job, "gate_failed", "the new version never connected to the broker")
