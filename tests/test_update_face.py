@@ -143,6 +143,7 @@ def test_good_model_commits_serves_verify_and_rolls_back_on_gate_failure(rig: Ri
     assert not (t.data_dir / "models" / "trial.json").exists()
     assert json.loads((t.data_dir / "models" / "active.json").read_text("utf-8"))["version"] == "fm-2"
     assert _face_status(t)["model_version"] == "fm-2"
+    assert not list((t.data_dir / "models").glob("fm-3-*"))  # its staged files are gone
 
     # one file of the release changed on the server's disk after signing: TUF refuses it
     bad = _publish(rig, golden, "fm-4", 0.6)

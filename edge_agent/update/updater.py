@@ -495,7 +495,7 @@ class Updater:
         try:
             result = face_model.self_test(model)
         except face_model.SelfTestFailed as err:
-            shutil.rmtree(model.directory, ignore_errors=True)
+            face_model.prune(data_dir)  # the staged files, unless a pointer names them (a republish)
             self._fail_job(job, "self_test_failed", "rejected", str(err))
             return False
         log.info("update %s: self-test passed (%s)", job["cmd"]["target"], result)
