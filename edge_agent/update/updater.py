@@ -240,6 +240,9 @@ class Updater:
         self._new_job(desired)
 
     def _new_job(self, desired: DesiredRelease) -> None:
+        # whatever trial this process was started for is over: the new job's gate runs in the
+        # process started for it, never in this one on its way out
+        self._on_trial = False
         self.store.doc["job"] = {
             "cmd": desired.model_dump(mode="json"),
             "phase": "verify",
