@@ -13,8 +13,9 @@ own cost is the difference.
 
     python bench/rollout.py --quick
 
-Sections: `control_loop` (this one); further sections (e.g. real agents end to end) add a
-function of the same shape to SECTIONS.
+Sections: `control_loop` (this one) and `end_to_end` (bench/rollout_e2e.py: six agents under
+their launchers in three offices, a real broker and `fleet-server run`; a good release through
+three waves and a bad one that must halt at the canary); both report in the one JSON line.
 """
 
 from __future__ import annotations
@@ -230,20 +231,32 @@ def control_loop(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-SECTIONS: list[tuple[str, Callable[[argparse.Namespace], dict[str, Any]]]] = [("control_loop", control_loop)]
+def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
+    """A small real fleet end to end (bench/rollout_e2e.py, the harness of the e2e tests)."""
+    from rollout_e2e import run  # bench/ is on sys.path when this runs as a script
+
+    return run(args.quick)
+
+
+SECTIONS: list[tuple[str, Callable[[argparse.Namespace], dict[str, Any]]]] = [
+    ("control_loop", control_loop),
+    ("end_to_end", end_to_end),
+]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="10,000 terminals, the control loop only")
+    p.add_argument(
+        "--quick", action="store_true", help="the control loop over 10,000 terminals; 6 real agents end to end"
+    )
     p.add_argument("--terminals", type=int, default=10_000)
     p.add_argument("--max-ticks", type=int, default=200)
     args = p.parse_args()
     result: dict[str, Any] = {}
     for name, section in SECTIONS:
         out = section(args)
-        if name == "control_loop":
-            result.update(out)  # its figures stay top-level: terminals, tick_ms_median, …
+        if name in ("control_loop", "end_to_end"):
+            result.update(out)  # top-level: terminals, tick_ms_median, …, e2e_terminals, rollout_s, …
         else:
             result[name] = out
     emit(result)
