@@ -305,6 +305,17 @@ def check_csrf(request: Request, session: Session, token: str) -> None:
 FormText = Annotated[str, Form()]
 
 
+@dataclass(frozen=True)
+class UsageAsk:
+    """One usage request (page or CSV): who asks, what they asked, and the offices it may cover."""
+
+    user: User
+    session: Session
+    fleet: FleetServer
+    q: views.UsageQuery
+    offices: list[str] | None  # User.office_filter of the chosen office; None: every office
+
+
 def build_console_router(console: Console) -> APIRouter:
     r = APIRouter(include_in_schema=False)
 
@@ -508,24 +519,37 @@ def build_console_router(console: Console) -> APIRouter:
                 errors["office"] = "You are not assigned to this office."
         return views.UsageQuery(office_id, date_from, date_to, base_from, base_to, errors)
 
-    @r.get("/usage")
-    def usage(request: Request) -> Response:
+    def usage_ask(request: Request, *, refuse_errors: bool) -> UsageAsk:
+        """Who asks (an admin or a manager), their usage query and the offices it may cover.
+
+        `refuse_errors`: a query error ends the request with a 422 page naming the first one
+        (the CSV downloads); otherwise the caller shows the errors in its form (the usage page).
+        """
         user, session = who(request, console, Role.ADMIN, Role.MANAGER)
         fleet = get_fleet(request)
         q = usage_query(request, user)
-        offices = [o for o in fleet.registry.offices() if user.sees_office(o.id)]
+        if refuse_errors and q.errors:
+            raise PageRefused(422, "Something went wrong", next(iter(q.errors.values())))
+        offices = user.office_filter([q.office] if q.office else None)
+        return UsageAsk(user, session, fleet, q, offices)
+
+    @r.get("/usage")
+    def usage(request: Request) -> Response:
+        ask = usage_ask(request, refuse_errors=False)
+        user, q = ask.user, ask.q
+        offices = [o for o in ask.fleet.registry.offices() if user.sees_office(o.id)]
         data: dict[str, Any] = {}
         status = 200
         if q.errors:
             status = 403 if q.errors.get("office") == "You are not assigned to this office." else 422
         else:
-            data = views.usage_page(console.figures(fleet), user, q, language(request))
+            data = views.usage_page(console.figures(ask.fleet), user, q, language(request))
         return render(
             console,
             request,
             "usage.html",
             user,
-            session,
+            ask.session,
             status=status,
             q=q,
             offices=offices,
@@ -547,25 +571,17 @@ def build_console_router(console: Console) -> APIRouter:
 
     @r.get("/usage/items.csv")
     def usage_items_csv(request: Request) -> Response:
-        user, _session = who(request, console, Role.ADMIN, Role.MANAGER)
-        fleet = get_fleet(request)
-        q = usage_query(request, user)
-        if q.errors:
-            raise PageRefused(422, "Something went wrong", next(iter(q.errors.values())))
-        offices = user.office_filter([q.office] if q.office else None)
-        table = console.figures(fleet).item_table(offices, q.date_from, q.date_to)
+        ask = usage_ask(request, refuse_errors=True)
+        q = ask.q
+        table = console.figures(ask.fleet).item_table(ask.offices, q.date_from, q.date_to)
         items = views.rank_items(table.rows, q.office is not None)
         return csv_response(views.item_csv_rows(items), f"items-{q.office or 'all'}-{q.date_from}-{q.date_to}.csv")
 
     @r.get("/usage/offices.csv")
     def usage_offices_csv(request: Request) -> Response:
-        user, _session = who(request, console, Role.ADMIN, Role.MANAGER)
-        fleet = get_fleet(request)
-        q = usage_query(request, user)
-        if q.errors:
-            raise PageRefused(422, "Something went wrong", next(iter(q.errors.values())))
-        offices = user.office_filter([q.office] if q.office else None)
-        comparison = console.figures(fleet).compare_offices(offices, q.date_from, q.date_to)
+        ask = usage_ask(request, refuse_errors=True)
+        q = ask.q
+        comparison = console.figures(ask.fleet).compare_offices(ask.offices, q.date_from, q.date_to)
         return csv_response(views.office_csv_rows(comparison), f"offices-{q.date_from}-{q.date_to}.csv")
 
     # -- audit ------------------------------------------------------------------------------------
