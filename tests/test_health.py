@@ -144,6 +144,41 @@ def test_disk_backlog_peripheral_and_office_alerts(tmp_path: Path) -> None:
     svc.close()
 
 
+def test_a_terminals_state_and_its_recorded_transitions_agree_while_a_sweep_commits(tmp_path: Path) -> None:
+    """The state a sweep sets is only read together with its recorded transition: a reader while
+    the sweep's commit waits on the database (another writer holds it here) waits for it too,
+    rather than getting "offline" with a transition list that does not have it yet."""
+    import sqlite3
+    import threading
+
+    clock = Clock(1_800_000_000.0)
+    svc = _service(tmp_path, clock, {"t-1": "haidian"})
+    svc.on_status([_status("t-1", "online", clock.now)])
+    svc.sweep()
+    assert [t["to"] for t in svc.terminal("t-1")["transitions"]] == ["online"]  # type: ignore[index]
+    clock.now += 60  # silent for 30 intervals of 2 s: offline at the next sweep
+
+    other = sqlite3.connect(tmp_path / "h.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the database: the sweep's commit waits
+    sweeper = threading.Thread(target=svc.sweep, name="test-sweep")
+    docs: list[dict[str, Any] | None] = []
+    reader = threading.Thread(target=lambda: docs.append(svc.terminal("t-1")), name="test-reader")
+    try:
+        sweeper.start()
+        wait_for(lambda: svc.terminals()[0]["state"] == "offline", 10, what="the sweep's new state")
+        reader.start()
+        reader.join(1.0)  # without the sweep's lock it has read already, the commit still waiting
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    sweeper.join(15)
+    reader.join(15)
+    [doc] = docs
+    assert doc is not None and doc["state"] == "offline"
+    assert [t["to"] for t in doc["transitions"]] == ["offline", "online"], doc["transitions"]
+    svc.close()
+
+
 def test_health_transitions_from_real_heartbeats_and_last_will(make_stack: Any) -> None:
     st = make_stack(2, server_options={"health_sweep_s": 0.3})
     assert st.server is not None

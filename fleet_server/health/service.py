@@ -244,6 +244,10 @@ class HealthService:
         self.alert_for_s = alert_for_s
         self.alert_clear_s = alert_clear_s
         self._lock = threading.Lock()
+        # Held by a sweep from its first state change until its transitions are committed and its
+        # gauges set, and by terminal() while it reads: a reader never sees a new state whose
+        # transition is not recorded yet (taken before `_lock`, never inside it).
+        self._sweep_lock = threading.Lock()
         self._health: dict[str, TerminalHealth] = {}
         self._offices: dict[str, OfficeInfo] = {}
         self._alerts: dict[tuple[str, str], Hysteresis] = {}
@@ -326,6 +330,10 @@ class HealthService:
 
     def sweep(self) -> list[tuple[str, str, str, str]]:
         """Recompute states, record transitions, fire and resolve alerts, update gauges."""
+        with self._sweep_lock:
+            return self._sweep()
+
+    def _sweep(self) -> list[tuple[str, str, str, str]]:
         now = self._clock()
         at = _iso(now)
         transitions: list[tuple[str, str, str, str]] = []
@@ -490,13 +498,16 @@ class HealthService:
             ]
 
     def terminal(self, terminal_id: str) -> dict[str, Any] | None:
-        with self._lock:
-            h = self._health.get(terminal_id)
-            doc = h.public() if h else None
-        if doc is None:
-            return None
-        with connect(self._db_path, readonly=True) as conn:
-            doc["transitions"] = HealthStore(conn).transitions(terminal_id)
+        """One terminal's health with its transitions, newest first; the state and the transitions
+        agree (a sweep that changed the state has recorded the change by then)."""
+        with self._sweep_lock:
+            with self._lock:
+                h = self._health.get(terminal_id)
+                doc = h.public() if h else None
+            if doc is None:
+                return None
+            with connect(self._db_path, readonly=True) as conn:
+                doc["transitions"] = HealthStore(conn).transitions(terminal_id)
         return doc
 
     def office_tallies(
