@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import sys
 import time
 from typing import Annotated, Any, NoReturn
 
@@ -249,6 +251,65 @@ def whoami(ctx: typer.Context) -> None:
     """Show who the token belongs to."""
     me = api(ctx).call("GET", "/api/v1/me")
     out.print(f"{me['name']} ({me['role']}){' · offices: ' + ', '.join(me['offices']) if me['offices'] else ''}")
+
+
+# -- users ------------------------------------------------------------------------------------------
+
+user_app = typer.Typer(help="Console users: set a user's console password.", no_args_is_help=True)
+app.add_typer(user_app, name="user")
+
+
+def _read_new_password(name: str, from_stdin: bool) -> str:
+    """The new password: one line of standard input, or asked twice without echo. Never from argv."""
+    if from_stdin:
+        line = sys.stdin.readline()
+        if not line:
+            fail("no password on standard input (send it as one line)", EXIT_USAGE)
+        return line.rstrip("\r\n")
+    first = typer.prompt(f"New console password for {name}", hide_input=True, default="", show_default=False)
+    again = typer.prompt("The same password again", hide_input=True, default="", show_default=False)
+    if first != again:
+        fail("the two passwords are not the same; nothing was changed", EXIT_USAGE)
+    return str(first)
+
+
+@user_app.command("password")
+def user_password(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="the user whose console password to set")],
+    from_stdin: Annotated[
+        bool, typer.Option("--stdin", help="read the password from standard input (one line) instead of asking")
+    ] = False,
+) -> None:
+    """Set a user's console password (admins only). Their open console sessions end; tokens keep working."""
+    from fleet_server.auth.passwords import WeakPassword, check_policy
+    from fleet_server.auth.routes import NAME_PATTERN
+
+    if not re.fullmatch(NAME_PATTERN, name):
+        fail(f"{name[:64]!r} is not a user name (2-64 lower-case letters, digits, '.', '_' or '-')", EXIT_USAGE)
+    password = _read_new_password(name, from_stdin)
+    try:
+        check_policy(password)
+    except WeakPassword as e:
+        fail(f"that password is too weak: {e}; nothing was changed", EXIT_USAGE)
+    a = api(ctx)
+    try:
+        r = a.client.post(f"/api/v1/users/{name}/password", json={"password": password})
+    except httpx.HTTPError as e:
+        fail(f"cannot reach the fleet server at {a.client.base_url}: {e}", EXIT_UNREACHABLE)
+    if r.status_code == 204:
+        out.print(f"console password of {name} set; their open console sessions have ended (tokens keep working)")
+        return
+    if r.status_code == 401:
+        fail("the server did not accept the token (set FLEETCTL_TOKEN)", EXIT_AUTH)
+    if r.status_code == 403:
+        fail(f"only an admin may set console passwords, and this token's user is not one ({_detail(r)})", EXIT_AUTH)
+    if r.status_code == 429:
+        fail(f"the server is refusing this address for a while: {_detail(r)}", EXIT_AUTH)
+    if r.status_code >= 500:
+        fail(f"the server failed ({r.status_code}): {_detail(r)}", EXIT_SERVER)
+    detail = _detail(r)  # 422: e.g. "there is no user 'x'; create it first", or the password policy
+    fail(f"{detail}; nothing was changed" if "nothing" not in detail else detail, EXIT_USAGE)
 
 
 def _register_subcommands() -> None:
