@@ -1,6 +1,8 @@
 """`fleet-demo`: Mosquitto + fleet server + a simulated fleet across the 6 pilot offices.
 
-Everything on 127.0.0.1 with embedded defaults; state lives in a throw-away directory.
+Everything on 127.0.0.1 with embedded defaults; state lives in a throw-away directory. The console
+login is user `admin` with FLEET_ADMIN_PASSWORD if set (12+ characters), else a password made for
+this run; the banner prints it.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -68,12 +71,23 @@ def main(argv: list[str] | None = None) -> int:
     from fleet_dev.sim import SimClock, SimulatedFleet
     from fleet_dev.sim.traffic import BEIJING
     from fleet_server.app import create_app
+    from fleet_server.auth.passwords import WeakPassword, check_policy
 
+    # The console's bootstrap admin: the operator's FLEET_ADMIN_PASSWORD, or one made for this run.
+    chosen = os.environ.get("FLEET_ADMIN_PASSWORD", "")
+    admin_password = chosen or secrets.token_urlsafe(12)
+    origin = "from FLEET_ADMIN_PASSWORD" if chosen else "made for this run; set FLEET_ADMIN_PASSWORD to choose it"
+    try:
+        check_policy(admin_password)
+    except WeakPassword as err:
+        print(f"fleet-demo: FLEET_ADMIN_PASSWORD is not usable: {err} (unset it for a generated one)", file=sys.stderr)
+        return 2
     root = Path(args.state_dir).resolve()
     if root.exists():
         shutil.rmtree(root)
     stack = DevStack(root, server_options={"alert_for_s": 60.0, "alert_clear_s": 30.0})
     assert stack.server is not None
+    stack.server.auth.bootstrap_password("admin", admin_password)
     pilots = [o for o in stack.server.registry.store.offices() if o.pilot]
     profiles: dict[str, str] = {}
     for office in pilots:
@@ -85,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     fd = os.open(creds, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(f"admin API token: {stack.admin_token}\n")
+        fh.write(f"console login: admin {admin_password}\n")
         fh.write(f"{stack.settings.broker_username} {stack.server_password}\n")
         fh.writelines(f"{tid} {pw}\n" for tid, pw in stack.passwords.items())
     stack.start_broker()
@@ -124,6 +139,8 @@ kiosk-fleet demo is running
   terminals      {len(agents)} simulated ({args.terminals_per_office} per pilot office), real agent code,
                  each with its local API (the simulated kiosk apps post events and peripheral readings there)
   broker         mqtt://127.0.0.1:{stack.port}  (per-terminal accounts: {creds})
+  console        {url}/  log in as user admin, password {admin_password}
+                 ({origin})
   API            {url}/api/v1/…  (every call needs the admin token below as a bearer token)
   admin token    {stack.admin_token}
   try            FLEETCTL_URL={url} FLEETCTL_TOKEN={stack.admin_token} .venv/bin/fleetctl terminals

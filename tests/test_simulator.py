@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import random
+import re
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from datetime import datetime
@@ -16,7 +20,9 @@ import httpx
 
 from fleet_dev.proc import free_port, wait_for
 from fleet_dev.sim import SimClock, SimulatedFleet, TrafficModel, load_catalogue
+from fleet_dev.sim.kiosk import GUARD_LOGGER, TOKENLESS_WARNING, local_api_app, one_tokenless_warning
 from fleet_dev.sim.traffic import BEIJING
+from tests.test_cli import console_login, signed_in
 
 
 def test_catalogue_has_forty_items_with_unique_codes_and_the_popular_ones() -> None:
@@ -63,31 +69,77 @@ def test_simulated_fleet_traffic_is_stored_exactly(make_stack: Any) -> None:
 
 
 def test_demo_command_runs_the_whole_system_and_stops_cleanly(tmp_path: Path) -> None:
+    """As the README starts it; the banner's console login works, one no-token line for the fleet."""
+    env = {k: v for k, v in os.environ.items() if k != "FLEET_ADMIN_PASSWORD"}  # a password made for the run
+    port = free_port()
+    args = ["--duration", "6", "--speed", "900", "--state-dir", str(tmp_path / "demo"), "--http-port", str(port)]
+    with (tmp_path / "stderr.log").open("w+") as errors:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fleet_dev.demo", *args, "--terminals-per-office", "1"],
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+            env=env,
+        )
+        try:
+            assert proc.stdout is not None
+            banner = ""
+            for line in proc.stdout:
+                banner += line
+                if "Ctrl-C stops everything" in line:
+                    break
+            login = re.search(r"console\s+(http://\S+)/\s+log in as user (\S+), password (\S+)", banner)
+            assert login, banner
+            url, name, password = login.groups()
+            assert url == f"http://127.0.0.1:{port}" and "made for this run" in banner
+            session = console_login(url, name, password)
+            assert session is not None, "the banner's console login was refused"
+            assert signed_in(session)
+            session.close()
+            assert console_login(url, name, password + "x") is None
+            rest, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        errors.seek(0)
+        stderr = errors.read()
+    assert proc.returncode == 0, stderr[-2000:]
+    stdout = banner + rest
+    assert "kiosk-fleet demo is running" in stdout
+    assert "online 6/6" in stdout
+    lines = [ln for ln in stdout.splitlines() if "stored" in ln and "sim]" in ln]
+    assert lines and int(lines[-1].split("stored")[1].split()[0]) > 0
+    # the simulated fleet's local APIs run without a token: said once for all six, not six times
+    warnings = [ln for ln in stderr.splitlines() if "WITHOUT a token" in ln]
+    assert len(warnings) == 1 and "6 simulated terminals" in warnings[0], stderr[-2000:]
+
+
+def test_demo_refuses_a_weak_admin_password_in_plain_words(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fleet_dev.demo",
-            "--duration",
-            "6",
-            "--speed",
-            "900",
-            "--state-dir",
-            str(tmp_path / "demo"),
-            "--http-port",
-            str(free_port()),
-            "--terminals-per-office",
-            "1",
-        ],
+        [sys.executable, "-m", "fleet_dev.demo", "--state-dir", str(tmp_path / "demo")],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=60,
+        env={**os.environ, "FLEET_ADMIN_PASSWORD": "short"},
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "kiosk-fleet demo is running" in proc.stdout
-    assert "online 6/6" in proc.stdout
-    lines = [ln for ln in proc.stdout.splitlines() if "stored" in ln and "sim]" in ln]
-    assert lines and int(lines[-1].split("stored")[1].split()[0]) > 0
+    assert proc.returncode == 2
+    assert "FLEET_ADMIN_PASSWORD is not usable: a password needs at least 12 characters" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "demo").exists()
+
+
+def test_a_real_agent_without_a_token_still_warns_on_its_own(make_stack: Any, caplog: Any) -> None:
+    """Only the simulated fleet summarises: an agent's local API built outside it warns as before."""
+    st = make_stack(1, start=False)
+    agent = st.agent(next(iter(st.passwords)))
+    with caplog.at_level(logging.WARNING, logger=GUARD_LOGGER):
+        with one_tokenless_warning():
+            other = threading.Thread(target=local_api_app, args=(agent,))  # another thread: not summarised
+            other.start()
+            other.join(30)
+        local_api_app(agent)  # outside the block: not summarised
+    guard = [r for r in caplog.records if r.name == GUARD_LOGGER and TOKENLESS_WARNING in r.getMessage()]
+    assert len(guard) == 2
 
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "device_profiles"

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from fleet_dev.sim.kiosk import KioskClient, LocalApi, api_token
+from fleet_dev.sim.kiosk import KioskClient, LocalApi, api_token, one_tokenless_warning
 from fleet_dev.sim.traffic import (
     INCIDENT_READINGS,
     PlannedEvent,
@@ -95,8 +95,9 @@ class SimulatedFleet:
         self._thread: threading.Thread | None = None
         self.kiosks: dict[str, _Kiosk] = {}
         try:
-            for agent in agents:
-                self.kiosks[agent.settings.terminal_id] = self._kiosk(agent)
+            with one_tokenless_warning():  # one line for the fleet, not one per terminal
+                for agent in agents:
+                    self.kiosks[agent.settings.terminal_id] = self._kiosk(agent)
         except Exception:
             self.close()
             raise

@@ -4,12 +4,18 @@
 thread, loopback, here on a free port) and stops when its agent stops. `KioskClient` is the kiosk
 app's side: events with idempotency keys to `/v1/events`, peripheral readings to
 `/v1/peripherals/readings`, the agent's API token as a bearer token when the agent has one.
+
+A real agent started without an API token warns about it, once, as it should. A simulated fleet
+starts many such agents in one process; `one_tokenless_warning` says it once for all of them.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +29,49 @@ if TYPE_CHECKING:
 
 START_TIMEOUT_S = 15.0
 REQUEST_TIMEOUT_S = 10.0
+# the agent's warning when its local API is served without a token (edge_agent.api.guard)
+GUARD_LOGGER = "edge_agent.api.guard"
+TOKENLESS_WARNING = "the local API runs WITHOUT a token"
+
+log = logging.getLogger(__name__)
+
+
+class _HoldTokenless(logging.Filter):
+    """Holds back the guard's no-token warnings raised on one thread (the one building the fleet)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+        self.environments: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread != self.thread or not record.getMessage().startswith(TOKENLESS_WARNING):
+            return True
+        args = record.args if isinstance(record.args, tuple) else ()
+        self.environments.append(str(args[0]) if args else "?")
+        return False
+
+
+@contextmanager
+def one_tokenless_warning(what: str = "simulated terminals") -> Iterator[None]:
+    """While serving many agents' local APIs, warn once for all that run without a token.
+
+    Only the agents started on this thread inside the block are summarised; any other agent's
+    warning (a real one's, or one from another thread) passes through unchanged."""
+    guard_log = logging.getLogger(GUARD_LOGGER)
+    held = _HoldTokenless()
+    guard_log.addFilter(held)
+    try:
+        yield
+    finally:
+        guard_log.removeFilter(held)
+        if held.environments:
+            log.warning(
+                "the local APIs of %d %s run WITHOUT a token (environment %s, no api_token_file)",
+                len(held.environments),
+                what,
+                ", ".join(sorted(set(held.environments))),
+            )
 
 
 def api_token(agent: "Agent") -> str | None:
