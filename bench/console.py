@@ -44,11 +44,11 @@ from fleet_server.auth.models import Role
 from fleet_server.broker.mosquitto import hash_password
 from fleet_server.clock import utc_iso
 from fleet_server.db import connect
+from fleet_server.ingest.store import IngestStore
 
 PASSWORD = "bench-console-password"
 BEIJING_OFFSET = timedelta(hours=8)
 ITEMS = ["TQ01", "TQ02", "TQ03", "DK01", "DK02", "CX01", "CX02", "CX03", "DY01", "ZH01"]
-EVENT_COLS = "terminal, epoch, seq, id, type, ts, received_at, office_id, body"
 TREND_WEEKS = 8  # the usage page's weekly trend (fleet_server.console.views.TREND_WEEKS)
 
 
@@ -127,9 +127,7 @@ def usage_events(st: DevStack, tids: dict[str, str], weeks: int, per_day: int, r
                          utc_iso(end), received, office, json.dumps(body))
                     )  # fmt: skip
                     n += 2
-            conn.execute("BEGIN")
-            conn.executemany(f"INSERT INTO events ({EVENT_COLS}) VALUES (?,?,?,?,?,?,?,?,?)", rows)
-            conn.execute("COMMIT")
+            IngestStore(conn).write(rows, (), (), ())  # as the ingest stores them (stream numbers too)
     st.server.usage.mark_all()
     while st.server.usage.recompute(limit=10_000):
         pass

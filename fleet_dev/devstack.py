@@ -207,11 +207,18 @@ class DevStack:
     def stored(self, terminal_id: str | None = None) -> int:
         """Events stored at the server (every row is one (terminal, epoch, seq))."""
         import sqlite3
+        from contextlib import closing
 
-        with sqlite3.connect(self.settings.db_path) as conn:
+        with closing(sqlite3.connect(self.settings.db_path)) as conn:
             if terminal_id is None:
                 return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
-            return int(conn.execute("SELECT count(*) FROM events WHERE terminal=?", (terminal_id,)).fetchone()[0])
+            # through the terminal's stream numbers: the key (stream, seq) is what indexes them
+            return int(
+                conn.execute(
+                    "SELECT count(*) FROM events WHERE stream IN (SELECT num FROM event_streams WHERE terminal=?)",
+                    (terminal_id,),
+                ).fetchone()[0]
+            )
 
 
 def service_events(n: int, prefix: str = "s") -> Iterable[tuple[str, dict[str, Any], None]]:

@@ -174,3 +174,36 @@ def _m0005_events_append_only_indexes(db: sqlite_utils.Database) -> None:
     db.execute("DROP INDEX IF EXISTS events_received_at")
     db.execute("CREATE INDEX IF NOT EXISTS events_id ON events (id)")
     db.execute("CREATE INDEX IF NOT EXISTS events_ts_office ON events (ts, office_id)")
+
+
+@migrations(name="0006_events_stream_numbers")
+def _m0006_events_stream_numbers(db: sqlite_utils.Database) -> None:
+    # The exactly-once key was (terminal, epoch, seq): ~60 bytes of text per entry, and every
+    # batch inserts into the middle of it at one spot per stream, so it cost more than the table
+    # itself (bench/store.py). Each stream now has a number (`event_streams`, assigned by
+    # IngestStore on the stream's first event) and the key is (stream, seq): a few bytes, compared
+    # as integers, a fraction of the pages. `terminal` and `epoch` stay on every row for readers.
+    # The table is rebuilt (the column is NOT NULL without a default, so a writer that forgets it
+    # fails loudly) with its rowids kept: the usage catch-up and the rollout engine read by rowid.
+    # No FOREIGN KEY on `stream`: it would cost every stored row a lookup in event_streams.
+    db.execute("""CREATE TABLE event_streams (
+        num INTEGER PRIMARY KEY, terminal TEXT NOT NULL, epoch TEXT NOT NULL, UNIQUE (terminal, epoch))""")
+    db.execute(
+        "INSERT INTO event_streams (terminal, epoch)"
+        " SELECT terminal, epoch FROM events GROUP BY terminal, epoch ORDER BY min(rowid)"
+    )
+    cols = "terminal, epoch, seq, id, type, ts, received_at, office_id, body"
+    db.execute("""CREATE TABLE events_numbered (
+        terminal TEXT NOT NULL, epoch TEXT NOT NULL, seq INTEGER NOT NULL, id TEXT NOT NULL,
+        type TEXT NOT NULL, ts TEXT NOT NULL, received_at TEXT NOT NULL, office_id TEXT NOT NULL,
+        body TEXT NOT NULL, stream INTEGER NOT NULL)""")
+    db.execute(
+        f"INSERT INTO events_numbered (rowid, {cols}, stream)"
+        f" SELECT e.rowid, {', '.join('e.' + c for c in cols.split(', '))}, s.num"
+        " FROM events e JOIN event_streams s ON s.terminal=e.terminal AND s.epoch=e.epoch ORDER BY e.rowid"
+    )
+    db.execute("DROP TABLE events")
+    db.execute("ALTER TABLE events_numbered RENAME TO events")
+    db.execute("CREATE UNIQUE INDEX events_key ON events (stream, seq)")
+    db.execute("CREATE INDEX events_id ON events (id)")
+    db.execute("CREATE INDEX events_ts_office ON events (ts, office_id)")

@@ -1,5 +1,6 @@
-"""The server's event store: the upgrade from the original WITHOUT ROWID layout keeps every row,
-and each event stays stored exactly once on (terminal, epoch, seq) after it."""
+"""The server's event store: the upgrades from the original WITHOUT ROWID layout keep every row,
+and each event stays stored exactly once on (terminal, epoch, seq) after them (enforced on the
+stream's number and seq since 0006)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import sqlite_utils
 
+from fleet_server.console.queries import update_reports
 from fleet_server.db import connect, migrate, migrations
 from fleet_server.ingest.store import IngestStore, StreamRow
 from fleet_server.usage.store import UsageStore
@@ -48,6 +50,22 @@ def _old_database(path: Path) -> None:
         assert "WITHOUT ROWID" in sql
 
 
+def _write_old(
+    conn: sqlite3.Connection,
+    events: list[tuple[str, str, int, str, str, str, str, str, str]],
+    tombstones: list[tuple[str, str, int, str, str, int, str]] = [],  # noqa: B006 - never mutated
+) -> None:
+    """Store rows as the ingest of the old layout did (its events had no stream number)."""
+    conn.execute("BEGIN")
+    conn.executemany(
+        "INSERT OR IGNORE INTO events (terminal, epoch, seq, id, type, ts, received_at, office_id, body)"
+        " VALUES (?,?,?,?,?,?,?,?,?)",
+        events,
+    )
+    conn.executemany("INSERT INTO dropped VALUES (?,?,?,?,?,?,?)", tombstones)
+    conn.execute("COMMIT")
+
+
 def _rows(conn: sqlite3.Connection) -> list[tuple[object, ...]]:
     return sorted(conn.execute("SELECT terminal, epoch, seq, id, type, ts, received_at, office_id, body FROM events"))
 
@@ -64,9 +82,9 @@ def test_upgrade_from_without_rowid_keeps_every_row_and_tombstone(tmp_path: Path
     events = [_event(t, e, s) for t in ("t-001", "t-002", "t-003") for e in (EPOCH_A, EPOCH_B) for s in range(1, 401)]
     tombstones = [("t-001", EPOCH_A, 401, "ttl_expired", "device.sample", 2, "2026-11-02T09:00:00.000Z")]
     with connect(path) as conn:
-        store = IngestStore(conn)
-        for i in range(0, len(events), 200):  # as the ingest writes: batches, one transaction each
-            store.write(events[i : i + 200], tombstones if i == 0 else (), (), [_stream("t-001", EPOCH_A, 400)])
+        for i in range(0, len(events), 200):  # as the ingest wrote: batches, one transaction each
+            _write_old(conn, events[i : i + 200], tombstones if i == 0 else [])
+        IngestStore(conn).write((), (), (), [_stream("t-001", EPOCH_A, 400)])
         before = _rows(conn)
         dropped_before = conn.execute("SELECT * FROM dropped").fetchall()
     assert len(before) == 2400
@@ -81,16 +99,49 @@ def test_upgrade_from_without_rowid_keeps_every_row_and_tombstone(tmp_path: Path
         assert conn.execute("SELECT count(*) FROM streams").fetchone()[0] == 1
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         unique = [r[1] for r in conn.execute("PRAGMA index_list(events)") if r[2]]
-        assert [[c[2] for c in conn.execute(f"PRAGMA index_info({name})")] for name in unique] == [
-            ["terminal", "epoch", "seq"]
-        ]
+        assert [[c[2] for c in conn.execute(f"PRAGMA index_info({name})")] for name in unique] == [["stream", "seq"]]
+        # 0006: one number per stream, and every row carries its own stream's
+        numbers = conn.execute("SELECT terminal, epoch, num FROM event_streams").fetchall()
+        assert len(numbers) == 6 and len({n for _, _, n in numbers}) == 6
+        assert (
+            conn.execute(
+                "SELECT count(*) FROM events e JOIN event_streams s ON s.num=e.stream"
+                " WHERE s.terminal=e.terminal AND s.epoch=e.epoch"
+            ).fetchone()[0]
+            == 2400
+        )
+        # the store numbers a new stream, and knows the upgraded ones
+        store = IngestStore(conn)
+        store.write([_event("t-004", EPOCH_A, 1), _event("t-001", EPOCH_A, 401)], (), (), ())
+        assert len(_rows(conn)) == 2402
+        store.write([_event("t-001", EPOCH_A, 400), _event("t-004", EPOCH_A, 1)], (), (), ())  # both stored already
+        assert len(_rows(conn)) == 2402
+        assert conn.execute("SELECT count(*) FROM event_streams").fetchone()[0] == 7
+
+
+def test_stream_numbering_keeps_rowids(tmp_path: Path) -> None:
+    """0006 rebuilds the rowid table: the usage catch-up and the rollout engine read by rowid."""
+    path = tmp_path / "fleet.db"
+    with connect(path) as conn:
+        migrations.apply(sqlite_utils.Database(conn), stop_before="0006_events_stream_numbers")
+        _write_old(conn, [_event(t, EPOCH_A, s) for s in range(1, 31) for t in ("t-001", "t-002")])
+        conn.execute("DELETE FROM events WHERE seq BETWEEN 5 AND 9")  # rowids with gaps
+        before = conn.execute("SELECT rowid, terminal, epoch, seq, id FROM events ORDER BY rowid").fetchall()
+    migrate(path)
+    with connect(path) as conn:
+        assert conn.execute("SELECT rowid, terminal, epoch, seq, id FROM events ORDER BY rowid").fetchall() == before
+        # new rows go after every kept one
+        IngestStore(conn).write([_event("t-003", EPOCH_A, 1)], (), (), ())
+        last = conn.execute("SELECT terminal FROM events ORDER BY rowid DESC LIMIT 1").fetchone()
+        assert last == ("t-003",)
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
 def test_upgraded_store_ignores_duplicates_and_keeps_the_first_copy(tmp_path: Path) -> None:
     path = tmp_path / "fleet.db"
     _old_database(path)
     with connect(path) as conn:
-        IngestStore(conn).write([_event("t-001", EPOCH_A, s) for s in range(1, 101)], (), (), ())
+        _write_old(conn, [_event("t-001", EPOCH_A, s) for s in range(1, 101)])
     migrate(path)
     with connect(path) as conn:
         store = IngestStore(conn)
@@ -109,16 +160,28 @@ def test_upgraded_store_ignores_duplicates_and_keeps_the_first_copy(tmp_path: Pa
         store.write([_event("t-001", EPOCH_B, 1)], (), (), ())
         assert conn.execute("SELECT count(*) FROM events WHERE seq=1").fetchone()[0] == 2
         # the key is enforced by the database itself, not only by INSERT OR IGNORE
+        (num,) = conn.execute("SELECT num FROM event_streams WHERE terminal='t-001' AND epoch=?", (EPOCH_A,)).fetchone()
         try:
             conn.execute(
-                "INSERT INTO events (terminal, epoch, seq, id, type, ts, received_at, office_id, body)"
-                " VALUES (?,?,?,?,?,?,?,?,?)",
-                _event("t-001", EPOCH_A, 7),
+                "INSERT INTO events (terminal, epoch, seq, id, type, ts, received_at, office_id, body, stream)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (*_event("t-001", EPOCH_A, 7), num),
             )
         except sqlite3.IntegrityError as err:
             assert "UNIQUE" in str(err)
         else:
             raise AssertionError("a duplicate (terminal, epoch, seq) was accepted")
+        # and a row without its stream number is refused outright, not stored unkeyed
+        try:
+            conn.execute(
+                "INSERT INTO events (terminal, epoch, seq, id, type, ts, received_at, office_id, body)"
+                " VALUES (?,?,?,?,?,?,?,?,?)",
+                _event("t-009", EPOCH_A, 1),
+            )
+        except sqlite3.IntegrityError as err:
+            assert "NOT NULL" in str(err)
+        else:
+            raise AssertionError("an event without its stream number was accepted")
 
 
 def test_fresh_and_upgraded_databases_have_the_same_events_layout(tmp_path: Path) -> None:
@@ -145,10 +208,11 @@ def test_usage_reads_of_the_events_use_an_index(tmp_path: Path) -> None:
         usage.service_events("dongcheng", "2026-11-02T00:00:00.000Z", "2026-11-03T00:00:00.000Z")
         usage.received_since("2026-11-02T10:30:00.000Z")
         IngestStore(conn).seqs_for_ids("t-001", EPOCH_A, ["x" * 32])
+        update_reports(conn, "t-001")  # the console's terminal page
         conn.set_trace_callback(None)
         reads = [sql for sql in issued if "FROM events" in sql]
         # the catch-up finds its start by a binary search over rowids: a few point reads, no scan
-        assert 3 <= len(reads) <= 16
+        assert 4 <= len(reads) <= 17
         for sql in reads:
             plan = " ".join(str(r[3]) for r in conn.execute("EXPLAIN QUERY PLAN " + sql))
             assert "SCAN events" not in plan, (sql, plan)

@@ -38,6 +38,7 @@ from fleet_server.app import FleetServer, create_app
 from fleet_server.auth.models import Role
 from fleet_server.config import SEED_DIR, ServerSettings
 from fleet_server.db import connect, migrate
+from fleet_server.ingest.store import IngestStore
 from fleet_server.registry.service import RegistryService
 from fleet_server.usage import figures
 from fleet_server.usage.routes import build_usage_router
@@ -57,6 +58,7 @@ class EventWriter:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
+        self.store = IngestStore(conn)
         self.seq = 0
 
     def add(
@@ -76,7 +78,7 @@ class EventWriter:
         if duration is not None:
             body["duration_s"] = duration
         row = (terminal, "e1", self.seq, uuid.uuid4().hex, etype, ts, received, office, json.dumps(body))
-        self.conn.execute("INSERT INTO events VALUES (?,?,?,?,?,?,?,?,?)", row)
+        self.store.write([row], (), (), ())
         return row
 
 

@@ -41,7 +41,11 @@ def office_terminals(conn: sqlite3.Connection, office_id: str) -> list[TerminalP
 def update_reports(conn: sqlite3.Connection, terminal: str, limit: int = UPDATE_REPORTS_LIMIT) -> list[dict[str, Any]]:
     """The terminal's stored `update.status` reports, oldest first (each a state of one rollout)."""
     rows = conn.execute(
-        "SELECT ts, body FROM events WHERE terminal=? AND type='update.status' ORDER BY ts DESC LIMIT ?",
+        # through the terminal's stream numbers: the exactly-once key (stream, seq) is the only
+        # index that finds one terminal's rows
+        "SELECT ts, body FROM events INDEXED BY events_key"
+        " WHERE stream IN (SELECT num FROM event_streams WHERE terminal=?)"
+        " AND type='update.status' ORDER BY ts DESC LIMIT ?",
         (terminal, limit),
     ).fetchall()
     out = []

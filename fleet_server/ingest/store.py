@@ -29,6 +29,8 @@ class StreamRow:
 class IngestStore:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._db = conn
+        # (terminal, epoch) -> the stream's number in event_streams, as committed (see db.py, 0006)
+        self._nums: dict[tuple[str, str], int] = {}
 
     def load_streams(self) -> dict[tuple[str, str], StreamRow]:
         out = {}
@@ -50,12 +52,21 @@ class IngestStore:
         status: Sequence[tuple[str, str, str, str, str, str]] = (),
     ) -> None:
         """Store one ingest batch, the new stream marks and status rows in a single transaction."""
+        new: dict[tuple[str, str], int] = {}
         with transaction(self._db):
             if events:
+                nums = self._nums
+                try:
+                    rows = [(*e, nums[(e[0], e[1])]) for e in events]
+                except KeyError:  # a stream's first event since this store was opened
+                    for key in {(e[0], e[1]) for e in events}.difference(nums):
+                        new[key] = self._stream_number(*key)
+                    nums = {**nums, **new}
+                    rows = [(*e, nums[(e[0], e[1])]) for e in events]
                 self._db.executemany(
                     "INSERT OR IGNORE INTO events (terminal, epoch, seq, id, type, ts, received_at,"
-                    " office_id, body) VALUES (?,?,?,?,?,?,?,?,?)",
-                    events,
+                    " office_id, body, stream) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    rows,
                 )
             if dropped:
                 self._db.executemany(
@@ -82,7 +93,7 @@ class IngestStore:
                             s.terminal,
                             s.epoch,
                             s.seqs.upto,
-                            json.dumps(s.seqs.ranges),
+                            json.dumps(s.seqs.ranges) if s.seqs.range_count else "[]",
                             s.stored,
                             s.dropped,
                             s.quarantined,
@@ -95,6 +106,18 @@ class IngestStore:
                 )
             if status:
                 self._upsert_status(status)
+        self._nums.update(new)  # only once committed: a rolled-back number is not kept
+
+    def _stream_number(self, terminal: str, epoch: str) -> int:
+        """The stream's number, given to it here on its first event (inside the caller's transaction)."""
+        row = self._db.execute(
+            "SELECT num FROM event_streams WHERE terminal=? AND epoch=?", (terminal, epoch)
+        ).fetchone()
+        if row is not None:
+            return int(row[0])
+        cur = self._db.execute("INSERT INTO event_streams (terminal, epoch) VALUES (?,?)", (terminal, epoch))
+        assert cur.lastrowid is not None
+        return cur.lastrowid
 
     def _upsert_status(self, rows: Sequence[tuple[str, str, str, str, str, str]]) -> None:
         self._db.executemany(
