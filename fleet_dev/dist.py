@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -280,10 +281,57 @@ def _defect(name: str) -> Callable[[Path], None]:
 
 def build_agent_wheel(out_dir: Path, version: str, *, defect: str | None = None) -> Path:
     """The agent wheel as `./run.sh dist` builds it, but versioned `version` and, for tests, with
-    one of DEFECTS. Its dependencies are those of the normal build (reuse its wheelhouse)."""
+    one of DEFECTS. Its dependencies are those of the normal build (reuse its wheelhouse).
+
+    After `use_build_cache(folder)` each (version, defect, agent sources) is built once into that
+    folder and copied into `out_dir` from there (the test session shares its builds this way)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     root = tomllib.loads((REPO / "pyproject.toml").read_text("utf-8"))
-    return build_wheel(AGENT, out_dir, root, version=version, patch=_defect(defect) if defect else None)
+    patch = _defect(defect) if defect else None
+    with _cache_lock:
+        cache = _cache_dir
+    if cache is None:
+        return build_wheel(AGENT, out_dir, root, version=version, patch=patch)
+    key = f"{version}-{defect or 'good'}-{agent_sources_digest()[:16]}"
+    with _cache_lock:
+        folder = cache / key
+        if not folder.exists():
+            scratch = Path(tempfile.mkdtemp(dir=cache, prefix=f".{key}-"))
+            build_wheel(AGENT, scratch, root, version=version, patch=patch)
+            try:
+                scratch.rename(folder)  # whole or not at all
+            except OSError:  # another process of the session built it first: use that one
+                shutil.rmtree(scratch, ignore_errors=True)
+        [cached] = folder.glob("*.whl")
+    dest = out_dir / cached.name
+    shutil.copyfile(cached, dest)
+    return dest
+
+
+_cache_lock = threading.Lock()
+_cache_dir: Path | None = None
+
+
+def use_build_cache(folder: Path | None) -> None:
+    """Build each test agent wheel once into `folder` (None: build every time, the default)."""
+    global _cache_dir
+    with _cache_lock:
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+        _cache_dir = folder
+
+
+def agent_sources_digest() -> str:
+    """SHA-256 over the agent distribution's sources and the root pyproject: what its wheel is built from."""
+    h = hashlib.sha256((REPO / "pyproject.toml").read_bytes())
+    for package in AGENT.packages:
+        for path in sorted((REPO / package).rglob("*")):
+            rel = path.relative_to(REPO)
+            if path.is_file() and not any(part == "__pycache__" or part.endswith(".egg-info") for part in rel.parts):
+                if path.suffix == ".pyc":
+                    continue
+                h.update(str(rel).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def build(out_dir: Path, *, lock: bool = True, face: bool = False) -> Built:

@@ -27,6 +27,24 @@ def _need_mosquitto() -> None:
         pytest.fail("mosquitto is not installed: run the suite through ./run.sh test")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_build_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Builds the session repeats, made once: each test agent wheel (by version, defect and a hash
+    of the agent's sources; fleet_dev.dist), and the compiled copy of the pip wheel that installed
+    terminals build their release venvs with (fleet_dev.terminal)."""
+    from fleet_dev import dist as dist_build
+    from fleet_dev import terminal
+
+    caches = tmp_path_factory.mktemp("build-caches")
+    dist_build.use_build_cache(caches / "agent-wheels")
+    terminal.use_compiled_pip(caches / "pip")
+    try:
+        yield
+    finally:
+        dist_build.use_build_cache(None)
+        terminal.use_compiled_pip(None)
+
+
 @pytest.fixture(scope="session")
 def dist(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """`./run.sh dist` once per test session: both wheels, the agent's wheelhouse and hash-pinned lock."""

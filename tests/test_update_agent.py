@@ -9,28 +9,20 @@ wrong profile are rejected with nothing installed."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fleet_dev.proc import wait_for
-from tests.update_util import UPDATE_TIMEOUT_S, Rig, post_event
+from tests.update_util import UPDATE_TIMEOUT_S, Rig, post_event, rig_fixture
 
 pytestmark = pytest.mark.timeout(900)
 
 TERMINALS = {"t-good": "generic", "t-gate": "generic", "t-crash": "generic", "t-rej": "generic", "t-key": "generic"}
 
 
-@pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory, dist: Any) -> Iterator[Rig]:
-    r = Rig(tmp_path_factory.mktemp("update-agent"), dist)
-    try:
-        r.start(TERMINALS)
-        yield r
-    finally:
-        r.close()
+rig = rig_fixture("update-agent", TERMINALS)
 
 
 def _final(rig: Rig, tid: str, cmd: Any) -> str:

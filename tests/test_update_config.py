@@ -5,26 +5,17 @@ restarts; a config release naming a setting outside the allow-list is rejected."
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from fleet_dev import releases
 from fleet_dev.proc import wait_for
-from tests.update_util import Rig
+from tests.update_util import Rig, rig_fixture
 
 pytestmark = pytest.mark.timeout(600)
 
 
-@pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory, dist: Any) -> Iterator[Rig]:
-    r = Rig(tmp_path_factory.mktemp("update-config"), dist)
-    try:
-        r.start({"c-1": "generic"})
-        yield r
-    finally:
-        r.close()
+rig = rig_fixture("update-config", {"c-1": "generic"})
 
 
 def _hb_interval(rig: Rig, tid: str) -> float | None:

@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import pytest
 
 from fleet_dev import releases
 from fleet_dev.proc import wait_for
-from tests.update_util import Rig
+from tests.update_util import Rig, rig_fixture
 
 pytestmark = [pytest.mark.face, pytest.mark.timeout(900)]
 
@@ -60,13 +59,12 @@ def golden() -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory, face_dist: Any) -> Iterator[Rig]:
-    r = Rig(tmp_path_factory.mktemp("update-face"), face_dist[0])
-    try:
-        r.start({"f-1": "generic", "f-2": "generic"})
-        yield r
-    finally:
-        r.close()
+def face_locked(face_dist: Any) -> Any:
+    """The dist the terminals install from: its lock is the face one."""
+    return face_dist[0]
+
+
+rig = rig_fixture("update-face", {"f-1": "generic", "f-2": "generic"}, built="face_locked")
 
 
 def _model_dir(rig: Rig, golden: dict[str, bytes], name: str) -> Path:

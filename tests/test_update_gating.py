@@ -6,7 +6,6 @@ malformed command is counted and changes nothing."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,7 +13,7 @@ import pytest
 
 from fleet_dev.proc import wait_for
 from fleet_wire.topics import Channel, topic
-from tests.update_util import Rig, post_event, window_now_closed, window_now_open
+from tests.update_util import Rig, post_event, rig_fixture, window_now_closed, window_now_open
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -23,15 +22,7 @@ TERMINALS = {"g-session": "generic", "g-timeout": "generic", "g-window": "generi
 WATCH_S = 4.0
 
 
-@pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory, dist: Any) -> Iterator[Rig]:
-    r = Rig(tmp_path_factory.mktemp("update-gating"), dist)
-    try:
-        r.start(TERMINALS)
-        r.release = r.publish_agent("3.0.0")  # type: ignore[attr-defined]
-        yield r
-    finally:
-        r.close()
+rig = rig_fixture("update-gating", TERMINALS, release="3.0.0")
 
 
 def _started(session: str) -> dict[str, Any]:
@@ -60,7 +51,7 @@ def test_open_session_holds_the_install_until_it_ends(rig: Rig) -> None:
     wait_for(lambda: t.api_get("/v1/update")["bad_commands"] == 2, 30, what="malformed commands counted")
     post_event(t, "service.started", _started("citizen-1"), key="gs-start-1")
     assert t.api_get("/v1/update")["open_sessions"] == 1
-    cmd = rig.desire("g-session", rig.release, version="3.0.0", window=window_now_open())  # type: ignore[attr-defined]
+    cmd = rig.desire("g-session", rig.release, version="3.0.0", window=window_now_open())
     rig.wait_state("g-session", cmd, "waiting_session")
     _still_waiting(rig, "g-session", cmd, "waiting_session")
     assert t.current() == first
@@ -77,7 +68,7 @@ def test_a_session_the_app_forgot_to_close_stops_holding_after_its_timeout(rig: 
     t.start()
     rig.wait_version("g-timeout", "1.0.0")
     post_event(t, "service.started", _started("forgotten"), key="gt-start-1")
-    cmd = rig.desire("g-timeout", rig.release, version="3.0.0")  # type: ignore[attr-defined]
+    cmd = rig.desire("g-timeout", rig.release, version="3.0.0")
     rig.wait_state("g-timeout", cmd, "waiting_session")
     rig.wait_state("g-timeout", cmd, "committed")
     rig.wait_version("g-timeout", "3.0.0")
@@ -88,12 +79,12 @@ def test_outside_the_window_it_waits_and_a_newer_command_replaces_the_waiting_on
     first = t.current()
     t.start()
     rig.wait_version("g-window", "1.0.0")
-    cmd = rig.desire("g-window", rig.release, version="3.0.0", window=window_now_closed())  # type: ignore[attr-defined]
+    cmd = rig.desire("g-window", rig.release, version="3.0.0", window=window_now_closed())
     rig.wait_state("g-window", cmd, "waiting_window")
     _still_waiting(rig, "g-window", cmd, "waiting_window")
     assert rig.states("g-window", cmd)[:3] == ["notified", "downloading", "downloaded"]  # downloads any time
     assert t.current() == first and t.releases() == [first]
-    newer = rig.desire("g-window", rig.release, version="3.0.0", rollout="r2")  # type: ignore[attr-defined]
+    newer = rig.desire("g-window", rig.release, version="3.0.0", rollout="r2")
     rig.wait_state("g-window", newer, "committed")
     old = rig.reports("g-window", cmd)[-1]
     assert (old["state"], old["reason"]) == ("failed", "superseded")
@@ -107,7 +98,7 @@ def test_past_its_deadline_it_installs_at_the_next_idle_moment_outside_the_windo
     post_event(t, "service.started", _started("busy"), key="gd-start-1")
     cmd = rig.desire(
         "g-deadline",
-        rig.release,  # type: ignore[attr-defined]
+        rig.release,
         version="3.0.0",
         window=window_now_closed(),
         deadline=datetime.now(UTC) - timedelta(minutes=1),

@@ -5,7 +5,7 @@ gate. After the restart the terminal ends on a working version, committed, and t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,7 +14,7 @@ import pytest
 from edge_agent import launcher
 from fleet_dev.proc import wait_for
 from fleet_dev.terminal import Terminal
-from tests.update_util import UPDATE_TIMEOUT_S, Rig, window_now_closed
+from tests.update_util import UPDATE_TIMEOUT_S, Rig, rig_fixture, window_now_closed
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -23,15 +23,7 @@ VICTIMS = ("agent", "launcher")
 TERMINALS = {f"k-{step.replace('_', '-')}-{victim}": "generic" for step in STEPS for victim in VICTIMS}
 
 
-@pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory, dist: Any) -> Iterator[Rig]:
-    r = Rig(tmp_path_factory.mktemp("update-kill"), dist)
-    try:
-        r.start(TERMINALS)
-        r.release = r.publish_agent("2.0.0")  # type: ignore[attr-defined]
-        yield r
-    finally:
-        r.close()
+rig = rig_fixture("update-kill", TERMINALS, release="2.0.0")
 
 
 def _kill(t: Terminal, victim: str) -> None:
@@ -57,7 +49,7 @@ def test_kill_at_each_step_ends_committed_on_a_working_version(rig: Rig, step: s
     first = t.current()
     t.start()
     rig.wait_version(tid, "1.0.0")
-    pub: Any = rig.release  # type: ignore[attr-defined]
+    pub: Any = rig.release
     kwargs: dict[str, Any] = {}
     if step == "after_download":
         # outside the window until a deadline a little ahead: it downloads, then waits

@@ -5,26 +5,16 @@ server before the install commits on the terminal's own health, and the reports 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import pytest
 
-from tests.update_util import Rig, window_now_closed
+from tests.update_util import Rig, rig_fixture, window_now_closed
 
 pytestmark = pytest.mark.timeout(900)
 
 
-@pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory, dist: Any) -> Iterator[Rig]:
-    r = Rig(tmp_path_factory.mktemp("update-outage"), dist)
-    try:
-        r.start({"o-silent": "generic", "o-cutoff": "generic"})
-        r.release = r.publish_agent("4.0.0")  # type: ignore[attr-defined]
-        yield r
-    finally:
-        r.close()
+rig = rig_fixture("update-outage", {"o-silent": "generic", "o-cutoff": "generic"}, release="4.0.0")
 
 
 def test_server_silent_during_the_trial_of_a_reachable_terminal_rolls_it_back(rig: Rig) -> None:
@@ -32,7 +22,7 @@ def test_server_silent_during_the_trial_of_a_reachable_terminal_rolls_it_back(ri
     first = t.current()
     t.start()
     rig.wait_version("o-silent", "1.0.0")
-    cmd = rig.desire("o-silent", rig.release, version="4.0.0", gate_s=4.0)  # type: ignore[attr-defined]
+    cmd = rig.desire("o-silent", rig.release, version="4.0.0", gate_s=4.0)
     rig.wait_state("o-silent", cmd, "installing")
     rig.stop_server()
     try:
@@ -57,7 +47,7 @@ def test_an_office_cut_off_before_the_install_commits_on_its_own_health(rig: Rig
     deadline = datetime.now(UTC) + timedelta(seconds=25)
     cmd = rig.desire(
         "o-cutoff",
-        rig.release,  # type: ignore[attr-defined]
+        rig.release,
         version="4.0.0",
         gate_s=4.0,
         window=window_now_closed(),

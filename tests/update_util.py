@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from fleet_dev import releases
 from fleet_dev.devstack import DevStack
@@ -39,6 +42,7 @@ class Rig:
     stack: DevStack = field(init=False)
     server: subprocess.Popen[bytes] | None = None
     terminals: list[Terminal] = field(default_factory=list)
+    release: Any = None  # the release a module publishes once at set-up (rig_fixture(release=...))
     _wheels: dict[tuple[str, str | None], Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -112,7 +116,8 @@ class Rig:
             folder = self.work / f"dist-{version}-{defect or 'good'}"
             wheel = build_agent_wheel(folder, version, defect=defect)
             shutil.copyfile(self.dist.agent_lock, folder / f"kiosk_fleet_agent-{version}.lock")
-            shutil.copytree(self.dist.wheelhouse, folder / "agent-wheels")
+            # linked, not copied: a dist folder's wheelhouse is only ever read
+            shutil.copytree(self.dist.wheelhouse, folder / "agent-wheels", copy_function=os.link)
             for stale in (folder / "agent-wheels").glob("kiosk_fleet_agent-*.whl"):
                 stale.unlink()
             assert wheel.parent == folder
@@ -212,6 +217,27 @@ class Rig:
 
     def wait_version(self, tid: str, version: str, timeout_s: float = UPDATE_TIMEOUT_S) -> None:
         wait_for(lambda: self.heartbeat_version(tid) == version, timeout_s, 0.2, what=f"{tid} heartbeat of {version}")
+
+
+def rig_fixture(
+    name: str, terminals: dict[str, str], *, release: str | None = None, built: str = "dist"
+) -> Callable[..., Iterator[Rig]]:
+    """The module-scoped `rig` fixture of an update test module (`rig = rig_fixture(...)`): a Rig
+    in its own tmp folder over the session's `built` fixture (a fleet_dev.dist.Built), started
+    with `terminals` {id: profile}; `release` (a version) is published once as `rig.release`."""
+
+    @pytest.fixture(scope="module", name="rig")
+    def _rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+        r = Rig(tmp_path_factory.mktemp(name), request.getfixturevalue(built))
+        try:
+            r.start(terminals)
+            if release is not None:
+                r.release = r.publish_agent(release)
+            yield r
+        finally:
+            r.close()
+
+    return _rig
 
 
 def post_event(t: Terminal, event_type: str, body: dict[str, Any], key: str) -> int:
