@@ -115,6 +115,58 @@ def pip_tool(root: Path) -> Path:
         return compiled_pip_wheel(plain, _pip_tool_dir)
 
 
+_release_cache_dir: Path | None = None
+
+
+def use_release_cache(cache_dir: Path | None) -> None:
+    """Build each distinct FIRST release (same files, pip and interpreter) once in `cache_dir` and
+    give every later install a copy of it, with its own paths written in (see clone_release); None:
+    every install builds its own, as provisioning does (the default). Updates are never copied:
+    the updater builds those itself."""
+    global _release_cache_dir
+    with _pip_tool_lock:
+        _release_cache_dir = cache_dir
+
+
+def clone_release(src: Path, dest: Path) -> None:
+    """Copy a complete release venv built at `src` to `dest` as if built there: a venv names its
+    own directory in pyvenv.cfg, the scripts' #! lines and the activate scripts, and nowhere else
+    (checked: no copied file may still name `src`). The completion marker is written last."""
+    if dest.exists():
+        raise RuntimeError(f"{dest} exists already")
+    old, new = os.fsencode(src), os.fsencode(dest)
+    shutil.copytree(src, dest, symlinks=True, ignore=shutil.ignore_patterns(launcher.COMPLETE_MARKER))
+    for path in [dest / "pyvenv.cfg", *(dest / "bin").iterdir()]:
+        if path.is_symlink() or not path.is_file():
+            continue
+        data = path.read_bytes()
+        if old in data:
+            mode = path.stat().st_mode
+            path.write_bytes(data.replace(old, new))
+            os.chmod(path, mode)
+    for dirpath, _dirs, files in os.walk(dest):
+        for name in files:
+            full = Path(dirpath) / name
+            if not full.is_symlink() and old in full.read_bytes():
+                raise RuntimeError(f"{full} still names the release it was copied from ({src})")
+    launcher.write_atomic(dest / launcher.COMPLETE_MARKER, b"complete\n", mode=0o644)
+
+
+def _first_release(opt: Path, name: str, artifacts: list[Artifact], pip: Path) -> None:
+    with _pip_tool_lock:
+        cache = _release_cache_dir
+    if cache is None:
+        build_release(opt, name, artifacts, pip, sys.executable)
+        return
+    key = hashlib.sha256(
+        "\n".join([name, pip.name, sys.executable, *sorted(a.sha256 for a in artifacts)]).encode()
+    ).hexdigest()[:16]
+    template = cache / key
+    with _pip_tool_lock:  # one build per key, even from threads
+        build_release(template, name, artifacts, pip, sys.executable)
+    clone_release(launcher.release_dir(template, name), launcher.release_dir(opt, name))
+
+
 @dataclass
 class Terminal:
     root: Path
@@ -145,7 +197,7 @@ class Terminal:
         artifacts.append(Artifact(wheel, digest))
         version = wheel.name.split("-")[1]
         name = release_name(version, digest)
-        build_release(self.opt, name, artifacts, self.opt / "tools" / pip.name, sys.executable)
+        _first_release(self.opt, name, artifacts, self.opt / "tools" / pip.name)
         launcher.switch_current(self.opt, name)
         self.write_config()
         return name

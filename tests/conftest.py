@@ -30,19 +30,23 @@ def _need_mosquitto() -> None:
 @pytest.fixture(scope="session", autouse=True)
 def _session_build_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Builds the session repeats, made once: each test agent wheel (by version, defect and a hash
-    of the agent's sources; fleet_dev.dist), and the compiled copy of the pip wheel that installed
-    terminals build their release venvs with (fleet_dev.terminal)."""
+    of the agent's sources; fleet_dev.dist), the compiled copy of the pip wheel that installed
+    terminals build their release venvs with, and each distinct first release of a test terminal,
+    copied into every terminal that installs it (fleet_dev.terminal; the releases an update
+    brings are built by the updater itself, as on a terminal)."""
     from fleet_dev import dist as dist_build
     from fleet_dev import terminal
 
     caches = tmp_path_factory.mktemp("build-caches")
     dist_build.use_build_cache(caches / "agent-wheels")
     terminal.use_compiled_pip(caches / "pip")
+    terminal.use_release_cache(caches / "releases")
     try:
         yield
     finally:
         dist_build.use_build_cache(None)
         terminal.use_compiled_pip(None)
+        terminal.use_release_cache(None)
 
 
 @pytest.fixture(scope="session")
