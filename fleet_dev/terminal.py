@@ -122,7 +122,8 @@ def use_release_cache(cache_dir: Path | None) -> None:
     """Build each distinct FIRST release (same files, pip and interpreter) once in `cache_dir` and
     give every later install a copy of it, with its own paths written in (see clone_release); None:
     every install builds its own, as provisioning does (the default). Updates are never copied:
-    the updater builds those itself."""
+    the updater builds those itself. The copy comes with its modules' bytecode, as a release has
+    it after its first start (the agent's first start would otherwise compile its dependencies)."""
     global _release_cache_dir
     with _pip_tool_lock:
         _release_cache_dir = cache_dir
@@ -147,7 +148,8 @@ def clone_release(src: Path, dest: Path) -> None:
     for dirpath, _dirs, files in os.walk(dest):
         for name in files:
             full = Path(dirpath) / name
-            if not full.is_symlink() and old in full.read_bytes():
+            # bytecode names its source too, but the import system puts the real path in on load
+            if not full.is_symlink() and not name.endswith(".pyc") and old in full.read_bytes():
                 raise RuntimeError(f"{full} still names the release it was copied from ({src})")
     launcher.write_atomic(dest / launcher.COMPLETE_MARKER, b"complete\n", mode=0o644)
 
@@ -162,9 +164,16 @@ def _first_release(opt: Path, name: str, artifacts: list[Artifact], pip: Path) -
         "\n".join([name, pip.name, sys.executable, *sorted(a.sha256 for a in artifacts)]).encode()
     ).hexdigest()[:16]
     template = cache / key
+    src = launcher.release_dir(template, name)
     with _pip_tool_lock:  # one build per key, even from threads
-        build_release(template, name, artifacts, pip, sys.executable)
-    clone_release(launcher.release_dir(template, name), launcher.release_dir(opt, name))
+        if not launcher.is_complete(src):
+            build_release(template, name, artifacts, pip, sys.executable)
+            site = next((src / "lib").glob("python3*/site-packages"))
+            subprocess.run(
+                [str(src / "bin" / "python"), "-m", "compileall", "-q", "-j", "0", str(site)],
+                capture_output=True,
+            )  # a module that does not compile is left to fail (or not) where it is imported
+    clone_release(src, launcher.release_dir(opt, name))
 
 
 @dataclass
