@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -308,8 +309,13 @@ def build_agent_wheel(out_dir: Path, version: str, *, defect: str | None = None)
     return dest
 
 
+# The test session's caches (tests/conftest.py), also for the processes it starts (the demo):
+# a folder holding agent-wheels/ here and pip/ + releases/ for fleet_dev.terminal.
+BUILD_CACHE_ENV = "KIOSK_DEV_BUILD_CACHE"
 _cache_lock = threading.Lock()
-_cache_dir: Path | None = None
+_cache_dir: Path | None = (
+    Path(os.environ[BUILD_CACHE_ENV]) / "agent-wheels" if os.environ.get(BUILD_CACHE_ENV) else None
+)
 
 
 def use_build_cache(folder: Path | None) -> None:

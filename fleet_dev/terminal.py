@@ -18,6 +18,7 @@ each time (about 2 s of a 4 s build on a busy machine). The updater runs it the 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -40,6 +41,7 @@ import yaml
 
 from edge_agent import launcher
 from edge_agent.update.install import Artifact, build_release, find_pip_wheel, release_name
+from fleet_dev.dist import BUILD_CACHE_ENV
 from fleet_dev.proc import die_with_parent, free_port, wait_for
 
 
@@ -95,7 +97,9 @@ def compiled_pip_wheel(pip_wheel: Path, out_dir: Path) -> Path:
 
 
 _pip_tool_lock = threading.Lock()
-_pip_tool_dir: Path | None = None
+# set by the test session for the processes it starts too (fleet_dev.dist.BUILD_CACHE_ENV)
+_session_cache = os.environ.get(BUILD_CACHE_ENV)
+_pip_tool_dir: Path | None = Path(_session_cache) / "pip" if _session_cache else None
 
 
 def use_compiled_pip(cache_dir: Path | None) -> None:
@@ -115,7 +119,7 @@ def pip_tool(root: Path) -> Path:
         return compiled_pip_wheel(plain, _pip_tool_dir)
 
 
-_release_cache_dir: Path | None = None
+_release_cache_dir: Path | None = Path(_session_cache) / "releases" if _session_cache else None
 
 
 def use_release_cache(cache_dir: Path | None) -> None:
@@ -165,7 +169,10 @@ def _first_release(opt: Path, name: str, artifacts: list[Artifact], pip: Path) -
     ).hexdigest()[:16]
     template = cache / key
     src = launcher.release_dir(template, name)
-    with _pip_tool_lock:  # one build per key, even from threads
+    template.mkdir(parents=True, exist_ok=True)
+    # one build per key, from threads (the lock) and from the processes of the session (flock)
+    with _pip_tool_lock, open(template / ".lock", "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
         if not launcher.is_complete(src):
             build_release(template, name, artifacts, pip, sys.executable)
             site = next((src / "lib").glob("python3*/site-packages"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -41,9 +42,11 @@ def _session_build_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     dist_build.use_build_cache(caches / "agent-wheels")
     terminal.use_compiled_pip(caches / "pip")
     terminal.use_release_cache(caches / "releases")
+    os.environ[dist_build.BUILD_CACHE_ENV] = str(caches)  # the demo the tests start uses them too
     try:
         yield
     finally:
+        os.environ.pop(dist_build.BUILD_CACHE_ENV, None)
         dist_build.use_build_cache(None)
         terminal.use_compiled_pip(None)
         terminal.use_release_cache(None)
