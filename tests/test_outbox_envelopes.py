@@ -138,3 +138,24 @@ def test_the_current_time_is_written_as_format_ts_writes_it() -> None:
         moment = parse_ts(stamp)
         assert before - timedelta(milliseconds=1) <= moment <= after
         assert stamp == format_ts(moment)
+
+
+def test_batches_of_every_size_go_in_whole_and_in_order(tmp_path: Path) -> None:
+    """Rows go in as multi-row INSERTs of 64, 32 … 1 rows: every size lands whole, in seq order."""
+    box = Outbox(tmp_path / "o.db", "t-1")
+    sizes = [1, 2, 3, 7, 63, 64, 65, 100, 127, 128, 129, 200]
+    made = []
+    for n in sizes:
+        made += box.enqueue_many(
+            [("service.completed", {**COMPLETED, "session": f"s-{len(made) + i}"}, None) for i in range(n)]
+        )
+    total = sum(sizes)
+    assert [i.seq for i in made] == list(range(1, total + 1))
+    stored = box.after(0, 10_000, 10**9)
+    assert [(i.seq, i.env, i.size) for i in stored] == [(i.seq, i.env, i.size) for i in made]
+    assert [json.loads(i.env)["body"]["session"] for i in stored] == [f"s-{k}" for k in range(total)]
+    with sqlite3.connect(tmp_path / "o.db") as other:
+        rows = other.execute("SELECT count(*), min(type), max(type), min(class), max(class) FROM outbox").fetchone()
+        assert rows == (total, "service.completed", "service.completed", 2, 2)
+        assert other.execute("SELECT count(*) FROM outbox WHERE expires IS NOT NULL").fetchone()[0] == 0
+    box.close()

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from itertools import repeat
+from itertools import chain, repeat
 from operator import itemgetter
 from typing import Any, NamedTuple, cast
 
@@ -509,10 +509,7 @@ class Outbox:
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
-                db.executemany(
-                    "INSERT INTO outbox (seq, type, class, created, expires, env, size) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
+                _insert_rows(db, n, rows)
                 if keyed:
                     db.executemany(
                         "INSERT INTO keys (key, seq, type, created, hash) VALUES (?, ?, ?, ?, ?)",
@@ -753,6 +750,34 @@ class Outbox:
         epoch = new_epoch()
         self._db.execute("INSERT INTO meta (key, value) VALUES ('epoch', ?)", (epoch,))
         return epoch
+
+
+# Rows go in as multi-row INSERTs of 64, 32 … 1 rows (one statement for each set bit of the count):
+# one statement step for many rows instead of a step, a reset and a round of binding per row
+# (~1 µs a row less than executemany here). 64 × 7 parameters stay far below SQLite's limits.
+_OUTBOX_COLUMNS = 7
+_INSERT_CHUNK = 64
+_INSERT_SQL = {
+    size: "INSERT INTO outbox (seq, type, class, created, expires, env, size) VALUES "
+    + ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * size)
+    for size in (1, 2, 4, 8, 16, 32, 64)
+}
+
+
+def _insert_rows(db: sqlite3.Connection, n: int, rows: Iterable[tuple[Any, ...]]) -> None:
+    """Insert `n` outbox rows of 7 columns (inside the caller's transaction)."""
+    if n == 1:
+        db.execute(_INSERT_SQL[1], next(iter(rows)))
+        return
+    flat = list(chain.from_iterable(rows))
+    at = 0
+    size = _INSERT_CHUNK
+    while at < n:
+        while size > n - at:
+            size //= 2
+        step = size * _OUTBOX_COLUMNS
+        db.execute(_INSERT_SQL[size], flat[at * _OUTBOX_COLUMNS : at * _OUTBOX_COLUMNS + step])
+        at += size
 
 
 def _take_bytes(cur: sqlite3.Cursor, max_bytes: int) -> list[OutboxItem]:
