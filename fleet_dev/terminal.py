@@ -328,3 +328,18 @@ def _alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def stop_all(terminals: list[Terminal], timeout_s: float = 30.0) -> None:
+    """Stop several terminals as `Terminal.stop` does, all at once (each SIGTERM'd once, then waited for)."""
+    running = [(t, t.proc) for t in terminals if t.proc is not None]
+    for t, proc in running:
+        t.proc = None
+        if proc.poll() is None:
+            proc.terminate()
+    for _, proc in running:
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

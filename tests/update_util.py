@@ -26,7 +26,7 @@ from fleet_dev import releases
 from fleet_dev.devstack import DevStack
 from fleet_dev.dist import build_agent_wheel
 from fleet_dev.proc import free_port, stop, wait_for
-from fleet_dev.terminal import Terminal
+from fleet_dev.terminal import Terminal, stop_all
 from fleet_wire.release import DesiredRelease, MaintenanceWindow
 from fleet_wire.topics import Channel, topic
 from tests.mqtt_util import RawClient
@@ -84,8 +84,7 @@ class Rig:
             return False
 
     def close(self) -> None:
-        for t in self.terminals:
-            t.stop()
+        stop_all(self.terminals)
         if getattr(self, "mqtt", None) is not None:
             self.mqtt.close()
         if self.server is not None:
