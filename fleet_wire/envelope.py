@@ -21,10 +21,9 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Final, Literal, TypeGuard
@@ -55,43 +54,48 @@ def new_epoch() -> str:
 
 
 _COUNTERS: Final = tuple(f"{i:04x}" for i in range(0x10000))  # formatted once, not per id
-_POOL_BYTES: Final = 8192  # random bytes drawn per system call: the random part of 1,024 ids
+_POOL_IDS: Final = 512  # random parts drawn per system call
 
 
-class _RandomPool:
-    """Bytes from os.urandom, drawn 8 KiB at a time: one system call per ~1,000 event ids instead
-    of one per call (a system call costs microseconds here; a single enqueue makes one id).
+class _RandomParts:
+    """The 64 random bits of event ids as 16 hex digits, drawn from os.urandom 512 ids at a time:
+    one system call per ~500 ids instead of one per call (a system call costs microseconds here,
+    and a single enqueue makes one id).
 
-    Ids need uniqueness, not secrecy, but the bytes are the operating system's CSPRNG output all
-    the same, each handed out once. A forked child starts with an empty pool (`register_at_fork`),
-    so parent and child never hand out the same bytes; a lock keeps threads from sharing a slice.
+    Ids need uniqueness, not secrecy, but the bits are the operating system's CSPRNG output all the
+    same, each handed out once: the parts wait in a list iterator, whose every step is atomic, so
+    threads never share one without a lock; two threads refilling at once each draw fresh bytes. A
+    forked child starts empty (`register_at_fork`), so it never hands out what its parent does.
     """
 
-    __slots__ = ("buf", "lock", "pos")
+    __slots__ = ("parts",)
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.buf = b""
-        self.pos = 0
+        self.parts: Iterator[str] = iter(())
 
-    def take(self, n: int) -> bytes:
-        """`n` fresh random bytes."""
-        if n > _POOL_BYTES // 2:
-            return os.urandom(n)
-        with self.lock:
-            pos = self.pos
-            end = pos + n
-            if end > len(self.buf):
-                self.buf, pos, end = os.urandom(_POOL_BYTES), 0, n
-            self.pos = end
-            return self.buf[pos:end]
+    def take(self, n: int) -> list[str]:
+        """`n` fresh random parts of 16 hex digits."""
+        got = list(itertools.islice(self.parts, n))
+        if len(got) < n:
+            more = n - len(got)
+            if more > _POOL_IDS // 2:
+                got += _hex_parts(more)
+            else:
+                fresh = iter(_hex_parts(_POOL_IDS))
+                got += itertools.islice(fresh, more)
+                self.parts = fresh
+        return got
 
     def reset(self) -> None:
-        self.lock = threading.Lock()
-        self.buf, self.pos = b"", 0
+        self.parts = iter(())
 
 
-_RANDOM: Final = _RandomPool()
+def _hex_parts(n: int) -> list[str]:
+    # bytes.hex with a separator every 8 bytes, then split: the n parts made in C
+    return os.urandom(8 * n).hex(" ", 8).split(" ")
+
+
+_RANDOM: Final = _RandomParts()
 os.register_at_fork(after_in_child=_RANDOM.reset)
 
 
@@ -103,8 +107,7 @@ def event_id_parts(n: int, now_s: float | None = None) -> tuple[str, Iterable[st
     counter itself); `randoms` holds n strings of 16 hex digits.
     """
     prefix = f"{int((time.time() if now_s is None else now_s) * 1000) & 0xFFFF_FFFF_FFFF:012x}"
-    # bytes.hex with a separator every 8 bytes, then split: the n random parts made in C
-    randoms = _RANDOM.take(8 * n).hex(" ", 8).split(" ") if n else []
+    randoms = _RANDOM.take(n) if n else []
     return prefix, _COUNTERS if n <= len(_COUNTERS) else itertools.cycle(_COUNTERS), randoms
 
 
