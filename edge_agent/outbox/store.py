@@ -533,6 +533,15 @@ class Outbox:
     def _prepare(self, events: list[tuple[str, Any, datetime | None]]) -> _Batch:
         """Validate every event (bodies of one type in one pydantic call); raise InvalidEvent for the first bad one."""
         n = len(events)
+        if n == 1:  # what a kiosk posts: the same steps without a list per column
+            event = events[0]
+            event_type, ts = event[0], event[2]
+            bodies, cls, ttl = self._encode(event_type, [event[1]])
+            if ts is None:
+                return _Batch([event_type], [cls], [utc_now_iso()], bodies, [ttl], [False])
+            if not isinstance(ts, datetime) or ts.tzinfo is None:
+                raise InvalidEvent("event time must carry a time zone", "schema")
+            return _Batch([event_type], [cls], [format_ts(ts)], bodies, [ttl], [True])
         default_ts = utc_now_iso()
         types: list[str] = list(map(_first, events))
         first = types[0]
