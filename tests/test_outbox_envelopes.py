@@ -86,15 +86,25 @@ def test_a_batch_the_disk_refuses_leaves_no_row_no_seq_and_no_key(tmp_path: Path
     with pytest.raises(OutboxStorageError, match="nothing was stored"):
         box.enqueue_many(big, keys=[f"k-{i:04d}" for i in range(40)])
     assert not db.in_transaction
+    # without keys up to 128 events are one statement, its own transaction: refused whole as well
+    for events in (big, big * 5):
+        with pytest.raises(OutboxStorageError, match="nothing was stored"):
+            box.enqueue_many(events)
+        assert not db.in_transaction and box.depth == 1
+    with pytest.raises(OutboxStorageError, match="nothing was stored"):
+        for _ in range(100):  # single events, until the last free page space is used
+            box.enqueue(*big[0][:2])
+    stored = box.depth
+    assert not db.in_transaction and box.all_seqs() == list(range(1, stored + 1))
     db.execute("PRAGMA max_page_count=1073741823")
-    assert box.depth == 1 and box.counters.refused == 40
-    # the keys were not kept: the retry stores the events, numbered right after the first one
+    assert box.counters.refused == 40 + 40 + 200 + 1
+    # the keys were not kept: the retry stores the events, numbered right after the stored ones
     again = box.enqueue_many(big, keys=[f"k-{i:04d}" for i in range(40)])
-    assert [i.seq for i in again] == list(range(2, 42)) and not any(i.replayed for i in again)
-    assert box.all_seqs() == list(range(1, 42))
+    assert [i.seq for i in again] == list(range(stored + 1, stored + 41)) and not any(i.replayed for i in again)
+    assert box.all_seqs() == list(range(1, stored + 41))
     box.close()
     reopened = Outbox(tmp_path / "o.db", "t-1")
-    assert reopened.depth == 41 and reopened.enqueue("service.completed", COMPLETED).seq == 42
+    assert reopened.depth == stored + 40 and reopened.enqueue("service.completed", COMPLETED).seq == stored + 41
     reopened.close()
 
 
@@ -141,9 +151,10 @@ def test_the_current_time_is_written_as_format_ts_writes_it() -> None:
 
 
 def test_batches_of_every_size_go_in_whole_and_in_order(tmp_path: Path) -> None:
-    """Rows go in as multi-row INSERTs of 64, 32 … 1 rows: every size lands whole, in seq order."""
+    """Rows go in as multi-row INSERTs (one up to 128 rows, then 128, 64 … 1 rows in a transaction):
+    every size lands whole, in seq order."""
     box = Outbox(tmp_path / "o.db", "t-1")
-    sizes = [1, 2, 3, 7, 63, 64, 65, 100, 127, 128, 129, 200]
+    sizes = [1, 2, 3, 7, 63, 64, 65, 100, 127, 128, 129, 200, 256, 383]
     made = []
     for n in sizes:
         made += box.enqueue_many(
