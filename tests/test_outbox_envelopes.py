@@ -170,3 +170,31 @@ def test_batches_of_every_size_go_in_whole_and_in_order(tmp_path: Path) -> None:
         assert rows == (total, "service.completed", "service.completed", 2, 2)
         assert other.execute("SELECT count(*) FROM outbox WHERE expires IS NOT NULL").fetchone()[0] == 0
     box.close()
+
+
+def test_each_row_of_a_mixed_batch_keeps_its_own_class_and_expiry(tmp_path: Path) -> None:
+    now = 1_800_000_000.0
+    box = Outbox(tmp_path / "o.db", "t-1", clock=lambda: now)
+    sample = {"cpu_pct": 5, "mem_pct": 40, "disk_pct": 30, "outbox_depth": 0}
+    for events in ([("telemetry.sample", sample, None)] * 3, [("telemetry.sample", sample, None)]):
+        box.enqueue_many(events)
+    box.enqueue_many(
+        [
+            ("telemetry.sample", sample, None),
+            ("service.completed", COMPLETED, None),
+            ("peripheral.fault", FAULT, None),
+        ]
+    )
+    with sqlite3.connect(tmp_path / "o.db") as other:
+        rows = other.execute("SELECT seq, type, class, created, expires FROM outbox ORDER BY seq").fetchall()
+    day = 24 * 3600.0
+    assert rows == [
+        (1, "telemetry.sample", 0, now, now + day),
+        (2, "telemetry.sample", 0, now, now + day),
+        (3, "telemetry.sample", 0, now, now + day),
+        (4, "telemetry.sample", 0, now, now + day),
+        (5, "telemetry.sample", 0, now, now + day),
+        (6, "service.completed", 2, now, None),
+        (7, "peripheral.fault", 1, now, now + 14 * day),
+    ]
+    box.close()

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from itertools import chain, repeat
+from itertools import repeat
 from operator import itemgetter
 from typing import Any, NamedTuple, cast
 
@@ -480,9 +480,9 @@ class Outbox:
         if uniform and stamps.count(stamps[0]) == n:
             # the usual batch: one type at one time, so everything between id and body is shared
             mid = f'","ts":"{stamps[0]}","type":"{types[0]}","body":'
+            id_head = f',"id":"{id_prefix}'
             envs = [
-                f'{prefix}{seq},"id":"{id_prefix}{c}{r}{mid}{body}}}'
-                for seq, c, r, body in zip(seqs, counters, randoms, bodies)
+                f"{prefix}{seq}{id_head}{c}{r}{mid}{body}}}" for seq, c, r, body in zip(seqs, counters, randoms, bodies)
             ]
         else:
             envs = [
@@ -490,22 +490,26 @@ class Outbox:
                 for seq, c, r, stamp, t, body in zip(seqs, counters, randoms, stamps, types, bodies)
             ]
         sizes = list(map(len, envs))
-        if uniform:  # one type: one class, one TTL
-            ttl = ttls[0]
-            rows = zip(
-                seqs,
-                repeat(types[0]),
-                repeat(classes[0]),
-                repeat(now),
-                repeat(None if ttl is None else now + ttl),
-                envs,
-                sizes,
-            )
-        else:
-            expires = [None if ttl is None else now + ttl for ttl in ttls]
-            rows = zip(seqs, types, classes, repeat(now), expires, envs, sizes)
         db = self._db
-        params = next(iter(rows)) if n == 1 else list(chain.from_iterable(rows))
+        params: Sequence[Any]
+        if n == 1:
+            ttl = ttls[0]
+            params = (seq0, types[0], classes[0], now, None if ttl is None else now + ttl, envs[0], sizes[0])
+        else:
+            # the rows' columns one after another, each column set by one slice assignment (in C)
+            flat: list[Any] = [None] * (_COLUMNS * n)
+            flat[0::_COLUMNS] = seqs
+            flat[1::_COLUMNS] = types
+            flat[2::_COLUMNS] = classes
+            flat[3::_COLUMNS] = [now] * n
+            if uniform:  # one type: one class, one TTL
+                if ttls[0] is not None:
+                    flat[4::_COLUMNS] = [now + ttls[0]] * n
+            else:
+                flat[4::_COLUMNS] = [None if ttl is None else now + ttl for ttl in ttls]
+            flat[5::_COLUMNS] = envs
+            flat[6::_COLUMNS] = sizes
+            params = flat
         try:
             if not keyed and n <= _ONE_STATEMENT_ROWS:
                 # one statement, which SQLite runs as its own transaction: all rows or none, on disk
