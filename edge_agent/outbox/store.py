@@ -511,9 +511,11 @@ class Outbox:
             flat[6::_COLUMNS] = sizes
             params = flat
         try:
-            if not keyed and n <= _ONE_STATEMENT_ROWS:
+            if not keyed and n <= _ONE_STATEMENT_ROWS and not db.in_transaction:
                 # one statement, which SQLite runs as its own transaction: all rows or none, on disk
                 # (synchronous=FULL) when execute returns, without a BEGIN and a COMMIT round trip
+                # (never inside an open transaction, whose COMMIT would come later: none is left
+                # open here, and if one were, BEGIN below refuses the event as a storage error)
                 db.execute(_insert_sql(n), params)
             else:
                 # fleet_wire.storage.transaction spelled out (its generator costs ~6 µs a call
