@@ -198,3 +198,16 @@ def test_each_row_of_a_mixed_batch_keeps_its_own_class_and_expiry(tmp_path: Path
         (7, "peripheral.fault", 1, now, now + 14 * day),
     ]
     box.close()
+
+
+def test_an_event_is_never_left_waiting_for_someone_elses_commit(tmp_path: Path) -> None:
+    """The one-statement commit runs only outside a transaction; with one open (no outbox method
+    leaves one, this test opens it by hand) the event is refused, not stored without its COMMIT."""
+    box = Outbox(tmp_path / "o.db", "t-1")
+    db: sqlite3.Connection = box._db
+    db.execute("BEGIN")
+    with pytest.raises(OutboxStorageError, match="nothing was stored"):
+        box.enqueue("service.completed", COMPLETED)
+    assert not db.in_transaction and box.depth == 0
+    assert box.enqueue("service.completed", COMPLETED).seq == 1
+    box.close()
