@@ -97,6 +97,7 @@ def test_every_event_type_has_a_valid_example_and_a_fast_path() -> None:
     assert sorted(VALID) == TYPES
     for event_type in TYPES:
         assert _codec(event_type).fields is not None, event_type
+        assert _codec(event_type).first_key is not None, event_type  # a batch's bodies dumped in one call
         validate_body_json(event_type, VALID[event_type])
 
 

@@ -229,12 +229,13 @@ def _first_key(schema: CoreSchema) -> str | None:
     if not fields:
         return None
     name, field_schema = next(iter(fields.items()))
-    if field_schema.get("serialization_exclude") or not (
-        field_schema.get("required") or field_schema["schema"].get("type") == "default"
+    if (
+        field_schema.get("serialization_exclude")
+        or "serialization_alias" in field_schema  # the key written depends on by_alias: take no chances
+        or not (field_schema.get("required") or field_schema["schema"].get("type") == "default")
     ):
         return None
-    key = field_schema.get("serialization_alias") or name
-    return f'"{key}":' if key.isidentifier() else None
+    return f'"{name}":' if name.isidentifier() else None
 
 
 # What a model field may carry for its typed-dict twin to validate and dump exactly like it.
