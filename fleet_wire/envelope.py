@@ -123,9 +123,10 @@ def new_event_ids(n: int, now_s: float | None = None) -> list[str]:
     return [f"{prefix}{c}{r}" for c, r in zip(counters, randoms)]
 
 
-def new_event_id() -> str:
-    """A globally unique, time-ordered event id."""
-    return new_event_ids(1)[0]
+def new_event_id(now_s: float | None = None) -> str:
+    """A globally unique, time-ordered event id (the first of `new_event_ids`)."""
+    prefix = f"{int((time.time() if now_s is None else now_s) * 1000) & 0xFFFF_FFFF_FFFF:012x}"
+    return f"{prefix}{_COUNTERS[0]}{_RANDOM.take(1)[0]}"
 
 
 def is_epoch(value: object) -> TypeGuard[str]:

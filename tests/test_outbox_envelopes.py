@@ -62,12 +62,18 @@ def test_every_stored_envelope_is_what_the_wire_contract_decodes(tmp_path: Path)
             ("peripheral.fault", FAULT, None),
         ]
     )
+    timed = box.enqueue("peripheral.fault", FAULT, ts=at)
     envs = _stored(box)
-    assert envs == [item.env for item in [one, *same, *mixed]]
+    assert envs == [item.env for item in [one, *same, *mixed, timed]]
     docs = [_check(env, "t-7") for env in envs]
-    assert [d["seq"] for d in docs] == list(range(1, 66))
+    assert [d["seq"] for d in docs] == list(range(1, 67))
+    assert docs[65]["ts"] == docs[62]["ts"] and docs[65]["type"] == "peripheral.fault"
+    assert [(i.seq, i.type, i.event_class, i.replayed) for i in (one, timed)] == [
+        (1, "service.completed", 2, False),
+        (66, "peripheral.fault", 1, False),
+    ]
     assert {d["epoch"] for d in docs} == {box.epoch}
-    assert [item.size for item in [one, *same, *mixed]] == [len(env) for env in envs]
+    assert [item.size for item in [one, *same, *mixed, timed]] == [len(env) for env in envs]
     assert docs[0]["body"]["duration_s"] == 12.0 and '"duration_s":12.0' in envs[0]  # canonical, as the model writes it
     assert [d["body"]["session"] for d in docs[1:61]] == [f"s-{i}" for i in range(60)]
     assert docs[62]["ts"] == "2026-11-30T08:15:01.999Z" and docs[62]["body"] == FAULT

@@ -396,7 +396,40 @@ class Outbox:
         With `key`, a retry of the same request (the kiosk never saw the first answer) returns the
         first event's seq with `replayed=True` instead of storing the event a second time.
         """
-        return self.enqueue_many([(event_type, body, ts)], keys=[key])[0]
+        if key:
+            return self.enqueue_many([(event_type, body, ts)], keys=[key])[0]
+        batch = self._prepare([(event_type, body, ts)])
+        now = self._clock()
+        with self._lock:
+            return self._store_one(now, batch)
+
+    def _store_one(self, now: float, batch: _Batch) -> OutboxItem:
+        """`_store` for one event without a key, in fewer steps (caller holds the lock): what a kiosk
+        posts. A full outbox (eviction) or an open transaction (refusal) takes `_store` itself."""
+        body = batch.bodies[0]
+        db = self._db
+        if db.in_transaction or not self._fits(1, len(body) + _ENVELOPE_OVERHEAD_BYTES):
+            return self._store(now, batch, None)[0]
+        seq = self._next_seq
+        event_type, cls, ttl = batch.types[0], batch.classes[0], batch.ttls[0]
+        # the envelope exactly as _store writes it
+        env = (
+            f'{self._env_prefix}{seq},"id":"{new_event_id(now)}","ts":"{batch.stamps[0]}",'
+            f'"type":"{event_type}","body":{body}}}'
+        )
+        size = len(env)
+        try:
+            # one statement, its own transaction: on disk (synchronous=FULL) when execute returns
+            db.execute(_insert_sql(1), (seq, event_type, cls, now, None if ttl is None else now + ttl, env, size))
+        except sqlite3.DatabaseError as err:
+            self.counters.refused += 1
+            raise OutboxStorageError(f"the terminal's disk refused the event ({err}); nothing was stored") from err
+        self._next_seq = seq + 1
+        self._rows += 1
+        self._live += 1
+        self._bytes += size
+        self.counters.enqueued += 1
+        return _new_item((seq, event_type, cls, env, size, False))
 
     def enqueue_many(
         self,
