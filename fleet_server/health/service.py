@@ -376,53 +376,67 @@ class HealthService:
         """Alert conditions worth looking at: every true one, plus every one with alert state.
 
         A false condition with no pending or firing alert needs no bookkeeping (nor a message);
-        skipping those keeps a sweep over 10,000 healthy terminals cheap.
+        skipping those keeps a sweep over 10,000 healthy terminals cheap: a terminal with no alert
+        state costs a few comparisons, and keys and messages are made only for what is true.
         """
         moment = datetime.fromtimestamp(now, UTC)
         known = self._alerts
+        # terminals with any alert state (subjects are "t" or "t:peripheral"; office ids may
+        # land here too, which only sends that terminal-named id down the full path)
+        tracked = {subject.split(":", 1)[0] for _, subject in known}
         out: dict[tuple[str, str], tuple[bool, str, str]] = {}
-
-        def wanted(key: tuple[str, str], cond: bool) -> bool:
-            return cond or key in known
-
         open_now: dict[str, bool] = {}
         by_office: dict[str, list[TerminalHealth]] = {}
+        offline, missing = State.OFFLINE, State.MISSING
         for h in healths:
-            by_office.setdefault(h.office, []).append(h)
-            if h.office not in open_now:
-                office = self._offices.get(h.office)
-                open_now[h.office] = office is None or is_open(office.hours, office.timezone, moment)
-            t, o = h.terminal, h.office
-            key, cond = ("terminal_offline", t), h.state == State.OFFLINE and open_now[o]
-            if wanted(key, cond):
-                out[key] = (cond, o, f"terminal {t} is offline during opening hours: {h.reason}")
-            key, cond = ("disk_nearly_full", t), h.state != State.MISSING and h.disk_pct >= h.limits.disk_fail_pct
-            if wanted(key, cond):
-                out[key] = (cond, o, f"terminal {t} disk is {h.disk_pct:.0f}% full")
-            key, cond = ("outbox_backlog_old", t), h.outbox_oldest_age_s >= OUTBOX_BACKLOG_OLD_S
-            if wanted(key, cond):
-                out[key] = (cond, o, f"terminal {t} has events waiting for {h.outbox_oldest_age_s / 60:.0f} min")
-            judged = [
+            o = h.office
+            members = by_office.get(o)
+            if members is None:
+                members = by_office[o] = []
+                office = self._offices.get(o)
+                open_now[o] = office is None or is_open(office.hours, office.timezone, moment)
+            members.append(h)
+            t, state = h.terminal, h.state
+            full = t in tracked
+            cond = state is offline and open_now[o]
+            if cond or (full and ("terminal_offline", t) in known):
+                out[("terminal_offline", t)] = (cond, o, f"terminal {t} is offline during opening hours: {h.reason}")
+            live = state is not missing
+            cond = live and h.disk_pct >= h.limits.disk_fail_pct
+            if cond or (full and ("disk_nearly_full", t) in known):
+                out[("disk_nearly_full", t)] = (cond, o, f"terminal {t} disk is {h.disk_pct:.0f}% full")
+            cond = h.outbox_oldest_age_s >= OUTBOX_BACKLOG_OLD_S
+            if cond or (full and ("outbox_backlog_old", t) in known):
+                out[("outbox_backlog_old", t)] = (
+                    cond,
+                    o,
+                    f"terminal {t} has events waiting for {h.outbox_oldest_age_s / 60:.0f} min",
+                )
+            judged_names = h.limits.peripherals  # None: judge what is reported
+            reports = [
                 (name, p)
                 for name, p in h.peripherals.items()
                 # not part of this model: nothing to page anyone about
-                if h.limits.peripherals is None or name in h.limits.peripherals
+                if judged_names is None or name in judged_names
             ]
             if h.host is not None:
-                judged.append(("host", h.host))
-            live = h.state != State.MISSING
-            for name, p in judged:
-                key, cond = ("peripheral_failed", f"{t}:{name}"), live and p.failed
-                if wanted(key, cond):
-                    out[key] = (cond, o, f"{name} on terminal {t} failed: {p.explain()}")
-                key, cond = ("peripheral_warn", f"{t}:{name}"), live and p.warned
-                if wanted(key, cond):
-                    out[key] = (cond, o, f"{name} on terminal {t} needs attention: {p.explain()}")
+                reports.append(("host", h.host))
+            for name, p in reports:
+                failed, warned = live and p.failed, live and p.warned
+                if not (failed or warned or full):
+                    continue
+                subject = f"{t}:{name}"
+                key = ("peripheral_failed", subject)
+                if failed or key in known:
+                    out[key] = (failed, o, f"{name} on terminal {t} failed: {p.explain()}")
+                key = ("peripheral_warn", subject)
+                if warned or key in known:
+                    out[key] = (warned, o, f"{name} on terminal {t} needs attention: {p.explain()}")
         for office_id, members in by_office.items():
-            down = sum(1 for h in members if h.state == State.OFFLINE)
+            down = sum(1 for h in members if h.state is offline)
             key = ("office_offline", office_id)
             cond = len(members) >= 2 and down / len(members) > OFFICE_MOSTLY_OFFLINE
-            if wanted(key, cond):
+            if cond or key in known:
                 out[key] = (cond, office_id, f"{down} of {len(members)} terminals of office {office_id} are offline")
         return out
 
@@ -461,19 +475,27 @@ class HealthService:
                 log.info("terminal %s: %s → %s (%s)", t, a, b, r)
 
     def _export(self, healths: list[TerminalHealth], offices: dict[str, OfficeInfo]) -> None:
-        counts: dict[tuple[str, str], int] = {(o, s.value): 0 for o in offices for s in State}
+        # tallied by State member (hashing an enum's .value costs a descriptor call each), named once
+        by_state: dict[tuple[str, State], int] = {}
         age: dict[str, float] = {o: 0.0 for o in offices}
         disk: dict[str, float] = {o: 0.0 for o in offices}
         periph: dict[tuple[str, str], int] = {}
         for h in healths:
-            counts[(h.office, h.state.value)] = counts.get((h.office, h.state.value), 0) + 1
-            age[h.office] = max(age.get(h.office, 0.0), h.outbox_oldest_age_s)
-            disk[h.office] = max(disk.get(h.office, 0.0), h.disk_pct / 100.0)
+            o = h.office
+            key = (o, h.state)
+            by_state[key] = by_state.get(key, 0) + 1
+            if h.outbox_oldest_age_s > age.get(o, 0.0):
+                age[o] = h.outbox_oldest_age_s
+            if h.disk_pct / 100.0 > disk.get(o, 0.0):
+                disk[o] = h.disk_pct / 100.0
             for name, p in h.peripherals.items():
-                key = (h.office, name)
-                periph[key] = periph.get(key, 0) + p.failed
-        for (office, state), n in counts.items():
-            self.metrics.terminals.labels(office, state).set(n)
+                pkey = (o, name)
+                periph[pkey] = periph.get(pkey, 0) + p.failed
+        counts: dict[tuple[str, str], int] = {(o, s.value): 0 for o in offices for s in State}
+        for (office, state), n in by_state.items():
+            counts[(office, state.value)] = n
+        for (office, state_name), n in counts.items():
+            self.metrics.terminals.labels(office, state_name).set(n)
         for office, v in age.items():
             self.metrics.outbox_age.labels(office).set(v)
         for office, v in disk.items():
