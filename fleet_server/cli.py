@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Annotated, Any, NoReturn
 
 import httpx
@@ -31,7 +32,17 @@ class Api:
             base_url=url.rstrip("/"), timeout=30.0, headers={"Authorization": f"Bearer {token}"} if token else {}
         )
 
-    def call(self, method: str, path: str, **kw: Any) -> Any:
+    def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        forbidden: Callable[[str], str] = "not allowed: {}".format,
+        refused: Callable[[str], str] = str,
+        **kw: Any,
+    ) -> Any:
+        """The answer's JSON (or text); any error ends the command with a plain line and its exit
+        code. `forbidden` and `refused` word the server's detail of a 403 and of another 4xx."""
         try:
             r = self.client.request(method, path, **kw)
         except httpx.HTTPError as e:
@@ -39,14 +50,16 @@ class Api:
         if r.status_code == 401:
             fail("the server did not accept the token (set FLEETCTL_TOKEN)", EXIT_AUTH)
         if r.status_code == 403:
-            fail(f"not allowed: {_detail(r)}", EXIT_AUTH)
+            fail(forbidden(_detail(r)), EXIT_AUTH)
         if r.status_code == 429:
             fail(f"the server is refusing this address for a while: {_detail(r)}", EXIT_AUTH)
         if r.status_code >= 500:
             fail(f"the server failed ({r.status_code}): {_detail(r)}", EXIT_SERVER)
         if r.status_code >= 400:
-            fail(_detail(r), EXIT_USAGE)
-        return r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
+            fail(refused(_detail(r)), EXIT_USAGE)
+        if r.content and r.headers.get("content-type", "").startswith("application/json"):
+            return r.json()
+        return r.text  # also a 204's empty body, whatever its content-type says
 
 
 def _detail(r: httpx.Response) -> str:
@@ -292,24 +305,15 @@ def user_password(
         check_policy(password)
     except WeakPassword as e:
         fail(f"that password is too weak: {e}; nothing was changed", EXIT_USAGE)
-    a = api(ctx)
-    try:
-        r = a.client.post(f"/api/v1/users/{name}/password", json={"password": password})
-    except httpx.HTTPError as e:
-        fail(f"cannot reach the fleet server at {a.client.base_url}: {e}", EXIT_UNREACHABLE)
-    if r.status_code == 204:
-        out.print(f"console password of {name} set; their open console sessions have ended (tokens keep working)")
-        return
-    if r.status_code == 401:
-        fail("the server did not accept the token (set FLEETCTL_TOKEN)", EXIT_AUTH)
-    if r.status_code == 403:
-        fail(f"only an admin may set console passwords, and this token's user is not one ({_detail(r)})", EXIT_AUTH)
-    if r.status_code == 429:
-        fail(f"the server is refusing this address for a while: {_detail(r)}", EXIT_AUTH)
-    if r.status_code >= 500:
-        fail(f"the server failed ({r.status_code}): {_detail(r)}", EXIT_SERVER)
-    detail = _detail(r)  # 422: e.g. "there is no user 'x'; create it first", or the password policy
-    fail(f"{detail}; nothing was changed" if "nothing" not in detail else detail, EXIT_USAGE)
+    api(ctx).call(
+        "POST",
+        f"/api/v1/users/{name}/password",
+        json={"password": password},
+        forbidden=lambda d: f"only an admin may set console passwords, and this token's user is not one ({d})",
+        # 422: e.g. "there is no user 'x'; create it first", or the password policy
+        refused=lambda d: d if "nothing" in d else f"{d}; nothing was changed",
+    )
+    out.print(f"console password of {name} set; their open console sessions have ended (tokens keep working)")
 
 
 def _register_subcommands() -> None:
