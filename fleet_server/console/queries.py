@@ -1,5 +1,4 @@
-"""The console's reads that no service offers yet: one office's terminals, a terminal's update
-reports and its rejects."""
+"""The console's reads that no service offers yet: a terminal's update reports and its rejects."""
 
 from __future__ import annotations
 
@@ -7,35 +6,9 @@ import json
 import sqlite3
 from typing import Any
 
-from fleet_server.registry.schemas import TerminalPublic
-
 UPDATE_REPORTS_LIMIT = 200
 REJECTS_LIMIT = 20
 DETAIL_CHARS = 160
-
-
-def office_terminals(conn: sqlite3.Connection, office_id: str) -> list[TerminalPublic]:
-    """The office's enrolled terminals by id, as `RegistryService.terminals()` lists them.
-
-    The office page asks for one office's few hundred; the registry service's list builds all of
-    the fleet's records (10,000 at the larger fleets) to be filtered.
-    """
-    return [
-        TerminalPublic(
-            id=r[0],
-            office_id=r[1],
-            profile=r[2],
-            tags=json.loads(r[3]),
-            enabled=bool(r[4]),
-            created_at=r[5],
-            revoked_at=r[6],
-        )
-        for r in conn.execute(
-            "SELECT id, office_id, profile, tags, enabled, created_at, revoked_at FROM terminals"
-            " WHERE office_id=? ORDER BY id",
-            (office_id,),
-        )
-    ]
 
 
 def update_reports(conn: sqlite3.Connection, terminal: str, limit: int = UPDATE_REPORTS_LIMIT) -> list[dict[str, Any]]:

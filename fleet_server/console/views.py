@@ -19,6 +19,7 @@ from fleet_server.auth.models import Role, User
 from fleet_server.console import queries
 from fleet_server.console.charts import WeekPoint, heatmap_svg, trend_svg
 from fleet_server.health.service import PeripheralReport
+from fleet_server.registry.store import RegistryStore
 from fleet_server.usage import charts as usage_charts
 from fleet_server.usage.schemas import BusyHours, ItemRow, ItemTable, OfficeComparison, PeriodComparison
 from fleet_server.usage.service import UsageService
@@ -96,7 +97,7 @@ def office_page(fleet: FleetServer, user: User, office_id: str) -> dict[str, Any
     if office is None:
         return None
     with fleet.reader() as conn:
-        enrolled = queries.office_terminals(conn, office_id)
+        enrolled = RegistryStore(conn).terminals(office_id)
     health = {h["terminal"]: h for h in fleet.health.terminals([office_id])}
     rows = []
     counts: Counter[str] = Counter()
