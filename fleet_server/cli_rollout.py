@@ -107,8 +107,13 @@ def _plan(
     waves: list[str] | None,
     offices: list[str] | None,
     now: bool,
+    window_start: str | None,
+    window_end: str | None,
     **extra: Any,
 ) -> dict[str, Any]:
+    """The plan document from a plan file and the options shared by preview and create."""
+    extra["window_start"] = _moment("--window-start", window_start)
+    extra["window_end"] = _moment("--window-end", window_end)
     doc: dict[str, Any] = {}
     if plan_file is not None:
         try:
@@ -165,15 +170,7 @@ def preview(
     window_end: WindowEnd = None,
 ) -> None:
     """Show exactly which terminals each wave would hit, flagged; nothing is created."""
-    doc = _plan(
-        plan_file,
-        release,
-        wave,
-        office,
-        now,
-        window_start=_moment("--window-start", window_start),
-        window_end=_moment("--window-end", window_end),
-    )
+    doc = _plan(plan_file, release, wave, office, now, window_start, window_end)
     _show_preview(api(ctx).call("POST", "/api/v1/rollouts/preview", json=doc))
 
 
@@ -199,11 +196,11 @@ def create(
         wave,
         office,
         now,
+        window_start,
+        window_end,
         id=rollout_id,
         approval_required=approval,
         on_halt="rollback" if rollback_on_halt else None,
-        window_start=_moment("--window-start", window_start),
-        window_end=_moment("--window-end", window_end),
     )
     created = api(ctx).call("POST", "/api/v1/rollouts", json=doc)
     _show_preview(created["preview"])
