@@ -664,36 +664,29 @@ def _info(job: dict[str, Any]) -> ReleaseInfo:
 def startup_overlay(data_dir: Path, root: Path | None) -> dict[str, Any]:
     """The config-release settings to apply at start (the trial ones while a config release is on
     trial and this start belongs to that trial)."""
-    update_dir = data_dir / "update"
-    on_trial = False
-    if root is not None:
-        trial = launcher.read_state(root)["trial"]
-        job = UpdateStore(update_dir / "state.json").job
-        on_trial = (
-            trial is not None
-            and job is not None
-            and job["cmd"]["kind"] == "config"
-            and job["phase"] == "trial"
-            and trial.get("job") == job["cmd"]["id"]
-        )
-    return overlay.load(update_dir, on_trial)
+    return overlay.load(data_dir / "update", _start_on_trial(data_dir, root, "config"))
 
 
 def startup_face_model(data_dir: Path, root: Path | None) -> face_model.ActiveModel | None:
     """The face model to load at start: the trial one while a face-model release is on trial and
     this start belongs to that trial, else the committed one; None for the packaged model."""
-    on_trial = False
-    if root is not None:
-        trial = launcher.read_state(root)["trial"]
-        job = UpdateStore(data_dir / "update" / "state.json").job
-        on_trial = (
-            trial is not None
-            and job is not None
-            and job["cmd"]["kind"] == "face_model"
-            and job["phase"] == "trial"
-            and trial.get("job") == job["cmd"]["id"]
-        )
-    return face_model.load(data_dir, on_trial)
+    return face_model.load(data_dir, _start_on_trial(data_dir, root, "face_model"))
+
+
+def _start_on_trial(data_dir: Path, root: Path | None, kind: str) -> bool:
+    """Whether this start belongs to the trial of a release of `kind` (the launcher's trial is
+    that job's, and the job is in its trial phase)."""
+    if root is None:
+        return False
+    trial = launcher.read_state(root)["trial"]
+    job = UpdateStore(data_dir / "update" / "state.json").job
+    return (
+        trial is not None
+        and job is not None
+        and job["cmd"]["kind"] == kind
+        and job["phase"] == "trial"
+        and trial.get("job") == job["cmd"]["id"]
+    )
 
 
 def note_clean_stop(root: Path | None) -> None:
