@@ -12,6 +12,7 @@ import logging
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Literal
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +26,35 @@ def _rollback_quietly(conn: sqlite3.Connection, statement: str) -> None:
         log.warning("%s after a failed transaction also failed: %s", statement, err)
 
 
-@contextmanager
-def transaction(conn: sqlite3.Connection, *, immediate: bool = True) -> Iterator[sqlite3.Connection]:
+class _Transaction:
+    """A class, not a @contextmanager generator: that costs ~6 µs a use, and the agent's outbox
+    commits on its hot path through here (measured in bench/enqueue.py)."""
+
+    __slots__ = ("_begin", "_conn")
+
+    def __init__(self, conn: sqlite3.Connection, begin: str) -> None:
+        self._conn = conn
+        self._begin = begin
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._conn.execute(self._begin)
+        return self._conn
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> Literal[False]:
+        if exc_type is None:
+            try:
+                self._conn.execute("COMMIT")
+            except BaseException:
+                _rollback_quietly(self._conn, "ROLLBACK")
+                raise
+        else:
+            _rollback_quietly(self._conn, "ROLLBACK")
+        return False  # the error, if any, propagates as it was
+
+
+def transaction(conn: sqlite3.Connection, *, immediate: bool = True) -> _Transaction:
     """BEGIN (IMMEDIATE: take the write lock now) … COMMIT, or ROLLBACK on any error, re-raised as it was."""
-    conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
-    try:
-        yield conn
-        conn.execute("COMMIT")
-    except BaseException:
-        _rollback_quietly(conn, "ROLLBACK")
-        raise
+    return _Transaction(conn, "BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 @contextmanager

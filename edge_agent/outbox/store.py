@@ -30,7 +30,7 @@ from fleet_wire.envelope import SCHEMA_VERSION, event_id_parts, format_ts, new_e
 from fleet_wire.errors import EnvelopeInvalid
 from fleet_wire.events import TOMBSTONE, EventClass, EventSpec, describe, spec_for, validate_body_json
 from fleet_wire.receipt import Receipt
-from fleet_wire.storage import _rollback_quietly, transaction
+from fleet_wire.storage import transaction
 from fleet_wire.topics import check_terminal_id
 
 log = logging.getLogger(__name__)
@@ -552,20 +552,13 @@ class Outbox:
                 # open here, and if one were, BEGIN below refuses the event as a storage error)
                 db.execute(_insert_sql(n), params)
             else:
-                # fleet_wire.storage.transaction spelled out (its generator costs ~6 µs a call
-                # here): the same statements and the same rollback
-                db.execute("BEGIN IMMEDIATE")
-                try:
+                with transaction(db):
                     _insert_chunks(db, n, params)
                     if keyed:
                         db.executemany(
                             "INSERT INTO keys (key, seq, type, created, hash) VALUES (?, ?, ?, ?, ?)",
                             [(k, seq, t, now, h) for (k, h), seq, t in zip(keyed, seqs, types) if k],
                         )
-                    db.execute("COMMIT")
-                except BaseException:
-                    _rollback_quietly(db, "ROLLBACK")  # the one rollback rule of fleet_wire.storage
-                    raise
         except sqlite3.DatabaseError as err:
             self.counters.refused += n
             raise OutboxStorageError(f"the terminal's disk refused the event ({err}); nothing was stored") from err
