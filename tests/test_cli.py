@@ -129,15 +129,20 @@ def server_process(tmp_path: Path) -> Any:
         st.close()
 
 
-def test_user_password_sets_the_console_login_and_ends_the_old_sessions(server_process: Any) -> None:
-    st, url = server_process
+def make_manager(url: str, admin_token: str, name: str) -> str:
+    """A haidian manager made over the API; returns their bearer token."""
     made = httpx.post(
         url + "/api/v1/users",
-        json={"name": "li.wei", "role": "manager", "offices": ["haidian"]},
-        headers={"Authorization": f"Bearer {st.admin_token}"},
+        json={"name": name, "role": "manager", "offices": ["haidian"]},
+        headers={"Authorization": f"Bearer {admin_token}"},
     )
     assert made.status_code == 201, made.text
-    manager_token = made.json()["token"]
+    return str(made.json()["token"])
+
+
+def test_user_password_sets_the_console_login_and_ends_the_old_sessions(server_process: Any) -> None:
+    st, url = server_process
+    manager_token = make_manager(url, st.admin_token, "li.wei")
 
     first, second = "first-console-pw-1", "second-console-pw-2"
     r = set_password(url, st.admin_token, "li.wei", "--stdin", input=first + "\n")
@@ -163,12 +168,7 @@ def test_user_password_sets_the_console_login_and_ends_the_old_sessions(server_p
 def test_user_password_errors_are_plain_words(server_process: Any) -> None:
     st, url = server_process
 
-    made = httpx.post(
-        url + "/api/v1/users",
-        json={"name": "zhao.min", "role": "manager", "offices": ["haidian"]},
-        headers={"Authorization": f"Bearer {st.admin_token}"},
-    )
-    manager_token = made.json()["token"]
+    manager_token = make_manager(url, st.admin_token, "zhao.min")
     r = set_password(url, st.admin_token, "zhao.min", "--stdin", input="short\n")
     assert r.exit_code == EXIT_USAGE and "too weak" in r.output and "12 characters" in r.output
     r = set_password(url, st.admin_token, "zhao.min", input="long-enough-pw-1\nlong-enough-pw-2\n")

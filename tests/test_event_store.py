@@ -5,6 +5,7 @@ stream's number and seq since 0006)."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 
 import sqlite_utils
@@ -53,7 +54,7 @@ def _old_database(path: Path) -> None:
 def _write_old(
     conn: sqlite3.Connection,
     events: list[tuple[str, str, int, str, str, str, str, str, str]],
-    tombstones: list[tuple[str, str, int, str, str, int, str]] = [],  # noqa: B006 - never mutated
+    tombstones: Sequence[tuple[str, str, int, str, str, int, str]] = (),
 ) -> None:
     """Store rows as the ingest of the old layout did (its events had no stream number)."""
     conn.execute("BEGIN")
