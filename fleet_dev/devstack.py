@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from fleet_dev.broker import Mosquitto
 from fleet_dev.dynsec import DynsecBroker
-from fleet_dev.proc import free_port, spawn
+from fleet_dev.proc import free_port, spawn, wait_for
 from fleet_server.app import FleetServer
 from fleet_server.broker.files import FileAccounts
 from fleet_server.broker.mosquitto import BrokerConfig, BrokerCredentials, new_password, write_broker_files
@@ -203,6 +203,16 @@ class DevStack:
         )
 
     # -- reading back -----------------------------------------------------------------------------
+
+    def settle(self, timeout: float = 10) -> None:
+        """Wait until the ingest writer has finished what it holds.
+
+        A row is visible once its batch commits; the batch's counters, live stream state, listeners
+        and receipts follow a moment later. Once the writer is seen idle after that, they are done.
+        """
+        assert self.server is not None
+        ingest = self.server.ingest
+        wait_for(ingest.idle.is_set, timeout, what="the ingest writer to finish its batch")
 
     def stored(self, terminal_id: str | None = None) -> int:
         """Events stored at the server (every row is one (terminal, epoch, seq))."""

@@ -228,6 +228,7 @@ def test_far_future_timestamp_is_quarantined_and_never_reaches_usage(stack: DevS
         wait_for(lambda: st.stored("t-000") == 1, 10, what="the event with a sane time")
     finally:
         c.close()
+    st.settle()  # the row is visible at COMMIT; the batch's counters and stream state follow
     assert _rejected(st, "ts_future") == 1
     assert st.server is not None
     row = st.server.ingest.streams()[("t-000", epoch)]

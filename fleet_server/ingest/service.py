@@ -306,19 +306,11 @@ class IngestService:
         self._safe_ack(m.mid, m.qos)
 
     def _committed(self, b: _Batch) -> None:
-        """After COMMIT: live state, listeners, counters, receipts."""
-        self._streams.update(b.streams)
-        for (terminal, epoch), row in b.streams.items():
-            self._epochs.setdefault(terminal, {}).setdefault(epoch, row.first_seen)
-        for key, t in b.tallies.items():
-            self._tally(key).add(t)
-        if b.events:
-            for hook in self.on_commit:
-                self._call_hook(hook, b.events)
-        if b.status:
-            rows = list(b.status.values())
-            for status_hook in self.on_status:
-                self._call_hook(status_hook, rows)
+        """After COMMIT: counters, live state, listeners, receipts.
+
+        Counters come first: whoever sees a stream's new state (streams(), the API) also sees the
+        counters of the batch that made it.
+        """
         for t_name, n in b.ingested_types.items():
             self.metrics.ingested.labels(t_name).inc(n)
         for r, n in b.dropped_reasons.items():
@@ -337,6 +329,18 @@ class IngestService:
             self.metrics.late_events.inc(b.late)
         if b.unlogged:
             self.metrics.rejects_unlogged.inc(b.unlogged)
+        self._streams.update(b.streams)
+        for (terminal, epoch), row in b.streams.items():
+            self._epochs.setdefault(terminal, {}).setdefault(epoch, row.first_seen)
+        for key, t in b.tallies.items():
+            self._tally(key).add(t)
+        if b.events:
+            for hook in self.on_commit:
+                self._call_hook(hook, b.events)
+        if b.status:
+            rows = list(b.status.values())
+            for status_hook in self.on_status:
+                self._call_hook(status_hook, rows)
         for (terminal, epoch), row in b.streams.items():
             receipt = Receipt.from_seqset(terminal, epoch, row.seqs)
             try:
