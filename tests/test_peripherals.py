@@ -413,11 +413,13 @@ def test_kiosk_reading_over_a_threshold_turns_the_peripheral_warn_then_fail_at_t
         assert message.startswith("receipt_printer on terminal t-000 failed: paper_left_pct is 2 (fail threshold 3)")
         # the alert is committed before the sweep exports its gauges: wait for them
         wait_for(
-            lambda: st.server is not None
-            and st.server.metrics_registry.get_sample_value(
-                "fleet_peripherals_failed", {"office": "haidian", "peripheral": "receipt_printer"}
-            )
-            == 1,
+            lambda: (
+                st.server is not None
+                and st.server.metrics_registry.get_sample_value(
+                    "fleet_peripherals_failed", {"office": "haidian", "peripheral": "receipt_printer"}
+                )
+                == 1
+            ),
             10,
             what="the failed-peripheral gauge",
         )
