@@ -182,7 +182,6 @@ def main() -> None:
         port = free_port()
         app = create_app(st.settings, fleet)  # the broker link is not started: pages and API only
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         threading.Thread(target=server.run, name="bench-http", daemon=True).start()
         wait_for(lambda: server.started, 15, what="HTTP server")
         url = f"http://127.0.0.1:{port}"

@@ -43,6 +43,23 @@ def _next_opening(now_local: datetime) -> datetime:
             return day.replace(hour=8, minute=30, second=0, microsecond=0)
 
 
+def console_password() -> tuple[str, str]:
+    """The console's bootstrap admin password and where it came from: the operator's
+    FLEET_ADMIN_PASSWORD, or one made for this run. Raises SystemExit(2) with a plain line if the
+    chosen one is too weak."""
+    from fleet_server.auth.passwords import WeakPassword, check_policy
+
+    chosen = os.environ.get("FLEET_ADMIN_PASSWORD", "")
+    password = chosen or secrets.token_urlsafe(12)
+    origin = "from FLEET_ADMIN_PASSWORD" if chosen else "made for this run; set FLEET_ADMIN_PASSWORD to choose it"
+    try:
+        check_policy(password)
+    except WeakPassword as err:
+        print(f"fleet-demo: FLEET_ADMIN_PASSWORD is not usable: {err} (unset it for a generated one)", file=sys.stderr)
+        raise SystemExit(2) from None
+    return password, origin
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--rollout" in argv:  # its own options (fleet-demo --rollout --help)
@@ -71,17 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     from fleet_dev.sim import SimClock, SimulatedFleet
     from fleet_dev.sim.traffic import BEIJING
     from fleet_server.app import create_app
-    from fleet_server.auth.passwords import WeakPassword, check_policy
 
-    # The console's bootstrap admin: the operator's FLEET_ADMIN_PASSWORD, or one made for this run.
-    chosen = os.environ.get("FLEET_ADMIN_PASSWORD", "")
-    admin_password = chosen or secrets.token_urlsafe(12)
-    origin = "from FLEET_ADMIN_PASSWORD" if chosen else "made for this run; set FLEET_ADMIN_PASSWORD to choose it"
     try:
-        check_policy(admin_password)
-    except WeakPassword as err:
-        print(f"fleet-demo: FLEET_ADMIN_PASSWORD is not usable: {err} (unset it for a generated one)", file=sys.stderr)
-        return 2
+        admin_password, origin = console_password()
+    except SystemExit as refused:
+        return int(refused.code or 2)
     root = Path(args.state_dir).resolve()
     if root.exists():
         shutil.rmtree(root)
@@ -105,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     stack.start_broker()
     app = create_app(stack.settings, stack.server)
     http = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=args.http_port, log_level="warning"))
-    http.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     threading.Thread(target=http.run, name="http", daemon=True).start()
     deadline = time.monotonic() + 15
     while not http.started and time.monotonic() < deadline:
@@ -131,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     fleet = SimulatedFleet(agents, clock, peak_sessions_per_hour=args.peak)
     fleet.start()
 
-    url = f"http://127.0.0.1:{args.http_port}"
+    port = http.servers[0].sockets[0].getsockname()[1] if http.servers else args.http_port  # --http-port 0
+    url = f"http://127.0.0.1:{port}"
     print(
         f"""
 kiosk-fleet demo is running

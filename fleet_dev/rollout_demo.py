@@ -33,6 +33,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,7 @@ class RolloutFleet:
     server: subprocess.Popen[bytes] | None = None
     terminals: dict[str, Terminal] = field(default_factory=dict)
     _dists: dict[tuple[str, str | None], Path] = field(default_factory=dict)
+    admin_password: str = ""  # the console's bootstrap admin (FLEET_ADMIN_PASSWORD of the server)
 
     def __post_init__(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
@@ -248,6 +250,7 @@ class RolloutFleet:
             "FLEET_BROKER_PORT": str(self.stack.port),
             "FLEET_BROKER_PASSWORD": self.stack.server_password,
             "FLEET_ADMIN_TOKEN": self.stack.admin_token,
+            **({"FLEET_ADMIN_PASSWORD": self.admin_password} if self.admin_password else {}),
             "FLEET_HTTP_PORT": str(self.http_port),
             "FLEET_BROKER_ACCOUNTS": "files",
             "FLEET_BROKER_PASSWD_FILE": str(cfg.passwd_path),
@@ -408,13 +411,19 @@ class RolloutFleet:
 
     # -- reading back at the server -------------------------------------------------------------
 
-    def _db(self) -> sqlite3.Connection:
-        return sqlite3.connect(f"file:{self.stack.settings.db_path}?mode=ro", uri=True, timeout=30)
+    def _db(self) -> closing[sqlite3.Connection]:
+        """A read-only connection, closed when the `with` block ends (sqlite3's own `with` only commits)."""
+        return closing(sqlite3.connect(f"file:{self.stack.settings.db_path}?mode=ro", uri=True, timeout=30))
+
+    # A terminal's rows are found through its stream numbers: the key (stream, seq) indexes them.
+    _OF_TERMINAL = "stream IN (SELECT num FROM event_streams WHERE terminal=?)"
 
     def stored(self, tid: str, event_type: str = "service.completed") -> int:
         """Events of one type stored at the server for a terminal (one row per (terminal, epoch, seq))."""
         with self._db() as conn:
-            row = conn.execute("SELECT count(*) FROM events WHERE terminal=? AND type=?", (tid, event_type)).fetchone()
+            row = conn.execute(
+                f"SELECT count(*) FROM events WHERE {self._OF_TERMINAL} AND type=?", (tid, event_type)
+            ).fetchone()
         return int(row[0])
 
     def stored_keys_unique(self, tid: str) -> tuple[int, int]:
@@ -422,7 +431,7 @@ class RolloutFleet:
         with self._db() as conn:
             rows = conn.execute(
                 "SELECT count(*), count(DISTINCT json_extract(body, '$.session')) FROM events"
-                " WHERE terminal=? AND type='service.completed'",
+                f" WHERE {self._OF_TERMINAL} AND type='service.completed'",
                 (tid,),
             ).fetchone()
         return int(rows[0]), int(rows[1])
@@ -431,7 +440,7 @@ class RolloutFleet:
         """update.status bodies stored at the server for a terminal (of one rollout), in order."""
         with self._db() as conn:
             rows = conn.execute(
-                "SELECT body FROM events WHERE terminal=? AND type='update.status' ORDER BY rowid", (tid,)
+                f"SELECT body FROM events WHERE {self._OF_TERMINAL} AND type='update.status' ORDER BY rowid", (tid,)
             ).fetchall()
         bodies = [json.loads(r[0]) for r in rows]
         return [b for b in bodies if rollout is None or b["rollout"] == rollout]
@@ -475,21 +484,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.offices * args.terminals_per_office < 2:
         p.error("a canary and at least one more terminal: raise --offices or --terminals-per-office")
 
+    from fleet_dev.demo import console_password
     from fleet_dev.dist import build
 
+    try:
+        admin_password, origin = console_password()
+    except SystemExit as refused:
+        return int(refused.code or 2)
     root = Path(args.state_dir).resolve()
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
     print("building the agent wheel, its wheelhouse and lock (as ./run.sh dist does) …", flush=True)
     built = build(root / "dist")
-    fleet = RolloutFleet(root / "fleet", built)
+    fleet = RolloutFleet(root / "fleet", built, admin_password=admin_password)
     pilots = ["dongcheng", "haidian", "chaoyang", "mentougou", "miyun", "loan-centre"][: args.offices]
     layout = {f"{o}-{i:02d}": o for o in pilots for i in range(1, args.terminals_per_office + 1)}
     traffic = CitizenTraffic(interval_s=0.5)
     try:
         fleet.start(layout)
         print(f"fleet server {fleet.url} (admin token {fleet.stack.admin_token}); broker port {fleet.stack.port}")
+        print(f"console {fleet.url}/rollouts  log in as user admin, password {admin_password} ({origin})")
         print(f"installing {len(layout)} terminals under their launchers (a release venv each) …", flush=True)
         for t in fleet.install_all(layout):
             traffic.serve(t)

@@ -12,6 +12,7 @@ and the server killed with SIGKILL mid-rollout, all converging."""
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 import subprocess
@@ -25,6 +26,7 @@ import pytest
 
 from fleet_dev.proc import wait_for
 from fleet_dev.rollout_demo import STALL_S, CitizenTraffic, RolloutFleet, three_waves
+from tests.test_cli import console_login, signed_in
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -320,16 +322,38 @@ def test_halted_rollout_with_on_halt_rollback_returns_the_canary_to_the_release_
 
 
 def test_demo_rollout_option_rolls_a_release_through_the_pilot_offices(tmp_path: Path) -> None:
-    """`./run.sh demo --rollout` (fleet-demo --rollout), cut down to two pilot offices."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "fleet_dev.demo", "--rollout", "--offices", "2", "--soak-s", "1",
-         "--state-dir", str(tmp_path / "demo")],
-        capture_output=True,
-        text=True,
-        timeout=STALL_S * 2,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = proc.stdout
+    """`./run.sh demo --rollout` (fleet-demo --rollout), cut down to two pilot offices; the console
+    login it prints works while the rollout runs."""
+    env = {k: v for k, v in os.environ.items() if k != "FLEET_ADMIN_PASSWORD"}  # a password made for the run
+    with (tmp_path / "stderr.log").open("w+") as errors:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fleet_dev.demo", "--rollout", "--offices", "2", "--soak-s", "1",
+             "--state-dir", str(tmp_path / "demo")],
+            stdout=subprocess.PIPE, stderr=errors, text=True, env=env,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            head = ""
+            for line in proc.stdout:
+                head += line
+                if line.startswith("console "):
+                    break
+            login = re.search(r"^console (http://\S+)/rollouts  log in as user (\S+), password (\S+)", head, re.M)
+            assert login, head
+            url, name, password = login.groups()
+            session = console_login(url, name, password)
+            assert session is not None, "the printed console login was refused"
+            assert signed_in(session)
+            session.close()
+            rest, _ = proc.communicate(timeout=STALL_S * 2)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        errors.seek(0)
+        stderr = errors.read()
+    out = head + rest
+    assert proc.returncode == 0, out[-3000:] + stderr[-3000:]
     assert "rollout demo-1-1-0: agent/" in out
     assert "1:canary running" in out and "2:pilots running" in out  # the waves' progress, printed
     assert "completed wave 2/2  1:canary done [committed 1]  |  2:pilots done [committed 1]" in out

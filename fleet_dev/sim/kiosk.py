@@ -118,7 +118,6 @@ class LocalApi:
         app = local_api_app(agent)
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
         self._server = _AgentBoundServer(config, agent)
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._thread = threading.Thread(
             target=self._server.run, name=f"local-api-{agent.settings.terminal_id}", daemon=True
         )

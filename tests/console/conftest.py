@@ -127,7 +127,6 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
         settings = st.settings.model_copy(update={"login_free_failures": 3, "login_block_s": 60.0})
         app = create_app(settings, fleet)
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         thread = threading.Thread(target=server.run, name="console-http", daemon=True)
         thread.start()
         wait_for(lambda: server is not None and server.started, 15, what="console HTTP server")

@@ -57,7 +57,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Console, S
         port = free_port()
         app = create_app(st.settings, fleet)
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         threading.Thread(target=server.run, name="console-http", daemon=True).start()
         wait_for(lambda: server is not None and server.started, 15, what="console HTTP server")
         yield Console(f"http://127.0.0.1:{port}", st, app, tokens, list(agents.values())), scripted
