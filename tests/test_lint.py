@@ -1,4 +1,5 @@
-"""House style is checked like behaviour: ruff lint and format, mypy strict over the three packages."""
+"""House style is checked like behaviour: ruff lint and format, mypy strict over the three deliverable
+packages and the dev package."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LINTED = ["fleet_wire", "edge_agent", "fleet_server", "fleet_dev", "bench", "tests"]
-TYPED = ["fleet_wire", "edge_agent", "fleet_server"]
+TYPED = ["fleet_wire", "edge_agent", "fleet_server", "fleet_dev"]
 
 
 def _tool(name: str) -> str:
@@ -37,7 +38,7 @@ def test_ruff_format_is_applied() -> None:
 
 
 def test_mypy_strict_finds_nothing() -> None:
-    """Strict typing over the three deliverable packages (settings in pyproject.toml)."""
+    """Strict typing over the three deliverable packages and the dev package (settings in pyproject.toml)."""
     packages = [arg for p in TYPED for arg in ("-p", p)]
     out = subprocess.run([_tool("mypy"), "--no-incremental", *packages], cwd=ROOT, capture_output=True, text=True,
                          timeout=600)  # fmt: skip
