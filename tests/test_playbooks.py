@@ -65,12 +65,23 @@ def service(work: Path, metrics: CollectorRegistry, dist: Any) -> Iterator[Playb
         registry=metrics,
         work_dir=work / "runs",
         inventory=local_inventory(),
-        base_extravars={"manage_services": False, **agent_install_vars(dist)},
+        base_extravars={
+            "manage_services": False,
+            **agent_install_vars(dist),
+            "agent_controller_tmp_dir": str(controller_tmp(work)),
+        },
         # ansible's own scratch files go under the test directory too, not into ~/.ansible.
         envvars={"ANSIBLE_REMOTE_TEMP": str(work / "ansible-remote-tmp")},
     )
     yield svc
     svc.close()
+
+
+def controller_tmp(work: Path) -> Path:
+    """The controller's scratch folder for the wheelhouse archive (the terminal is this machine too)."""
+    folder = work / "controller-tmp"
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 def run(svc: PlaybookService, playbook: str, **extravars: Any) -> RunDetail:
@@ -228,12 +239,26 @@ def test_second_provision_changes_nothing(provisioned: dict[str, Any]) -> None:
     )
 
 
-def test_provision_writes_only_under_root_prefix(provisioned: dict[str, Any]) -> None:
+def test_provision_writes_only_under_root_prefix(provisioned: dict[str, Any], work: Path) -> None:
     root = str(provisioned["root"])
+    scratch = controller_tmp(work)
     paths = [p for r in (provisioned["first"], provisioned["second"]) for e in r.events for p in e.paths]
     assert len(paths) > 5
-    assert [p for p in paths if not p.startswith(root + "/")] == []
+    # the controller's one scratch file (the wheelhouse archive) is the only path elsewhere, and it is gone
+    at_controller = {p for p in paths if Path(p).parent == scratch}
+    assert len(at_controller) == 1 and not Path(next(iter(at_controller))).exists()
+    assert [p for p in paths if not p.startswith(root + "/") and p not in at_controller] == []
     assert {p: p.exists() for p in REAL_PATHS} == provisioned["real_before"]
+
+
+def test_wheelhouse_goes_over_once_as_one_archive(provisioned: dict[str, Any]) -> None:
+    first, second = provisioned["first"], provisioned["second"]
+    wheels = provisioned["root"] / "opt/kiosk-fleet/dist/agent-wheels"
+    held = {p.name for p in wheels.glob("*.whl")}
+    assert held and all(stat.S_IMODE((wheels / n).stat().st_mode) == 0o644 for n in held)
+    task = "Unpack the wheelhouse on the terminal"
+    assert [e.status for e in first.events if e.task == task] == ["changed"]
+    assert [e.status for e in second.events if e.task == task] == ["skipped"]  # same lock: nothing copied
 
 
 def test_run_and_events_are_stored_without_the_password(
