@@ -23,6 +23,7 @@ from fleet_dev.proc import wait_for
 from fleet_server.db import migrate
 from fleet_server.ingest.metrics import IngestMetrics
 from fleet_server.ingest.service import Inbound, IngestLimits, IngestService
+from fleet_server.ingest.store import IngestStore
 from fleet_wire import topics
 from fleet_wire.receipt import Receipt
 from fleet_wire.topics import Channel
@@ -158,22 +159,24 @@ def test_one_poison_in_the_writers_batch_leaves_the_others_stored_and_receipted(
         assert conn.execute("SELECT terminal, seq FROM events").fetchall() == [("t-001", 1)]
 
 
-def test_a_row_the_database_refuses_is_isolated_and_the_rest_stored(tmp_path: Path) -> None:
+def test_a_row_the_database_refuses_is_isolated_and_the_rest_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A fault the decoder cannot produce on demand: a fake store whose write refuses one terminal's rows."""
+    real_write = IngestStore.write
+
+    def fake_write_refusing_t000(self: IngestStore, events: Any, *args: Any, **kwargs: Any) -> None:
+        if any(e[0] == "t-000" for e in events):
+            raise sqlite3.IntegrityError("fake: this row cannot be stored")
+        real_write(self, events, *args, **kwargs)
+
+    # in place before the writer starts: it must never see the first batch with the real write
+    monkeypatch.setattr(IngestStore, "write", fake_write_refusing_t000)
     svc, published, registry = _service(tmp_path)
     epoch_bad, epoch_good = uuid.uuid4().hex, uuid.uuid4().hex
     svc.submit(Inbound(topics.topic("t-000", Channel.EVENTS), _batch(_env("t-000", 1, epoch_bad)), 1, 1))
     svc.submit(Inbound(topics.topic("t-001", Channel.EVENTS), _batch(_env("t-001", 1, epoch_good)), 2, 1))
     svc.start()
-    assert svc._store is not None
-    real_write = svc._store.write
-
-    def fake_write_refusing_t000(events: Any, *args: Any, **kwargs: Any) -> None:
-        if any(e[0] == "t-000" for e in events):
-            raise sqlite3.IntegrityError("fake: this row cannot be stored")
-        real_write(events, *args, **kwargs)
-
-    svc._store.write = fake_write_refusing_t000  # type: ignore[method-assign]
     try:
         wait_for(lambda: svc.idle.is_set() and svc.tallies.get("t-000") is not None, 10, what="the batch")
     finally:
@@ -235,6 +238,7 @@ def test_far_future_timestamp_is_quarantined_and_never_reaches_usage(stack: DevS
     assert row.seqs.upto == 2 and row.quarantined == 1  # receipted, so the terminal stops re-sending it
     with sqlite3.connect(st.settings.db_path) as conn:
         assert conn.execute("SELECT max(ts) FROM events").fetchone()[0] < "9999"
+    st.server.usage.recompute()  # the rebuild the scheduler would run: the quarantined time never reaches it
     assert _sample(st, "fleet_usage_rebuild_errors_total") == 0
     assert not any(k for k in _hook_errors(st))
 
@@ -320,6 +324,7 @@ def test_fresh_epochs_are_limited_per_terminal_and_others_unaffected(stack: DevS
         wait_for(lambda: _rejected(st, "limit_new_epochs") == 41 - IngestLimits().max_new_epochs_per_day, 10)
     finally:
         c.close()
+    st.settle()  # the batch's after-commit work (counters, stream state) is done
     assert st.server is not None
     streams = st.server.ingest.streams()
     assert sum(1 for t, _ in streams if t == "t-000") == IngestLimits().max_new_epochs_per_day
@@ -336,6 +341,7 @@ def test_a_reject_flood_writes_few_log_rows_and_counts_them_all(stack: DevStack)
         wait_for(lambda: _rejected(st, "malformed_json") == 201, 15, what="201 rejects counted")
     finally:
         c.close()
+    st.settle()  # the batch's after-commit work (counters, stream state) is done
     with sqlite3.connect(st.settings.db_path) as conn:
         rows = conn.execute("SELECT count(*) FROM rejects WHERE terminal='t-000'").fetchone()[0]
     cap = IngestLimits().max_reject_rows_per_minute
@@ -383,6 +389,7 @@ def test_wrong_types_are_refused_not_coerced(stack: DevStack, over: dict[str, An
         wait_for(lambda: st.stored("t-000") == 1, 10, what="the well-typed event beside it")
     finally:
         c.close()
+    st.settle()  # the batch's after-commit work (counters, stream state) is done
     with sqlite3.connect(st.settings.db_path) as conn:
         assert conn.execute("SELECT seq FROM events WHERE terminal='t-000'").fetchall() == [(2,)]
     assert sum(_rejected(st, r) for r in ("schema", "bad_body", "bad_text")) == 1
@@ -403,6 +410,7 @@ def test_event_ids_are_unique_per_stream(stack: DevStack) -> None:
         wait_for(lambda: _rejected(st, "duplicate_id") == 249, 10, what="248 + 1 reused ids quarantined")
     finally:
         c.close()
+    st.settle()  # the batch's after-commit work (counters, stream state) is done
     with sqlite3.connect(st.settings.db_path) as conn:
         assert conn.execute("SELECT seq FROM events WHERE id=?", (same,)).fetchall() == [(1,)]
     assert st.server is not None
@@ -420,6 +428,7 @@ def test_an_epoch_with_a_trailing_newline_is_no_stream(stack: DevStack) -> None:
         wait_for(lambda: st.stored("t-000") == 1, 10, what="the event with the exact epoch")
     finally:
         c.close()
+    st.settle()  # the batch's after-commit work (counters, stream state) is done
     assert st.server is not None
     assert [e for t, e in st.server.ingest.streams() if t == "t-000"] == [epoch]
 
@@ -437,5 +446,6 @@ def test_old_backlog_is_stored_and_counted_late_but_a_reset_clock_is_refused(sta
         wait_for(lambda: st.stored("t-000") == 1, 10, what="the offline backlog event")
     finally:
         c.close()
+    st.settle()  # the batch's after-commit work (counters, stream state) is done
     assert _sample(st, "fleet_ingest_late_events_total") == 1
     assert _rejected(st, "ts_too_old") == 1

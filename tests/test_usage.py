@@ -396,6 +396,7 @@ def test_rollups_from_simulated_traffic_with_late_and_resent_events_equal_raw_fi
         extra = _session_events(model, "t-000", [monday_9 + timedelta(hours=2, minutes=k) for k in range(10)])
         agents[0].post_events(extra)
         wait_for(lambda: st.stored() == on_time + len(extra), 30, what="re-sent batch stored")
+        st.settle()  # the usage hook marks the batch's office-days after COMMIT
         wait_for(
             lambda: _sample(st.server.metrics_registry, "fleet_ingest_duplicates_total") > 0,
             30,
@@ -406,6 +407,7 @@ def test_rollups_from_simulated_traffic_with_late_and_resent_events_equal_raw_fi
         offline.start()  # back online: hours-old events arrive after their buckets were rolled up
         total = on_time + len(extra) + len(late_events)
         wait_for(lambda: st.stored() == total, 30, what=f"{total} events incl. late ones stored")
+        st.settle()  # the rows are visible at COMMIT; the usage hook marks their office-days after it
         usage.recompute(limit=1000)
 
         hourly, whole, outcomes = _independent(st.settings.db_path)

@@ -158,7 +158,8 @@ class IngestService:
         self.batches = 0
         self.errors = 0
         self._refresh = threading.Event()
-        self.idle = threading.Event()
+        self.idle = threading.Event()  # set: nothing pending and no batch in progress
+        self._idle_lock = threading.Lock()
         # Called after each COMMIT with the newly stored event rows (never duplicates):
         # (terminal, epoch, seq, id, type, ts, received_at, office_id, body_json).
         self.on_commit: list[Callable[[list[tuple[str, str, int, str, str, str, str, str, str]]], None]] = []
@@ -189,10 +190,11 @@ class IngestService:
 
     def submit(self, msg: Inbound) -> None:
         """Hand a message over from paho's thread (blocks when the writer is far behind)."""
-        self.idle.clear()
         while len(self._pending) >= QUEUE_MAX and not self._stop.is_set():
             time.sleep(0.005)  # back-pressure: paho stops reading, the broker holds the rest
-        self._pending.append(msg)
+        with self._idle_lock:  # the writer's empty-check-and-set cannot fall between these two
+            self._pending.append(msg)
+            self.idle.clear()
         if msg.topic.endswith("/events") or len(self._pending) >= BATCH_MAX_MESSAGES:
             self._events_arrived.set()  # flush soon: a receipt waits, or a batch is full
         self._arrived.set()
@@ -214,7 +216,7 @@ class IngestService:
     def _run(self) -> None:
         while not self._stop.is_set():
             if not self._pending:
-                self.idle.set()
+                self._set_idle()
                 self._arrived.wait(0.5)
                 self._arrived.clear()
                 continue
@@ -244,6 +246,10 @@ class IngestService:
                 log.exception("ingest batch of %d messages failed; terminals will re-send", len(msgs))
                 for m in msgs:
                     self._safe_ack(m.mid, m.qos)
+            self._set_idle()
+
+    def _set_idle(self) -> None:
+        with self._idle_lock:
             if not self._pending:
                 self.idle.set()
 
